@@ -1,0 +1,417 @@
+//! The command line: raw arguments (clap) -> validated settings -> the library.
+//!
+//! Commands (contract in DESIGN.md): `score`, `run`, `demo`, `serve`, `check-config`,
+//! `status`, `requeue`, and the internal `worker`. Errors are `anyhow` here only; the
+//! library's typed errors carry the context (file, case, key).
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+use crate::config::{self, Settings, TaskSettings};
+use crate::dataset;
+use crate::evaluation::{Evaluation, RunMeta};
+use crate::infer::Model;
+use crate::metrics::{self, EvalSpec};
+use crate::pipeline::{self, LocalPredictor, Progress};
+use crate::submission;
+
+/// evald: evaluates vendors' 3D segmentation models on a held-out CT test set.
+#[derive(Debug, Parser)]
+#[command(name = "evald", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Score a folder of predictions against reference labels (nnU-Net naming).
+    Score(ScoreArgs),
+    /// Evaluate one submission folder (model.pt [+ submission.toml]) for a task.
+    Run(RunArgs),
+    /// Whole pipeline on generated phantoms and a generated model; no setup needed.
+    Demo(DemoArgs),
+}
+
+/// `evald score`.
+#[derive(Debug, clap::Args)]
+pub struct ScoreArgs {
+    /// Reference labels folder (`<case>.nii.gz`).
+    #[arg(long)]
+    pub labels: PathBuf,
+    /// Predictions folder (`<case>.nii.gz`).
+    #[arg(long)]
+    pub predictions: PathBuf,
+    /// Where to write summary.json.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Class labels to score, e.g. `1,2` (default: every label in the first reference).
+    #[arg(long, value_delimiter = ',')]
+    pub classes: Vec<u8>,
+    /// Also write an Excel report here.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+    /// Skip surface distances (HD95, ASSD, NSD).
+    #[arg(long)]
+    pub no_surface: bool,
+    /// Skip per-slice numbers.
+    #[arg(long)]
+    pub no_slices: bool,
+    /// NSD tolerance in mm for every class.
+    #[arg(long, default_value_t = 1.0)]
+    pub nsd_tolerance: f64,
+    /// Score lesion-wise for these labels.
+    #[arg(long, value_delimiter = ',')]
+    pub lesion_classes: Vec<u8>,
+    /// Patient-level diagnosis on this label.
+    #[arg(long)]
+    pub positive_class: Option<u8>,
+}
+
+/// `evald run`.
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Submission folder: `model.pt` and optionally `submission.toml`.
+    pub submission: PathBuf,
+    /// Configuration file.
+    #[arg(long, default_value = config::DEFAULT_CONFIG)]
+    pub config: PathBuf,
+    /// Task (default: from the drop path `<drop>/<task>/<vendor>/<name>`, or the only task).
+    #[arg(long)]
+    pub task: Option<String>,
+    /// Device for in-process inference (`cpu`, `cuda:0`).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+/// `evald demo`.
+#[derive(Debug, clap::Args)]
+pub struct DemoArgs {
+    /// Where to put the generated data, submission and outputs.
+    #[arg(long, default_value = "out/demo")]
+    pub out: PathBuf,
+    /// Number of phantom cases.
+    #[arg(long, default_value_t = 10)]
+    pub cases: usize,
+    /// Phantom grid `X,Y,Z`.
+    #[arg(long, value_delimiter = ',', default_values_t = [192usize, 192, 48])]
+    pub size: Vec<usize>,
+}
+
+/// Run the parsed command line.
+///
+/// # Errors
+/// Anything that stops the command, with context.
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Score(a) => score(a),
+        Command::Run(a) => run_submission(a).map(|_| ()),
+        Command::Demo(a) => demo(a),
+    }
+}
+
+/// A progress reporter: a bar on a terminal, one log line per case otherwise.
+pub fn progress_reporter(what: &str) -> impl Fn(Progress) + Sync {
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let b = indicatif::ProgressBar::new(0);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg} [{bar:40}] {pos}/{len} cases, {elapsed} elapsed, ETA {eta}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        b.set_message(what.to_string());
+        b
+    });
+    move |p: Progress| match (&bar, p) {
+        (Some(b), Progress::Start { total }) => b.set_length(total as u64),
+        (Some(b), Progress::Scored { done, .. }) => {
+            b.set_position(done as u64);
+            if done as u64 == b.length().unwrap_or(0) {
+                b.finish();
+            }
+        }
+        (Some(b), Progress::Failed { failure, done }) => {
+            b.println(format!(
+                "case {} failed ({}): {}",
+                failure.case, failure.stage, failure.reason
+            ));
+            b.set_position(done as u64);
+        }
+        (None, Progress::Start { total }) => tracing::info!(total, "evaluation started"),
+        (None, Progress::Scored { case, dice, done }) => {
+            tracing::info!(case, dice = format!("{dice:.4}"), done, "case scored")
+        }
+        (None, Progress::Failed { failure, done }) => tracing::warn!(
+            case = failure.case,
+            stage = failure.stage,
+            reason = failure.reason,
+            done,
+            "case failed"
+        ),
+    }
+}
+
+fn now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+fn score(a: ScoreArgs) -> Result<()> {
+    let data = dataset::pair_predictions(&a.predictions, &a.labels)?;
+    for p in &data.problems {
+        tracing::warn!("{p}");
+    }
+    if data.cases.is_empty() {
+        bail!(
+            "no case has both a prediction in {} and a reference in {} (expected <case>.nii.gz in both)",
+            a.predictions.display(),
+            a.labels.display()
+        );
+    }
+    let classes = if a.classes.is_empty() {
+        let first = crate::volume::read_labels(&data.cases[0].label)?;
+        let mut seen = [false; 256];
+        for &v in &first.data {
+            seen[v as usize] = true;
+        }
+        (1..=255u8).filter(|&l| seen[l as usize]).collect()
+    } else {
+        a.classes.clone()
+    };
+    let names: Vec<(u8, String)> = classes.iter().map(|&l| (l, format!("label {l}"))).collect();
+    let mut spec = EvalSpec::for_classes(
+        &names
+            .iter()
+            .map(|(l, n)| (*l, n.as_str()))
+            .collect::<Vec<_>>(),
+    );
+    spec.surface = !a.no_surface;
+    spec.per_slice = !a.no_slices;
+    spec.positive_class = a.positive_class;
+    for c in &mut spec.classes {
+        c.nsd_tolerance_mm = a.nsd_tolerance;
+        c.lesion = a.lesion_classes.contains(&c.label);
+    }
+    let started = now();
+    let (cases, failures, times) =
+        pipeline::score_folder(&data, &spec, &progress_reporter("scoring"));
+    let meta = RunMeta {
+        task: "score".into(),
+        labels_dir: a.labels.clone(),
+        inputs_dir: a.predictions.clone(),
+        dataset_hash: dataset::manifest_hash(&data),
+        evald_version: env!("CARGO_PKG_VERSION").into(),
+        started,
+        finished: now(),
+        timings: times.pairs(),
+        ..Default::default()
+    };
+    let eval = Evaluation::new(spec, cases, failures, meta);
+    metrics::summary::write(&eval, &a.out)
+        .with_context(|| format!("writing {}", a.out.display()))?;
+    print_headline(&eval);
+    println!("summary: {}", a.out.display());
+    if let Some(r) = &a.report {
+        crate::report::write(&eval, r).with_context(|| format!("writing {}", r.display()))?;
+        println!("report: {}", r.display());
+    }
+    tracing::info!(
+        cases = eval.cases.len(),
+        failed = eval.failures.len(),
+        seconds = format!("{:.2}", times.wall),
+        "scored"
+    );
+    Ok(())
+}
+
+/// Print the headline numbers of an evaluation.
+pub fn print_headline(eval: &Evaluation) {
+    println!(
+        "cases: {} scored, {} failed",
+        eval.cases.len(),
+        eval.failures.len()
+    );
+    for c in &eval.spec.classes {
+        let Some(s) = eval.summary.per_class.get(&c.label) else {
+            continue;
+        };
+        let get = |k: &str| s.get(k).map_or(f64::NAN, |s| s.mean);
+        let d = s.get("Dice");
+        println!(
+            "  {:<12} Dice {:.4} (95% CI {:.4}-{:.4})  IoU {:.4}  HD95 {:.2} mm  NSD {:.4}",
+            c.name,
+            get("Dice"),
+            d.map_or(f64::NAN, |s| s.ci95_low),
+            d.map_or(f64::NAN, |s| s.ci95_high),
+            get("IoU"),
+            get("HD95"),
+            get("NSD"),
+        );
+    }
+    if let Some(p) = &eval.summary.patient {
+        println!(
+            "  patient-level ({}): sensitivity {:.3}, specificity {:.3} (TP {} FP {} FN {} TN {})",
+            eval.class_name(p.positive_class),
+            p.sensitivity,
+            p.specificity,
+            p.tp,
+            p.fp,
+            p.fn_,
+            p.tn
+        );
+    }
+    for f in &eval.failures {
+        println!("  failed: {} ({}): {}", f.case, f.stage, f.reason);
+    }
+}
+
+/// Resolve which task a submission belongs to.
+///
+/// # Errors
+/// When the task is unknown or cannot be inferred.
+pub fn resolve_task<'a>(
+    settings: &'a Settings,
+    submission: &Path,
+    task: Option<&str>,
+) -> Result<&'a TaskSettings> {
+    if let Some(t) = task {
+        return settings.tasks.get(t).with_context(|| {
+            format!(
+                "task '{t}' is not configured (known: {})",
+                settings
+                    .tasks
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        });
+    }
+    let from_path = submission.canonicalize().ok().and_then(|p| {
+        p.parent()?
+            .parent()?
+            .file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+    });
+    if let Some(t) = from_path.and_then(|t| settings.tasks.get(&t)) {
+        return Ok(t);
+    }
+    if settings.tasks.len() == 1 {
+        return Ok(settings.tasks.values().next().expect("one task"));
+    }
+    bail!(
+        "cannot tell the task of {}: pass --task",
+        submission.display()
+    )
+}
+
+/// `evald run`: evaluate a submission in this process, write summary.json and report.
+///
+/// # Errors
+/// Configuration, manifest or model problems (per-case problems are failures in the report).
+pub fn run_submission(a: RunArgs) -> Result<Evaluation> {
+    let settings = config::load(&a.config)?;
+    let task = resolve_task(&settings, &a.submission, a.task.as_deref())?;
+    let sub = submission::prepare(&a.submission, task)?;
+    let model = Model::load(&sub.model_path, &a.device, sub.infer.clone())?;
+    let predictor = LocalPredictor::new(model, &a.device);
+    let eval = submission::evaluate(
+        &sub,
+        task,
+        &predictor,
+        vec![a.device.clone()],
+        Some(settings.digest()),
+        &progress_reporter("evaluating"),
+        &AtomicBool::new(false),
+    )?;
+    let (summary, report) = submission::write_outputs(&eval, &a.submission)?;
+    print_headline(&eval);
+    println!("summary: {}", summary.display());
+    println!("report: {}", report.display());
+    Ok(eval)
+}
+
+fn demo(a: DemoArgs) -> Result<()> {
+    let [x, y, z] = <[usize; 3]>::try_from(a.size.as_slice())
+        .map_err(|_| anyhow::anyhow!("--size takes three numbers X,Y,Z"))?;
+    let root = &a.out;
+    if root.exists() {
+        std::fs::remove_dir_all(root).with_context(|| format!("clearing {}", root.display()))?;
+    }
+    let data = root.join("data");
+    println!(
+        "generating {} phantom cases of {x}x{y}x{z} in {}",
+        a.cases,
+        data.display()
+    );
+    let set = crate::phantom::generate(&data, a.cases, [x, y, z], [0.8, 0.8, 2.5], 2026)?;
+    let sub = root.join("drop/thyroid-ca/demo-vendor/v1");
+    std::fs::create_dir_all(&sub)?;
+    crate::phantom::write_demo_model(&sub.join("model.pt"))?;
+    std::fs::write(
+        sub.join("submission.toml"),
+        "input = \"slices2d\"\noutput = \"logits\"\nbatch_size = 8\n",
+    )?;
+    let cfg = root.join("evald.toml");
+    std::fs::write(&cfg, demo_config(root, &set.images, &set.labels))?;
+    let eval = run_submission(RunArgs {
+        submission: sub.clone(),
+        config: cfg,
+        task: Some("thyroid-ca".into()),
+        device: "cpu".into(),
+    })?;
+    if eval.cases.is_empty() {
+        bail!("demo scored no case");
+    }
+    Ok(())
+}
+
+/// The demo's configuration (embedded defaults + the generated task).
+pub fn demo_config(root: &Path, images: &Path, labels: &Path) -> String {
+    let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    let root = abs(root);
+    format!(
+        r#"# Generated by `evald demo`.
+[daemon]
+drop_dir = "{drop}"
+state_dir = "{state}"
+log_dir = "{logs}"
+settle_secs = 1
+rescan_secs = 5
+
+[pool]
+workers = 2
+devices = ["cpu"]
+case_timeout_secs = 120
+
+[mail]
+transport = "file"
+outbox_dir = "{outbox}"
+from = "evald demo <evald@localhost>"
+
+[tasks.thyroid-ca]
+images = "{images}"
+labels = "{labels}"
+classes = {{ 1 = "thyroid", 2 = "nodule" }}
+window = {{ level = 40, width = 400 }}
+input = "slices2d"
+positive_class = 2
+lesion_classes = [2]
+nsd_tolerance_mm = {{ 1 = 1.0, 2 = 1.0 }}
+recipients = ["ai-eval@example.org"]
+"#,
+        drop = root.join("drop").display(),
+        state = root.join("state").display(),
+        logs = root.join("logs").display(),
+        outbox = root.join("outbox").display(),
+        images = abs(images).display(),
+        labels = abs(labels).display(),
+    )
+}

@@ -1,0 +1,106 @@
+//! The result of one evaluation, as every output (summary.json, report, email, store)
+//! sees it: scored cases, failed cases, aggregates and what produced them.
+
+use std::path::PathBuf;
+
+use crate::metrics::aggregate::{self, Summary};
+use crate::metrics::{CaseMetrics, EvalSpec};
+
+/// A case that could not be scored, and why. Failed cases are listed and counted in every
+/// output, never dropped.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Failure {
+    /// Case id.
+    pub case: String,
+    /// Stage that failed: `read`, `inference`, `metrics`, `missing`, `timeout`, `worker`.
+    pub stage: String,
+    /// One-line reason (what, where, what to do).
+    pub reason: String,
+    /// Attempts made (1 for deterministic failures).
+    pub attempts: u32,
+}
+
+/// Where and how an evaluation ran.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RunMeta {
+    /// Task name (`thyroid-ca`), or `score` for a plain folder comparison.
+    pub task: String,
+    /// Vendor (from the drop path), if any.
+    pub vendor: Option<String>,
+    /// Submission name (from the drop path), if any.
+    pub submission: Option<String>,
+    /// The submission folder (outputs land here).
+    pub submission_dir: Option<PathBuf>,
+    /// sha256 of the model file, hex.
+    pub model_sha256: Option<String>,
+    /// Reference labels folder.
+    pub labels_dir: PathBuf,
+    /// Images (or predictions) folder.
+    pub inputs_dir: PathBuf,
+    /// sha256 over the sorted (case, reference file size, mtime) list: which test set.
+    pub dataset_hash: String,
+    /// Devices used for inference.
+    pub devices: Vec<String>,
+    /// evald version.
+    pub evald_version: String,
+    /// libtorch version used (when inference ran).
+    pub torch_version: Option<String>,
+    /// Digest of the effective configuration (when run from a config).
+    pub config_digest: Option<String>,
+    /// RFC 3339 start time.
+    pub started: String,
+    /// RFC 3339 end time.
+    pub finished: String,
+    /// Seconds per stage (`decode`, `inference`, `forward`, `metrics`, `total`, ...).
+    pub timings: Vec<(String, f64)>,
+}
+
+/// One complete evaluation.
+#[derive(Debug, Clone)]
+pub struct Evaluation {
+    /// What was computed.
+    pub spec: EvalSpec,
+    /// Scored cases, in case order.
+    pub cases: Vec<CaseMetrics>,
+    /// Cases that could not be scored.
+    pub failures: Vec<Failure>,
+    /// Aggregates over `cases`.
+    pub summary: Summary,
+    /// Provenance and timings.
+    pub meta: RunMeta,
+}
+
+impl Evaluation {
+    /// Assemble an evaluation; cases are sorted by id and aggregated.
+    pub fn new(
+        spec: EvalSpec,
+        mut cases: Vec<CaseMetrics>,
+        mut failures: Vec<Failure>,
+        meta: RunMeta,
+    ) -> Self {
+        cases.sort_by(|a, b| a.case.cmp(&b.case));
+        failures.sort_by(|a, b| a.case.cmp(&b.case));
+        let summary = aggregate::summarize(&cases, &spec);
+        Evaluation {
+            spec,
+            cases,
+            failures,
+            summary,
+            meta,
+        }
+    }
+
+    /// Cases attempted (scored + failed).
+    pub fn total_cases(&self) -> usize {
+        self.cases.len() + self.failures.len()
+    }
+
+    /// Class name of a label ("label 3" when unnamed).
+    pub fn class_name(&self, label: u8) -> String {
+        self.spec
+            .classes
+            .iter()
+            .find(|c| c.label == label)
+            .map_or_else(|| format!("label {label}"), |c| c.name.clone())
+    }
+}

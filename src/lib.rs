@@ -1,0 +1,32 @@
+//! evald evaluates vendors' 3D medical-image segmentation models.
+//!
+//! A vendor drops a TorchScript model into a folder; evald runs it over a held-out CT test
+//! set, scores every case against the reference labels, writes an Excel report and a
+//! `summary.json` next to the submission and emails the team.
+//!
+//! # Layout (data flows top to bottom)
+//! - [`config`]: the admin's TOML, raw -> validated [`config::Settings`];
+//! - [`dataset`]: test-set folders, case pairing (nnU-Net naming);
+//! - [`manifest`]: the vendor's `submission.toml`;
+//! - [`volume`]: NIfTI reading/writing with limits, grids and reorientation;
+//! - [`infer`]: TorchScript inference (2D slices, 3D sliding window), devices;
+//! - [`pipeline`]: one evaluation: predict and score cases concurrently;
+//! - [`metrics`]: every number in METRICS.md, and `summary.json`;
+//! - [`evaluation`]: the result of an evaluation as every output sees it;
+//! - [`submission`]: one vendor submission folder: validate, evaluate, write outputs;
+//! - [`report`]: the Excel workbook;
+//! - [`phantom`]: generated CT-like data and a generated model (demo, tests, benches);
+//! - [`cli`]: the command line.
+
+pub mod cli;
+pub mod config;
+pub mod dataset;
+pub mod evaluation;
+pub mod infer;
+pub mod manifest;
+pub mod metrics;
+pub mod phantom;
+pub mod pipeline;
+pub mod report;
+pub mod submission;
+pub mod volume;

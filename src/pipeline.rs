@@ -1,0 +1,345 @@
+//! One evaluation, start to finish: cases -> predictions -> scores -> [`Evaluation`].
+//!
+//! Two stages run at once so neither the model nor the CPU waits for the other:
+//! - **predict**: `Predictor::concurrency()` threads take cases in order and ask the
+//!   [`Predictor`] for a label map (in this process, or from the worker pool);
+//! - **score**: scoring threads take finished predictions from a bounded queue, decode the
+//!   reference labels and compute every metric.
+//!
+//! The queue bound keeps memory flat whatever the number of cases: at most
+//! `concurrency + QUEUE + scorers` predictions exist at any time. Failures of one case (a
+//! model error, a bad reference file, a timeout) are recorded and the rest goes on.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Instant;
+
+use crate::dataset::{CaseFiles, Dataset};
+use crate::evaluation::Failure;
+use crate::infer::{InferError, Model, PredictStats};
+use crate::metrics::{self, CaseMetrics, EvalSpec};
+use crate::volume::{self, LabelVolume};
+
+/// A prediction for one case.
+#[derive(Debug)]
+pub struct Prediction {
+    /// The label map on the image grid.
+    pub labels: LabelVolume,
+    /// Where it was written, if it was (pool workers write files; shown in summary.json).
+    pub file: Option<PathBuf>,
+    /// Timings.
+    pub stats: PredictStats,
+    /// Device that produced it.
+    pub device: String,
+    /// Attempts it took.
+    pub attempts: u32,
+}
+
+/// Produces label maps for cases. Implemented in-process by [`LocalPredictor`] and by the
+/// worker pool.
+pub trait Predictor: Sync {
+    /// How many `predict` calls may run at once.
+    fn concurrency(&self) -> usize;
+    /// Predict one case.
+    ///
+    /// # Errors
+    /// A [`Failure`] for this case (stage, reason, attempts).
+    fn predict(&self, case: &CaseFiles) -> Result<Prediction, Failure>;
+}
+
+/// Runs a [`Model`] in this process (used by `evald run --in-process`, tests and as the
+/// fallback when worker processes are unavailable).
+pub struct LocalPredictor {
+    model: Model,
+    device: String,
+}
+
+impl LocalPredictor {
+    /// Wrap a loaded model.
+    pub fn new(model: Model, device: &str) -> Self {
+        LocalPredictor {
+            model,
+            device: device.to_string(),
+        }
+    }
+}
+
+/// A failure record from an inference error.
+pub fn inference_failure(case: &str, e: &InferError, attempts: u32) -> Failure {
+    Failure {
+        case: case.to_string(),
+        stage: "inference".into(),
+        reason: e.to_string(),
+        attempts,
+    }
+}
+
+impl Predictor for LocalPredictor {
+    fn concurrency(&self) -> usize {
+        1
+    }
+
+    fn predict(&self, case: &CaseFiles) -> Result<Prediction, Failure> {
+        let image = volume::read_image(&case.input).map_err(|e| Failure {
+            case: case.id.clone(),
+            stage: "read".into(),
+            reason: e.to_string(),
+            attempts: 1,
+        })?;
+        let (labels, stats) = self
+            .model
+            .predict(&image)
+            .map_err(|e| inference_failure(&case.id, &e, 1))?;
+        Ok(Prediction {
+            labels,
+            file: None,
+            stats,
+            device: self.device.clone(),
+            attempts: 1,
+        })
+    }
+}
+
+/// Progress of an evaluation, for bars and log lines.
+#[derive(Debug, Clone)]
+pub enum Progress {
+    /// Evaluation begins.
+    Start {
+        /// Cases to do.
+        total: usize,
+    },
+    /// A case was scored.
+    Scored {
+        /// Case id.
+        case: String,
+        /// Mean Dice over classes (NaN-excluded) of the case.
+        dice: f64,
+        /// Cases finished (scored or failed).
+        done: usize,
+    },
+    /// A case failed.
+    Failed {
+        /// The failure.
+        failure: Failure,
+        /// Cases finished.
+        done: usize,
+    },
+}
+
+/// Timings of the stages, summed over cases (seconds).
+#[derive(Debug, Clone, Default)]
+pub struct StageTimes {
+    /// Wall time of the whole evaluation.
+    pub wall: f64,
+    /// Sum of prediction time (decode + inference) over cases.
+    pub predict: f64,
+    /// Sum of model forward time.
+    pub forward: f64,
+    /// Sum of scoring time (label decode + metrics).
+    pub score: f64,
+}
+
+impl StageTimes {
+    /// As `(stage, seconds)` pairs for [`crate::evaluation::RunMeta::timings`].
+    pub fn pairs(&self) -> Vec<(String, f64)> {
+        vec![
+            ("total_wall".into(), self.wall),
+            ("predict_sum".into(), self.predict),
+            ("forward_sum".into(), self.forward),
+            ("score_sum".into(), self.score),
+        ]
+    }
+}
+
+/// Predictions waiting to be scored, at most.
+const QUEUE: usize = 2;
+
+/// Predict and score every case of `data`. Returns scored cases, failures (including the
+/// dataset's missing cases) and stage timings. Setting `cancel` stops taking new cases;
+/// cases in flight finish.
+pub fn evaluate(
+    data: &Dataset,
+    spec: &EvalSpec,
+    predictor: &dyn Predictor,
+    on_progress: &(dyn Fn(Progress) + Sync),
+    cancel: &AtomicBool,
+) -> (Vec<CaseMetrics>, Vec<Failure>, StageTimes) {
+    let t0 = Instant::now();
+    let total = data.cases.len();
+    on_progress(Progress::Start { total });
+    let next = AtomicUsize::new(0);
+    let done = AtomicUsize::new(0);
+    let results = Mutex::new((Vec::new(), Vec::new(), StageTimes::default()));
+    let (tx, rx) = mpsc::sync_channel::<(&CaseFiles, Prediction)>(QUEUE);
+    let rx = Arc::new(Mutex::new(rx));
+    let scorers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, 2);
+    let record_failure = |f: Failure| {
+        let d = done.fetch_add(1, Ordering::SeqCst) + 1;
+        on_progress(Progress::Failed {
+            failure: f.clone(),
+            done: d,
+        });
+        results.lock().expect("results lock").1.push(f);
+    };
+    std::thread::scope(|s| {
+        for _ in 0..predictor.concurrency().max(1) {
+            let tx = tx.clone();
+            let (next, results, record_failure) = (&next, &results, &record_failure);
+            s.spawn(move || loop {
+                if cancel.load(Ordering::SeqCst) {
+                    break;
+                }
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                let Some(case) = data.cases.get(i) else { break };
+                let t = Instant::now();
+                match predictor.predict(case) {
+                    Ok(p) => {
+                        {
+                            let mut r = results.lock().expect("results lock");
+                            r.2.predict += t.elapsed().as_secs_f64();
+                            r.2.forward += p.stats.forward_secs;
+                        }
+                        if tx.send((case, p)).is_err() {
+                            break;
+                        }
+                    }
+                    Err(f) => record_failure(f),
+                }
+            });
+        }
+        drop(tx);
+        for _ in 0..scorers {
+            let rx = Arc::clone(&rx);
+            let (results, done, record_failure) = (&results, &done, &record_failure);
+            s.spawn(move || loop {
+                let msg = rx.lock().expect("queue lock").recv();
+                let Ok((case, p)) = msg else { break };
+                let t = Instant::now();
+                let pred_file = p.file.clone().unwrap_or_else(|| case.input.clone());
+                let scored = volume::read_labels(&case.label)
+                    .map_err(metrics::CaseError::from)
+                    .and_then(|r| {
+                        metrics::evaluate_case(
+                            &case.id,
+                            &r,
+                            &case.label,
+                            p.labels,
+                            &pred_file,
+                            spec,
+                        )
+                    });
+                match scored {
+                    Ok(m) => {
+                        let dice = mean_dice(&m);
+                        let d = done.fetch_add(1, Ordering::SeqCst) + 1;
+                        on_progress(Progress::Scored {
+                            case: case.id.clone(),
+                            dice,
+                            done: d,
+                        });
+                        let mut r = results.lock().expect("results lock");
+                        r.2.score += t.elapsed().as_secs_f64();
+                        r.0.push(m);
+                    }
+                    Err(e) => record_failure(Failure {
+                        case: case.id.clone(),
+                        stage: "metrics".into(),
+                        reason: e.to_string(),
+                        attempts: 1,
+                    }),
+                }
+            });
+        }
+    });
+    let (cases, mut failures, mut times) = results.into_inner().expect("results lock");
+    for id in &data.missing {
+        failures.push(Failure {
+            case: id.clone(),
+            stage: "missing".into(),
+            reason: format!("case {id} has a reference but no input file"),
+            attempts: 0,
+        });
+    }
+    if cancel.load(Ordering::SeqCst) {
+        let seen: std::collections::HashSet<&str> = cases
+            .iter()
+            .map(|c: &CaseMetrics| c.case.as_str())
+            .chain(failures.iter().map(|f| f.case.as_str()))
+            .collect();
+        let skipped: Vec<Failure> = data
+            .cases
+            .iter()
+            .filter(|c| !seen.contains(c.id.as_str()))
+            .map(|c| Failure {
+                case: c.id.clone(),
+                stage: "cancelled".into(),
+                reason: "evaluation stopped before this case ran".into(),
+                attempts: 0,
+            })
+            .collect();
+        failures.extend(skipped);
+    }
+    times.wall = t0.elapsed().as_secs_f64();
+    (cases, failures, times)
+}
+
+/// Mean Dice over the classes of a case, NaN excluded (for progress lines).
+pub fn mean_dice(m: &CaseMetrics) -> f64 {
+    let v: Vec<f64> = m
+        .classes
+        .iter()
+        .map(|c| c.counts.dice())
+        .filter(|d| !d.is_nan())
+        .collect();
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v.iter().sum::<f64>() / v.len() as f64
+    }
+}
+
+/// Score a folder of predictions against a folder of references (`evald score`): cases in
+/// parallel, at most a few volumes decoded at once.
+pub fn score_folder(
+    data: &Dataset,
+    spec: &EvalSpec,
+    on_progress: &(dyn Fn(Progress) + Sync),
+) -> (Vec<CaseMetrics>, Vec<Failure>, StageTimes) {
+    struct Files;
+    impl Predictor for Files {
+        fn concurrency(&self) -> usize {
+            2
+        }
+        fn predict(&self, case: &CaseFiles) -> Result<Prediction, Failure> {
+            let labels = volume::read_labels(&case.input).map_err(|e| Failure {
+                case: case.id.clone(),
+                stage: "read".into(),
+                reason: e.to_string(),
+                attempts: 1,
+            })?;
+            Ok(Prediction {
+                labels,
+                file: Some(case.input.clone()),
+                stats: PredictStats::default(),
+                device: "file".into(),
+                attempts: 1,
+            })
+        }
+    }
+    evaluate(data, spec, &Files, on_progress, &AtomicBool::new(false))
+}
+
+/// sha256 of a file, hex (model identity for dedup and reports).
+///
+/// # Errors
+/// I/O errors reading the file.
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    use sha2::Digest;
+    let mut f = std::fs::File::open(path)?;
+    let mut h = sha2::Sha256::new();
+    std::io::copy(&mut f, &mut h)?;
+    Ok(hex::encode(h.finalize()))
+}

@@ -1,0 +1,182 @@
+//! One vendor submission folder (`<drop>/<task>/<vendor>/<name>/`): validating it (what a
+//! rejection says), evaluating it with any [`Predictor`], and writing its outputs next to it.
+//!
+//! Shared by `evald run` and the daemon, so both accept and refuse exactly the same things.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+
+use crate::config::TaskSettings;
+use crate::dataset::{self, Dataset};
+use crate::evaluation::{Evaluation, RunMeta};
+use crate::infer::InferSpec;
+use crate::manifest::{self, Manifest};
+use crate::pipeline::{self, Predictor, Progress};
+
+/// Output file names inside a submission folder.
+pub const SUMMARY_JSON: &str = "summary.json";
+/// The Excel report.
+pub const REPORT_XLSX: &str = "report.xlsx";
+/// Written instead of the outputs when the submission is refused.
+pub const REJECTED_TXT: &str = "REJECTED.txt";
+
+/// Why a submission cannot be evaluated (goes to `REJECTED.txt` for the vendor).
+#[derive(Debug, thiserror::Error)]
+pub enum SubmissionError {
+    /// `submission.toml` is wrong.
+    #[error(transparent)]
+    Manifest(#[from] manifest::ManifestError),
+    /// The model file is missing or unreadable.
+    #[error("model file {path}: {reason}")]
+    Model {
+        /// The model file.
+        path: PathBuf,
+        /// What is wrong and what to do.
+        reason: String,
+    },
+    /// The task's test set cannot be listed.
+    #[error(transparent)]
+    Dataset(#[from] dataset::DatasetError),
+}
+
+/// A validated submission, ready to evaluate.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    /// The submission folder.
+    pub dir: PathBuf,
+    /// The vendor's manifest (defaults when absent).
+    pub manifest: Manifest,
+    /// The model file.
+    pub model_path: PathBuf,
+    /// sha256 of the model, hex.
+    pub model_sha256: String,
+    /// Task defaults merged with the manifest.
+    pub infer: InferSpec,
+    /// Vendor (parent folder name).
+    pub vendor: Option<String>,
+    /// Submission name (folder name).
+    pub name: Option<String>,
+}
+
+/// Validate a submission folder for `task`: manifest, model file (present, readable,
+/// non-empty), inference settings.
+///
+/// # Errors
+/// [`SubmissionError`] with a message meant for the vendor.
+pub fn prepare(dir: &Path, task: &TaskSettings) -> Result<Prepared, SubmissionError> {
+    let manifest = manifest::read(dir)?;
+    let model_path = manifest.model_path(dir)?;
+    let model_err = |reason: String| SubmissionError::Model {
+        path: model_path.clone(),
+        reason,
+    };
+    let meta = std::fs::metadata(&model_path).map_err(|e| {
+        model_err(if e.kind() == std::io::ErrorKind::NotFound {
+            "missing: copy your TorchScript file there as model.pt (or name it in submission.toml)"
+                .into()
+        } else {
+            format!("unreadable: {e}")
+        })
+    })?;
+    if !meta.is_file() {
+        return Err(model_err("is not a regular file".into()));
+    }
+    if meta.len() == 0 {
+        return Err(model_err("is empty (was the copy interrupted?)".into()));
+    }
+    let model_sha256 =
+        pipeline::sha256_file(&model_path).map_err(|e| model_err(format!("unreadable: {e}")))?;
+    let infer = manifest.infer_spec(dir, task)?;
+    let abs = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
+    let name = abs.file_name().map(|s| s.to_string_lossy().into_owned());
+    let vendor = abs
+        .parent()
+        .and_then(Path::file_name)
+        .map(|s| s.to_string_lossy().into_owned());
+    Ok(Prepared {
+        dir: dir.to_path_buf(),
+        manifest,
+        model_path,
+        model_sha256,
+        infer,
+        vendor,
+        name,
+    })
+}
+
+fn now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+/// Evaluate a prepared submission on the task's test set with `predictor`.
+///
+/// # Errors
+/// [`SubmissionError::Dataset`] when the test set cannot be listed; per-case problems are
+/// failures inside the [`Evaluation`].
+pub fn evaluate(
+    sub: &Prepared,
+    task: &TaskSettings,
+    predictor: &dyn Predictor,
+    devices: Vec<String>,
+    config_digest: Option<String>,
+    on_progress: &(dyn Fn(Progress) + Sync),
+    cancel: &AtomicBool,
+) -> Result<Evaluation, SubmissionError> {
+    let data: Dataset = dataset::pair_cases(&task.images, &task.labels)?;
+    for p in &data.problems {
+        tracing::warn!(task = task.name, "{p}");
+    }
+    let started = now();
+    let (cases, failures, times) =
+        pipeline::evaluate(&data, &task.eval, predictor, on_progress, cancel);
+    let meta = RunMeta {
+        task: task.name.clone(),
+        vendor: sub.vendor.clone(),
+        submission: sub.name.clone(),
+        submission_dir: Some(sub.dir.clone()),
+        model_sha256: Some(sub.model_sha256.clone()),
+        labels_dir: task.labels.clone(),
+        inputs_dir: task.images.clone(),
+        dataset_hash: dataset::manifest_hash(&data),
+        devices,
+        evald_version: env!("CARGO_PKG_VERSION").into(),
+        torch_version: Some(crate::infer::torch_version()),
+        config_digest,
+        started,
+        finished: now(),
+        timings: times.pairs(),
+    };
+    Ok(Evaluation::new(task.eval.clone(), cases, failures, meta))
+}
+
+/// Outputs could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum OutputError {
+    /// summary.json.
+    #[error("{path}: cannot write: {source}")]
+    Summary {
+        /// The file.
+        path: PathBuf,
+        /// OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// report.xlsx.
+    #[error(transparent)]
+    Report(#[from] crate::report::ReportError),
+}
+
+/// Write `summary.json` and `report.xlsx` into `dir` (each atomically).
+///
+/// # Errors
+/// [`OutputError`] naming the file.
+pub fn write_outputs(eval: &Evaluation, dir: &Path) -> Result<(PathBuf, PathBuf), OutputError> {
+    let summary = dir.join(SUMMARY_JSON);
+    crate::metrics::summary::write(eval, &summary).map_err(|source| OutputError::Summary {
+        path: summary.clone(),
+        source,
+    })?;
+    let report = dir.join(REPORT_XLSX);
+    crate::report::write(eval, &report)?;
+    Ok((summary, report))
+}

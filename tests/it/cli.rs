@@ -1,0 +1,75 @@
+//! The real binary: demo end to end, score's reporting of missing/extra cases, run's errors.
+
+use crate::util::{data, evald, read_json, run_ok};
+
+#[test]
+fn demo_runs_the_whole_pipeline_and_says_where_the_outputs_are() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run_ok(
+        evald()
+            .args(["demo", "--cases", "4", "--size", "64,64,16", "--out"])
+            .arg(dir.path().join("d")),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let path_of = |key: &str| {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}: ")))
+            .unwrap_or_else(|| panic!("no '{key}:' line in\n{stdout}"))
+            .to_string()
+    };
+    let summary = read_json(path_of("summary").as_ref());
+    assert_eq!(summary["evald"]["cases_scored"], 4);
+    let dice = summary["mean"]["1"]["Dice"].as_f64().unwrap();
+    assert!(dice > 0.7, "demo thyroid Dice {dice}");
+    assert!(std::path::Path::new(&path_of("report")).is_file());
+}
+
+#[test]
+fn score_reports_missing_and_extra_cases_instead_of_skipping_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let preds = dir.path().join("p");
+    std::fs::create_dir_all(&preds).unwrap();
+    let src = data("conformance/openkbp10/predictions");
+    std::fs::copy(src.join("pt_13.nii.gz"), preds.join("pt_13.nii.gz")).unwrap();
+    std::fs::copy(src.join("pt_17.nii.gz"), preds.join("unknown_case.nii.gz")).unwrap();
+    let out = dir.path().join("s.json");
+    let o = run_ok(
+        evald()
+            .args(["score", "--classes", "1,2", "--no-surface", "--labels"])
+            .arg(data("conformance/openkbp10/labelsTs"))
+            .arg("--predictions")
+            .arg(&preds)
+            .arg("--out")
+            .arg(&out),
+    );
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        stderr.contains("unknown_case") && stderr.contains("has no reference"),
+        "{stderr}"
+    );
+    let s = read_json(&out);
+    assert_eq!(s["evald"]["cases_scored"], 1);
+    let failures = s["evald"]["failures"].as_array().unwrap();
+    assert_eq!(
+        failures.len(),
+        9,
+        "the 9 cases without prediction are listed as failures"
+    );
+    assert!(failures.iter().all(|f| f["stage"] == "missing"));
+}
+
+#[test]
+fn run_with_a_missing_config_says_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = evald()
+        .args(["run"])
+        .arg(dir.path())
+        .args(["--config"])
+        .arg(dir.path().join("nope.toml"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("nope.toml") && e.contains("no such file"), "{e}");
+}

@@ -1,0 +1,7 @@
+//! evald's integration tests: one binary, one module per area. They run the real `evald`
+//! binary or the library on real data copied into `tests/data` (see its PROVENANCE.md).
+
+mod cli;
+mod conformance;
+mod infer;
+mod util;
