@@ -690,12 +690,14 @@ fn inflate_exact(path: &Path, gz: &[u8], need: usize) -> Result<Vec<u8>, VolumeE
     let mut filled = 0;
     while filled < need {
         match dec.read(&mut out[filled..]) {
-            Ok(0) => return Err(err_data(
-                path,
-                format!(
+            Ok(0) => {
+                return Err(err_data(
+                    path,
+                    format!(
                     "gzip stream ends after {filled} bytes, header needs {need} (truncated file?)"
                 ),
-            )),
+                ))
+            }
             Ok(n) => filled += n,
             Err(e) => {
                 return Err(err_data(

@@ -257,7 +257,8 @@ fn a_gzip_bomb_is_stopped_at_the_declared_size() {
     raw.extend(std::iter::repeat_n(0u8, 200 << 20)); // 200 MB of zeros after the data
     let p = dir.path().join("bomb.nii.gz");
     gz(&p, &raw);
-    assert!(std::fs::metadata(&p).unwrap().len() < 1 << 20);
+    let size = std::fs::metadata(&p).unwrap().len();
+    assert!(size < 4 << 20, "compressed bomb is {size} bytes");
     let e = volume::read_labels(&p).unwrap_err();
     assert!(matches!(e, VolumeError::Data { .. }), "{e}");
 }
