@@ -522,86 +522,88 @@ impl RawSettings {
     /// [`ConfigError::Invalid`] listing each problem with its key.
     pub fn validate(self, source: &Path) -> Result<Settings, ConfigError> {
         let mut p: Vec<Problem> = Vec::new();
-        let mut bad = |key: &str, message: String| {
-            p.push(Problem {
-                key: key.into(),
-                message,
-            })
-        };
-        let d = &self.daemon;
-        if d.settle_secs > 86_400 {
-            bad("daemon.settle_secs", "must be at most 86400".into());
-        }
-        if !(1..=86_400).contains(&d.rescan_secs) {
-            bad("daemon.rescan_secs", "must be 1..=86400".into());
-        }
-        if d.log_keep_days == 0 {
-            bad("daemon.log_keep_days", "must be at least 1".into());
-        }
-        for (key, path) in [
-            ("daemon.drop_dir", &d.drop_dir),
-            ("daemon.state_dir", &d.state_dir),
-            ("daemon.log_dir", &d.log_dir),
-        ] {
-            if !path.is_absolute() {
-                bad(key, format!("{} must be an absolute path", path.display()));
+        // Plain checks first; the closure's borrow of `p` ends with this block.
+        {
+            let mut bad = |key: &str, message: String| {
+                p.push(Problem {
+                    key: key.into(),
+                    message,
+                })
+            };
+            let d = &self.daemon;
+            if d.settle_secs > 86_400 {
+                bad("daemon.settle_secs", "must be at most 86400".into());
             }
-        }
-        let pl = &self.pool;
-        if !(1..=64).contains(&pl.workers) {
-            bad("pool.workers", format!("{} must be 1..=64", pl.workers));
-        }
-        if pl.devices.is_empty() {
-            bad(
-                "pool.devices",
-                "name at least one device (\"cpu\" or \"cuda:0\")".into(),
-            );
-        }
-        for dev in &pl.devices {
-            if !valid_device(dev) {
+            if !(1..=86_400).contains(&d.rescan_secs) {
+                bad("daemon.rescan_secs", "must be 1..=86400".into());
+            }
+            if d.log_keep_days == 0 {
+                bad("daemon.log_keep_days", "must be at least 1".into());
+            }
+            for (key, path) in [
+                ("daemon.drop_dir", &d.drop_dir),
+                ("daemon.state_dir", &d.state_dir),
+                ("daemon.log_dir", &d.log_dir),
+            ] {
+                if !path.is_absolute() {
+                    bad(key, format!("{} must be an absolute path", path.display()));
+                }
+            }
+            let pl = &self.pool;
+            if !(1..=64).contains(&pl.workers) {
+                bad("pool.workers", format!("{} must be 1..=64", pl.workers));
+            }
+            if pl.devices.is_empty() {
                 bad(
                     "pool.devices",
-                    format!("'{dev}' is not a device: use \"cpu\" or \"cuda:N\""),
+                    "name at least one device (\"cpu\" or \"cuda:0\")".into(),
                 );
             }
-        }
-        if pl.case_timeout_secs == 0 {
-            bad("pool.case_timeout_secs", "must be at least 1".into());
-        }
-        if !(1..=20).contains(&pl.max_attempts) {
-            bad("pool.max_attempts", "must be 1..=20".into());
-        }
-        let m = &self.mail;
-        if m.smtp_user.is_some() != m.smtp_password_file.is_some() {
-            bad(
-                "mail.smtp_user",
-                "smtp_user and smtp_password_file go together: set both or neither".into(),
-            );
-        }
-        if let Some(pw) = &m.smtp_password_file {
-            if m.transport == "smtp" && !pw.is_file() {
+            for dev in &pl.devices {
+                if !valid_device(dev) {
+                    bad(
+                        "pool.devices",
+                        format!("'{dev}' is not a device: use \"cpu\" or \"cuda:N\""),
+                    );
+                }
+            }
+            if pl.case_timeout_secs == 0 {
+                bad("pool.case_timeout_secs", "must be at least 1".into());
+            }
+            if !(1..=20).contains(&pl.max_attempts) {
+                bad("pool.max_attempts", "must be 1..=20".into());
+            }
+            let m = &self.mail;
+            if m.smtp_user.is_some() != m.smtp_password_file.is_some() {
                 bad(
-                    "mail.smtp_password_file",
-                    format!("{} is not a readable file", pw.display()),
+                    "mail.smtp_user",
+                    "smtp_user and smtp_password_file go together: set both or neither".into(),
+                );
+            }
+            if let Some(pw) = &m.smtp_password_file {
+                if m.transport == "smtp" && !pw.is_file() {
+                    bad(
+                        "mail.smtp_password_file",
+                        format!("{} is not a readable file", pw.display()),
+                    );
+                }
+            }
+            if m.from.parse::<lettre::message::Mailbox>().is_err() {
+                bad(
+                    "mail.from",
+                    format!(
+                        "'{}' is not a mailbox (e.g. \"evald <evald@example.org>\")",
+                        m.from
+                    ),
+                );
+            }
+            if self.tasks.is_empty() {
+                bad(
+                    "tasks",
+                    "no [tasks.<name>] section: evald needs at least one task".into(),
                 );
             }
         }
-        if m.from.parse::<lettre::message::Mailbox>().is_err() {
-            bad(
-                "mail.from",
-                format!(
-                    "'{}' is not a mailbox (e.g. \"evald <evald@example.org>\")",
-                    m.from
-                ),
-            );
-        }
-        if self.tasks.is_empty() {
-            bad(
-                "tasks",
-                "no [tasks.<name>] section: evald needs at least one task".into(),
-            );
-        }
-        drop(bad);
 
         let watch = parse_enum(
             &mut p,

@@ -203,8 +203,8 @@ pub fn render(
     let mut geom = Geometry::axis_aligned(dims, spacing, [0.0; 3]);
     geom.affine[0][0] = -spacing[0];
     geom.affine[1][1] = -spacing[1];
-    for a in 0..3 {
-        let c = (dims[a] as f64 - 1.0) / 2.0;
+    for (a, &n) in dims.iter().enumerate() {
+        let c = (n as f64 - 1.0) / 2.0;
         geom.affine[a][3] = -geom.affine[a][a] * c;
     }
     let info = CaseInfo {

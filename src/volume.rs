@@ -16,6 +16,9 @@
 //! compared with [`Geometry::relate`]: identical, an exact reorientation (axis permutation
 //! and flips, done by index arithmetic in [`reorient_to`]), or incompatible.
 
+// 3x3 / 4x4 matrix arithmetic reads best with explicit row and column indices.
+#![allow(clippy::needless_range_loop)]
+
 use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -846,7 +849,7 @@ pub fn read_labels_with(path: &Path, limits: ReadLimits) -> Result<LabelVolume, 
             Some((s, i)) => v * s + i,
             None => v,
         };
-        if v.is_finite() && v >= 0.0 && v <= 255.0 && v.fract() == 0.0 {
+        if v.is_finite() && (0.0..=255.0).contains(&v) && v.fract() == 0.0 {
             v as u16
         } else {
             BAD

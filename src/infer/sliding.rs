@@ -217,6 +217,6 @@ mod tests {
         let max = g.iter().copied().fold(0.0, f32::max);
         assert!((max - 1.0).abs() < 1e-6);
         assert!(g.iter().all(|&v| v > 0.0));
-        assert!(g[0] < g[(1 * 6 + 2) * 8 + 3]);
+        assert!(g[0] < g[(6 + 2) * 8 + 3]);
     }
 }
