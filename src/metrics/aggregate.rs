@@ -292,6 +292,11 @@ pub fn summarize(cases: &[CaseMetrics], spec: &EvalSpec) -> Summary {
     let mut foreground_mean = BTreeMap::new();
     if let Some(first) = per_class.values().next() {
         for key in first.keys() {
+            // Only keys every class has: lesion metrics exist for lesion classes only, and a
+            // "foreground" mean over a subset of the classes would be mislabelled.
+            if !per_class.values().all(|m| m.contains_key(key)) {
+                continue;
+            }
             let means: Vec<f64> = per_class
                 .values()
                 .map(|m| m.get(key).map_or(f64::NAN, |s| s.mean))

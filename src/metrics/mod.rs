@@ -3,8 +3,9 @@
 //! Layout:
 //! - [`overlap`]: the single counting pass (TP/FP/FN/TN per class and per slice, voxel
 //!   confusion matrix);
-//! - [`surface`]: boundary distances (HD, HD95, ASSD, NSD) from one exact EDT per mask pair;
-//! - [`lesion`]: connected components and one-to-one lesion matching;
+//! - [`surface`]: boundary distances (HD, HD95, ASSD, NSD) from one exact EDT per mask pair
+//!   and direction ([`edt`]), on the union bounding box of the masks ([`crop`]);
+//! - [`lesion`]: connected components and one-to-one lesion matching ([`hungarian`]);
 //! - [`aggregate`]: per-class statistics over cases, bootstrap CIs, patient-level diagnosis;
 //! - [`summary`]: `summary.json` (nnU-Net keys, strict JSON).
 //!
@@ -14,10 +15,14 @@
 //! from a blocking thread, never from an async task.
 
 pub mod aggregate;
+pub mod crop;
+pub mod edt;
+pub mod hungarian;
 pub mod lesion;
 pub mod overlap;
 pub mod summary;
 pub mod surface;
+mod surfel_table;
 
 use std::path::{Path, PathBuf};
 
@@ -282,24 +287,47 @@ pub fn evaluate_case(
     );
     let vol = tally.volume();
     let voxel_mm3 = reference.geom.voxel_mm3();
+    let needs_boxes = spec.surface || spec.classes.iter().any(|c| c.lesion);
+    // One scan per volume finds every label's box; surface and lesion work stays inside.
+    let (ref_boxes, pred_boxes) = if needs_boxes {
+        rayon::join(
+            || crop::label_boxes(reference),
+            || crop::label_boxes(&prediction),
+        )
+    } else {
+        (Vec::new(), Vec::new())
+    };
     let extra: Vec<(Option<SurfaceMetrics>, Option<LesionMetrics>)> = {
         use rayon::prelude::*;
         spec.classes
             .par_iter()
             .map(|c| {
-                let s = spec
-                    .surface
-                    .then(|| surface::compute(reference, &prediction, c.label, c.nsd_tolerance_mm));
-                let l = c.lesion.then(|| {
-                    lesion::compute(
+                let l = c.label as usize;
+                let boxes = || (ref_boxes[l], pred_boxes[l]);
+                let s = spec.surface.then(|| {
+                    let (r, p) = boxes();
+                    surface::compute_boxed(
+                        reference,
+                        &prediction,
+                        c.label,
+                        c.nsd_tolerance_mm,
+                        r,
+                        p,
+                    )
+                });
+                let les = c.lesion.then(|| {
+                    let (r, p) = boxes();
+                    lesion::compute_boxed(
                         reference,
                         &prediction,
                         c.label,
                         spec.min_lesion_mm3,
                         spec.lesion_iou_threshold,
+                        r,
+                        p,
                     )
                 });
-                (s, l)
+                (s, les)
             })
             .collect()
     };
