@@ -4,4 +4,6 @@
 mod cli;
 mod conformance;
 mod infer;
+mod mail;
+mod report;
 mod util;
