@@ -335,6 +335,10 @@ pub fn run_submission(a: RunArgs) -> Result<Evaluation> {
     print_headline(&eval);
     println!("summary: {}", summary.display());
     println!("report: {}", report.display());
+    match crate::mail::send_now(&eval, &task.recipients, Some(&report), &settings) {
+        Ok(sent) => println!("email: {sent}"),
+        Err(e) => println!("email: not sent: {e}"),
+    }
     Ok(eval)
 }
 

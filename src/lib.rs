@@ -15,6 +15,8 @@
 //! - [`evaluation`]: the result of an evaluation as every output sees it;
 //! - [`submission`]: one vendor submission folder: validate, evaluate, write outputs;
 //! - [`report`]: the Excel workbook;
+//! - [`plot`]: the Dice box/strip plot (PNG) for the report and the email;
+//! - [`mail`]: the summary email and its durable outbox;
 //! - [`phantom`]: generated CT-like data and a generated model (demo, tests, benches);
 //! - [`cli`]: the command line.
 
@@ -23,10 +25,12 @@ pub mod config;
 pub mod dataset;
 pub mod evaluation;
 pub mod infer;
+pub mod mail;
 pub mod manifest;
 pub mod metrics;
 pub mod phantom;
 pub mod pipeline;
+pub mod plot;
 pub mod report;
 pub mod submission;
 pub mod volume;

@@ -5,5 +5,7 @@ mod cli;
 mod conformance;
 mod infer;
 mod lesion;
+mod mail;
+mod report;
 mod surface;
 mod util;

@@ -1,0 +1,1158 @@
+//! Composing the summary email of one evaluation: subject with the headline, text and HTML
+//! alternatives (per-class table, patient-level diagnosis, change against the vendor's
+//! previous submission, failures), the Dice plot inline (`cid:`), the workbook attached
+//! under the size cap (otherwise the body says where it is).
+//!
+//! MIME layout (what mail clients show best):
+//! ```text
+//! multipart/mixed
+//! ├── multipart/alternative
+//! │   ├── text/plain
+//! │   └── multipart/related
+//! │       ├── text/html            (<img src="cid:dice-plot">)
+//! │       └── image/png            inline, Content-ID <dice-plot>
+//! └── application/vnd.openxmlformats-officedocument.spreadsheetml.sheet  (report.xlsx)
+//! ```
+//! The HTML is also well-formed XML (every tag closed, only numeric entities), so a strict
+//! parser can check it; all data-derived text is escaped.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use lettre::message::header::ContentType;
+use lettre::message::{Attachment, Mailbox, MultiPart, SinglePart};
+use lettre::Message;
+
+use crate::config::MailSettings;
+use crate::evaluation::Evaluation;
+use crate::metrics::aggregate::Stats;
+
+/// Content-ID of the inline plot.
+pub const PLOT_CID: &str = "dice-plot";
+/// MIME type of the attached workbook.
+pub const XLSX_MIME: &str = "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet";
+
+/// Composing failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ComposeError {
+    /// No recipient.
+    #[error("no recipient for the email of {what}: set recipients in the task's config")]
+    NoRecipients {
+        /// `task / vendor / submission`.
+        what: String,
+    },
+    /// An address does not parse.
+    #[error("'{address}' ({role}) is not a mailbox: {reason}")]
+    Address {
+        /// The address as configured.
+        address: String,
+        /// `from` or `recipient`.
+        role: &'static str,
+        /// The parser's complaint.
+        reason: String,
+    },
+    /// lettre refused to build the message.
+    #[error("building the email of {what}: {source}")]
+    Build {
+        /// `task / vendor / submission`.
+        what: String,
+        /// lettre's error.
+        #[source]
+        source: lettre::error::Error,
+    },
+    /// A previous summary.json could not be read.
+    #[error("{path}: {reason}")]
+    Previous {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// The vendor's previous submission for the same task, as its `summary.json` tells it: the
+/// email shows the change against it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Previous {
+    /// Its submission name (folder), e.g. `v2`.
+    pub submission: String,
+    /// Per class label: metric key -> mean over cases (NaN when undefined).
+    pub means: BTreeMap<u8, BTreeMap<String, f64>>,
+    /// `foreground_mean`: metric key -> value.
+    pub foreground: BTreeMap<String, f64>,
+    /// Patient-level (sensitivity, specificity), when computed.
+    pub patient: Option<(f64, f64)>,
+    /// Cases scored.
+    pub cases_scored: usize,
+    /// Cases failed.
+    pub cases_failed: usize,
+}
+
+fn json_num(v: &serde_json::Value) -> f64 {
+    v.as_f64().unwrap_or(f64::NAN)
+}
+
+impl Previous {
+    /// Read what the email compares from a `summary.json` document (evald's own format);
+    /// `None` when it has no `mean` block.
+    pub fn from_summary_json(
+        submission: impl Into<String>,
+        doc: &serde_json::Value,
+    ) -> Option<Self> {
+        let mean = doc.get("mean")?.as_object()?;
+        let means = mean
+            .iter()
+            .filter_map(|(label, m)| {
+                let label: u8 = label.parse().ok()?;
+                let m = m
+                    .as_object()?
+                    .iter()
+                    .map(|(k, v)| (k.clone(), json_num(v)))
+                    .collect();
+                Some((label, m))
+            })
+            .collect();
+        let foreground = doc
+            .get("foreground_mean")
+            .and_then(|f| f.as_object())
+            .map(|f| f.iter().map(|(k, v)| (k.clone(), json_num(v))).collect())
+            .unwrap_or_default();
+        let ev = doc.get("evald");
+        let patient = ev
+            .and_then(|e| e.get("patient_level"))
+            .filter(|p| p.is_object())
+            .map(|p| (json_num(&p["sensitivity"]), json_num(&p["specificity"])));
+        let count = |k: &str| {
+            ev.and_then(|e| e.get(k))
+                .and_then(serde_json::Value::as_u64)
+                .unwrap_or(0) as usize
+        };
+        Some(Previous {
+            submission: submission.into(),
+            means,
+            foreground,
+            patient,
+            cases_scored: count("cases_scored"),
+            cases_failed: count("cases_failed"),
+        })
+    }
+
+    /// Read a `summary.json` file.
+    ///
+    /// # Errors
+    /// [`ComposeError::Previous`] when the file is unreadable or not an evald summary.
+    pub fn read(submission: &str, path: &Path) -> Result<Self, ComposeError> {
+        let err = |reason: String| ComposeError::Previous {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+        let doc: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| err(format!("not JSON: {e}")))?;
+        Self::from_summary_json(submission, &doc)
+            .ok_or_else(|| err("not an evald summary.json (no 'mean' block)".into()))
+    }
+
+    /// The most recently written `summary.json` of another submission of the same vendor:
+    /// a sibling folder of `submission_dir` (`<drop>/<task>/<vendor>/<name>/`). For
+    /// `evald run`; the daemon knows the previous submission from its store instead.
+    pub fn find_sibling(submission_dir: &Path) -> Option<Self> {
+        let me = std::path::absolute(submission_dir).ok()?;
+        let vendor_dir = me.parent()?;
+        let mut best: Option<(std::time::SystemTime, String, PathBuf)> = None;
+        for entry in std::fs::read_dir(vendor_dir).ok()?.flatten() {
+            let p = entry.path();
+            if p == me || !p.is_dir() {
+                continue;
+            }
+            let summary = p.join(crate::submission::SUMMARY_JSON);
+            let Ok(t) = std::fs::metadata(&summary).and_then(|m| m.modified()) else {
+                continue;
+            };
+            if best.as_ref().is_none_or(|(bt, _, _)| t > *bt) {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                best = Some((t, name, summary));
+            }
+        }
+        let (_, name, path) = best?;
+        match Self::read(&name, &path) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                tracing::warn!(error = %e, "previous submission not comparable");
+                None
+            }
+        }
+    }
+
+    fn mean(&self, label: u8, key: &str) -> f64 {
+        self.means
+            .get(&label)
+            .and_then(|m| m.get(key))
+            .copied()
+            .unwrap_or(f64::NAN)
+    }
+}
+
+/// What happened to the workbook in the email.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReportInMail {
+    /// Attached (file name, bytes).
+    Attached {
+        /// Where it was read from.
+        path: PathBuf,
+        /// Its size.
+        bytes: u64,
+    },
+    /// Larger than the cap: the body gives its path.
+    TooLarge {
+        /// Where it is.
+        path: PathBuf,
+        /// Its size.
+        bytes: u64,
+        /// The cap.
+        cap: u64,
+    },
+    /// Could not be read: the body says so and where it should be.
+    Unreadable {
+        /// Where it should be.
+        path: PathBuf,
+        /// The OS error.
+        reason: String,
+    },
+    /// No report was written (e.g. none requested).
+    None,
+}
+
+/// A composed email: the message and what went into it (for logs and tests).
+#[derive(Debug, Clone)]
+pub struct Composed {
+    /// The message, ready for the outbox.
+    pub message: Message,
+    /// Its subject.
+    pub subject: String,
+    /// The text alternative.
+    pub text: String,
+    /// The HTML alternative.
+    pub html: String,
+    /// The inline plot, when it could be drawn.
+    pub plot_png: Option<Vec<u8>>,
+    /// The workbook's fate.
+    pub report: ReportInMail,
+    /// A short file-name-safe label (`thyroid-ca_acme_v3`) for `.eml` names and logs.
+    pub label: String,
+}
+
+fn who(eval: &Evaluation) -> String {
+    [
+        Some(eval.meta.task.as_str()),
+        eval.meta.vendor.as_deref(),
+        eval.meta.submission.as_deref(),
+    ]
+    .into_iter()
+    .flatten()
+    .collect::<Vec<_>>()
+    .join(" / ")
+}
+
+fn stat<'a>(eval: &'a Evaluation, label: u8, key: &str) -> Option<&'a Stats> {
+    eval.summary.per_class.get(&label)?.get(key)
+}
+
+fn mean(eval: &Evaluation, label: u8, key: &str) -> f64 {
+    stat(eval, label, key).map_or(f64::NAN, |s| s.mean)
+}
+
+/// A number with `d` decimals, or "n/a" when undefined.
+fn f(v: f64, d: usize) -> String {
+    if v.is_finite() {
+        format!("{v:.d$}")
+    } else {
+        "n/a".into()
+    }
+}
+
+/// The headline Dice: nnU-Net's foreground mean over classes (the class mean with one
+/// class). When a class has no defined Dice in any case the foreground mean is undefined
+/// (as in nnU-Net); the headline then averages the classes that have one, and says so.
+pub fn headline_dice(eval: &Evaluation) -> (f64, &'static str) {
+    if eval.spec.classes.len() == 1 {
+        return (mean(eval, eval.spec.classes[0].label, "Dice"), "Dice, mean");
+    }
+    let fg = eval
+        .summary
+        .foreground_mean
+        .get("Dice")
+        .copied()
+        .unwrap_or(f64::NAN);
+    if fg.is_finite() {
+        return (fg, "Dice, foreground mean");
+    }
+    let defined: Vec<f64> = eval
+        .spec
+        .classes
+        .iter()
+        .map(|c| mean(eval, c.label, "Dice"))
+        .filter(|d| d.is_finite())
+        .collect();
+    if defined.is_empty() {
+        (f64::NAN, "Dice")
+    } else {
+        (
+            defined.iter().sum::<f64>() / defined.len() as f64,
+            "Dice, mean of classes with a defined Dice",
+        )
+    }
+}
+
+/// The class the subject names beside the headline: the patient-level class when set
+/// (what the program is about, e.g. the nodule), else the weakest class.
+fn focus_class(eval: &Evaluation) -> Option<(String, f64)> {
+    if eval.spec.classes.len() < 2 {
+        return None;
+    }
+    let pick = eval
+        .spec
+        .positive_class
+        .filter(|l| eval.spec.classes.iter().any(|c| c.label == *l))
+        .or_else(|| {
+            eval.spec
+                .classes
+                .iter()
+                .map(|c| (c.label, mean(eval, c.label, "Dice")))
+                .filter(|(_, d)| d.is_finite())
+                .min_by(|a, b| a.1.total_cmp(&b.1))
+                .map(|(l, _)| l)
+        })?;
+    Some((eval.class_name(pick), mean(eval, pick, "Dice")))
+}
+
+/// `[evald] thyroid-ca / acme / v3: Dice 0.912 (nodule 0.81), 300/300 cases`.
+pub fn subject(eval: &Evaluation) -> String {
+    let total = eval.total_cases();
+    let scored = eval.cases.len();
+    if scored == 0 {
+        return format!("[evald] {}: no case scored, 0/{total} cases", who(eval));
+    }
+    let mut s = format!(
+        "[evald] {}: Dice {}",
+        who(eval),
+        f(headline_dice(eval).0, 3)
+    );
+    if let Some((name, d)) = focus_class(eval) {
+        let _ = write!(s, " ({name} {})", f(d, 2));
+    }
+    let _ = write!(s, ", {scored}/{total} cases");
+    s
+}
+
+fn label_of(eval: &Evaluation) -> String {
+    let raw = who(eval).replace(" / ", "_");
+    let safe: String = raw
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    safe.chars().take(80).collect()
+}
+
+/// Escape text for HTML (element content and attribute values).
+pub fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+fn human_bytes(n: u64) -> String {
+    if n >= 1 << 20 {
+        format!("{:.1} MB", n as f64 / f64::from(1u32 << 20))
+    } else {
+        format!("{:.0} kB", (n as f64 / 1024.0).ceil())
+    }
+}
+
+/// Is a higher value better for this metric? (For the colour of a change.)
+fn higher_is_better(key: &str) -> bool {
+    !matches!(key, "HD" | "HD95" | "HD95_pooled" | "ASSD")
+}
+
+/// A signed change with its direction: ("+0.012", Some(true)) when better.
+fn change(now: f64, before: f64, key: &str, d: usize) -> (String, Option<bool>) {
+    if !(now.is_finite() && before.is_finite()) {
+        return ("n/a".into(), None);
+    }
+    let delta = now - before;
+    let text = format!("{delta:+.d$}");
+    let zero = format!("{:+.d$}", 0.0);
+    if text == zero || text == format!("{:+.d$}", -0.0) {
+        return (format!("{:.d$}", 0.0), None);
+    }
+    (text, Some((delta > 0.0) == higher_is_better(key)))
+}
+
+/// The numbers both bodies show, computed once.
+struct Facts {
+    who: String,
+    rows: Vec<ClassRow>,
+    foreground: [f64; 4],
+}
+
+struct ClassRow {
+    label: u8,
+    name: String,
+    n: usize,
+    n_nan: usize,
+    means: [f64; 4],
+    dice_ci: (f64, f64),
+}
+
+const HEAD_KEYS: [&str; 4] = ["Dice", "IoU", "HD95", "NSD"];
+const HEAD_DECIMALS: [usize; 4] = [3, 3, 2, 3];
+
+fn facts(eval: &Evaluation) -> Facts {
+    let rows = eval
+        .spec
+        .classes
+        .iter()
+        .map(|c| {
+            let d = stat(eval, c.label, "Dice");
+            ClassRow {
+                label: c.label,
+                name: c.name.clone(),
+                n: d.map_or(0, |s| s.n),
+                n_nan: d.map_or(0, |s| s.n_nan),
+                means: HEAD_KEYS.map(|k| mean(eval, c.label, k)),
+                dice_ci: d.map_or((f64::NAN, f64::NAN), |s| (s.ci95_low, s.ci95_high)),
+            }
+        })
+        .collect();
+    let foreground = HEAD_KEYS.map(|k| {
+        eval.summary
+            .foreground_mean
+            .get(k)
+            .copied()
+            .unwrap_or(f64::NAN)
+    });
+    Facts {
+        who: who(eval),
+        rows,
+        foreground,
+    }
+}
+
+fn report_sentence(r: &ReportInMail) -> Option<String> {
+    match r {
+        ReportInMail::Attached { path, bytes } => Some(format!(
+            "The full report is attached ({}, {}); it is also at {}.",
+            path.file_name()
+                .map_or_else(|| "report.xlsx".into(), |n| n.to_string_lossy().into_owned()),
+            human_bytes(*bytes),
+            path.display()
+        )),
+        ReportInMail::TooLarge { path, bytes, cap } => Some(format!(
+            "The full report is {} (over the {} attachment limit), so it is not attached: open it at {}.",
+            human_bytes(*bytes),
+            human_bytes(*cap),
+            path.display()
+        )),
+        ReportInMail::Unreadable { path, reason } => Some(format!(
+            "The report could not be attached ({reason}); it should be at {}.",
+            path.display()
+        )),
+        ReportInMail::None => None,
+    }
+}
+
+fn conventions_line(eval: &Evaluation) -> String {
+    let tol: Vec<String> = eval
+        .spec
+        .classes
+        .iter()
+        .map(|c| format!("{} {} mm", c.name, c.nsd_tolerance_mm))
+        .collect();
+    format!(
+        "Conventions: Dice/IoU as nnU-Net (undefined when both masks are empty, excluded from means); HD95 as MONAI (max of the two directed 95th percentiles); NSD as DeepMind at {}; 95% CIs by percentile bootstrap (2000 resamples, fixed seed).",
+        tol.join(", ")
+    )
+}
+
+/// The text alternative.
+fn text_body(
+    eval: &Evaluation,
+    fx: &Facts,
+    prev: Option<&Previous>,
+    report: &ReportInMail,
+) -> String {
+    let mut t = String::new();
+    let m = &eval.meta;
+    let _ = writeln!(t, "evald evaluated {}.", fx.who);
+    let _ = writeln!(
+        t,
+        "{} of {} cases scored, {} failed.",
+        eval.cases.len(),
+        eval.total_cases(),
+        eval.failures.len()
+    );
+    if let Some(sha) = &m.model_sha256 {
+        let _ = writeln!(t, "Model sha256: {sha}");
+    }
+    let _ = writeln!(t);
+    let _ = writeln!(t, "Per class (mean over cases, 95% CI of the mean Dice):");
+    let mut table: Vec<[String; 7]> = vec![[
+        "class".into(),
+        "Dice".into(),
+        "95% CI".into(),
+        "IoU".into(),
+        "HD95 mm".into(),
+        "NSD".into(),
+        "cases".into(),
+    ]];
+    for r in &fx.rows {
+        let cases = if r.n_nan > 0 {
+            format!("{} ({} undefined)", r.n, r.n_nan)
+        } else {
+            r.n.to_string()
+        };
+        table.push([
+            r.name.clone(),
+            f(r.means[0], 3),
+            format!("{}-{}", f(r.dice_ci.0, 3), f(r.dice_ci.1, 3)),
+            f(r.means[1], 3),
+            f(r.means[2], 2),
+            f(r.means[3], 3),
+            cases,
+        ]);
+    }
+    if fx.rows.len() > 1 {
+        table.push([
+            "foreground".into(),
+            f(fx.foreground[0], 3),
+            String::new(),
+            f(fx.foreground[1], 3),
+            f(fx.foreground[2], 2),
+            f(fx.foreground[3], 3),
+            String::new(),
+        ]);
+    }
+    let widths: Vec<usize> = (0..7)
+        .map(|i| {
+            table
+                .iter()
+                .map(|r| r[i].chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    for row in &table {
+        let mut line = String::from("  ");
+        for (i, cell) in row.iter().enumerate() {
+            let pad = widths[i] - cell.chars().count();
+            if i == 0 {
+                line.push_str(cell);
+                line.push_str(&" ".repeat(pad + 2));
+            } else {
+                line.push_str(&" ".repeat(pad));
+                line.push_str(cell);
+                line.push_str("  ");
+            }
+        }
+        let _ = writeln!(t, "{}", line.trim_end());
+    }
+    let _ = writeln!(t);
+    if let Some(p) = &eval.summary.patient {
+        let _ = writeln!(
+            t,
+            "Patient-level diagnosis ({} present, at least {} mm3), {} patients:",
+            eval.class_name(p.positive_class),
+            p.min_positive_mm3,
+            p.tp + p.fp + p.fn_ + p.tn
+        );
+        let _ = writeln!(
+            t,
+            "  sensitivity {}  specificity {}  PPV {}  NPV {}  accuracy {}",
+            f(p.sensitivity, 3),
+            f(p.specificity, 3),
+            f(p.ppv, 3),
+            f(p.npv, 3),
+            f(p.accuracy, 3)
+        );
+        let _ = writeln!(t, "  TP {}  FP {}  FN {}  TN {}", p.tp, p.fp, p.fn_, p.tn);
+        let _ = writeln!(t);
+    }
+    if let Some(prev) = prev {
+        let _ = writeln!(
+            t,
+            "Change against {} (the vendor's previous submission):",
+            prev.submission
+        );
+        for r in &fx.rows {
+            for (i, key) in HEAD_KEYS.iter().enumerate() {
+                let before = prev.mean(r.label, key);
+                let (delta, _) = change(r.means[i], before, key, HEAD_DECIMALS[i]);
+                let _ = writeln!(
+                    t,
+                    "  {} {key}: {} -> {} ({delta})",
+                    r.name,
+                    f(before, HEAD_DECIMALS[i]),
+                    f(r.means[i], HEAD_DECIMALS[i])
+                );
+            }
+        }
+        if let (Some((s0, p0)), Some(p)) = (prev.patient, &eval.summary.patient) {
+            let _ = writeln!(
+                t,
+                "  patient sensitivity: {} -> {}; specificity: {} -> {}",
+                f(s0, 3),
+                f(p.sensitivity, 3),
+                f(p0, 3),
+                f(p.specificity, 3)
+            );
+        }
+        let _ = writeln!(
+            t,
+            "  cases scored: {} -> {}",
+            prev.cases_scored,
+            eval.cases.len()
+        );
+        let _ = writeln!(t);
+    }
+    if eval.failures.is_empty() {
+        let _ = writeln!(t, "No case failed.");
+    } else {
+        let _ = writeln!(t, "Failed cases ({}):", eval.failures.len());
+        for fl in eval.failures.iter().take(MAX_FAILURES_LISTED) {
+            let _ = writeln!(
+                t,
+                "  {} ({}, {} attempt{}): {}",
+                fl.case,
+                fl.stage,
+                fl.attempts,
+                if fl.attempts == 1 { "" } else { "s" },
+                fl.reason
+            );
+        }
+        if eval.failures.len() > MAX_FAILURES_LISTED {
+            let _ = writeln!(
+                t,
+                "  ... and {} more (see the Failures sheet)",
+                eval.failures.len() - MAX_FAILURES_LISTED
+            );
+        }
+    }
+    let _ = writeln!(t);
+    if let Some(s) = report_sentence(report) {
+        let _ = writeln!(t, "{s}");
+    }
+    let _ = writeln!(t);
+    let _ = writeln!(t, "-- ");
+    let _ = writeln!(
+        t,
+        "evald {} | test set {} | {}",
+        m.evald_version,
+        short(&m.dataset_hash),
+        m.finished
+    );
+    let _ = writeln!(t, "{}", conventions_line(eval));
+    t
+}
+
+/// Failures listed in the body (all are in the report).
+const MAX_FAILURES_LISTED: usize = 20;
+
+fn short(hash: &str) -> String {
+    hash.chars().take(12).collect()
+}
+
+const TH: &str = "padding:6px 10px;border-bottom:2px solid #b6c3d1;text-align:right;font-weight:600;white-space:nowrap;";
+const TH_L: &str =
+    "padding:6px 10px;border-bottom:2px solid #b6c3d1;text-align:left;font-weight:600;";
+const TD: &str = "padding:6px 10px;border-bottom:1px solid #e4e8ee;text-align:right;white-space:nowrap;font-variant-numeric:tabular-nums;";
+const TD_L: &str = "padding:6px 10px;border-bottom:1px solid #e4e8ee;text-align:left;";
+const H2: &str = "font-size:16px;margin:26px 0 8px;color:#1f2328;";
+const MUTED: &str = "color:#57606a;";
+
+fn delta_html(now: f64, before: f64, key: &str, d: usize) -> String {
+    let (text, better) = change(now, before, key, d);
+    let (color, arrow) = match better {
+        Some(true) => ("#1a7f37", "&#9650; "),
+        Some(false) => ("#cf222e", "&#9660; "),
+        None => ("#57606a", ""),
+    };
+    format!(
+        "<span style=\"color:{color};\">{arrow}{}</span>",
+        escape(&text)
+    )
+}
+
+/// The HTML alternative (well-formed XML; inline styles only, as mail clients want).
+fn html_body(
+    eval: &Evaluation,
+    fx: &Facts,
+    prev: Option<&Previous>,
+    report: &ReportInMail,
+    subject: &str,
+    with_plot: bool,
+) -> String {
+    let m = &eval.meta;
+    let mut h = String::new();
+    let _ = write!(
+        h,
+        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\"/>\n<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"/>\n<title>{}</title>\n</head>\n",
+        escape(subject)
+    );
+    h.push_str("<body style=\"margin:0;padding:0;background:#f3f5f8;\">\n");
+    h.push_str("<div style=\"max-width:780px;margin:0 auto;padding:28px 32px;background:#ffffff;font-family:-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;font-size:14px;line-height:1.45;color:#1f2328;\">\n");
+    let _ = write!(
+        h,
+        "<p style=\"margin:0 0 4px;font-size:12px;letter-spacing:.06em;text-transform:uppercase;{MUTED}\">evald evaluation</p>\n<h1 style=\"margin:0 0 6px;font-size:22px;\">{}</h1>\n",
+        escape(&fx.who)
+    );
+    let failed_style = if eval.failures.is_empty() {
+        MUTED.to_string()
+    } else {
+        "color:#cf222e;font-weight:600;".to_string()
+    };
+    let _ = write!(
+        h,
+        "<p style=\"margin:0 0 18px;{MUTED}\">{} of {} cases scored &#183; <span style=\"{failed_style}\">{} failed</span>",
+        eval.cases.len(),
+        eval.total_cases(),
+        eval.failures.len()
+    );
+    if let Some(sha) = &m.model_sha256 {
+        let _ = write!(
+            h,
+            " &#183; model <code title=\"{}\">{}</code>",
+            escape(sha),
+            escape(&short(sha))
+        );
+    }
+    h.push_str("</p>\n");
+
+    // Headline tiles.
+    h.push_str("<table role=\"presentation\" cellspacing=\"0\" cellpadding=\"0\" style=\"border-collapse:separate;border-spacing:0 0;margin:0 0 8px;\"><tr>\n");
+    let tile = |h: &mut String, label: &str, value: &str, sub: &str| {
+        let _ = write!(
+            h,
+            "<td style=\"padding:12px 18px;background:#f0f4f9;border-radius:6px;\"><div style=\"font-size:12px;{MUTED}\">{}</div><div style=\"font-size:26px;font-weight:700;\">{}</div><div style=\"font-size:12px;{MUTED}\">{}</div></td><td style=\"width:12px;\"></td>\n",
+            escape(label),
+            escape(value),
+            escape(sub)
+        );
+    };
+    let (headline, dice_label) = headline_dice(eval);
+    tile(
+        &mut h,
+        dice_label,
+        &f(headline, 3),
+        &format!("{} classes", fx.rows.len()),
+    );
+    if let Some((name, d)) = focus_class(eval) {
+        tile(
+            &mut h,
+            &format!("Dice, {name}"),
+            &f(d, 3),
+            "mean over cases",
+        );
+    }
+    if let Some(p) = &eval.summary.patient {
+        tile(
+            &mut h,
+            "Patient-level sensitivity",
+            &f(p.sensitivity, 3),
+            &format!("specificity {}", f(p.specificity, 3)),
+        );
+    }
+    h.push_str("</tr></table>\n");
+
+    // Per-class table.
+    let _ = write!(h, "<h2 style=\"{H2}\">Per class</h2>\n");
+    h.push_str("<table cellspacing=\"0\" cellpadding=\"0\" style=\"border-collapse:collapse;width:100%;\">\n<thead><tr>");
+    let _ = write!(h, "<th style=\"{TH_L}\">Class</th>");
+    for name in ["Dice", "95% CI", "IoU", "HD95 (mm)", "NSD", "Cases"] {
+        let _ = write!(h, "<th style=\"{TH}\">{name}</th>");
+    }
+    if let Some(p) = prev {
+        let _ = write!(
+            h,
+            "<th style=\"{TH}\">Dice vs {}</th>",
+            escape(&p.submission)
+        );
+    }
+    h.push_str("</tr></thead>\n<tbody>\n");
+    for r in &fx.rows {
+        let cases = if r.n_nan > 0 {
+            format!(
+                "{} <span style=\"{MUTED}font-size:12px;\">({} undefined)</span>",
+                r.n, r.n_nan
+            )
+        } else {
+            r.n.to_string()
+        };
+        let _ = write!(
+            h,
+            "<tr><td style=\"{TD_L}\"><strong>{}</strong> <span style=\"{MUTED}font-size:12px;\">label {}</span></td><td style=\"{TD}font-weight:700;\">{}</td><td style=\"{TD}{MUTED}\">{}&#8211;{}</td><td style=\"{TD}\">{}</td><td style=\"{TD}\">{}</td><td style=\"{TD}\">{}</td><td style=\"{TD}\">{cases}</td>",
+            escape(&r.name),
+            r.label,
+            f(r.means[0], 3),
+            f(r.dice_ci.0, 3),
+            f(r.dice_ci.1, 3),
+            f(r.means[1], 3),
+            f(r.means[2], 2),
+            f(r.means[3], 3),
+        );
+        if let Some(p) = prev {
+            let _ = write!(
+                h,
+                "<td style=\"{TD}\">{}</td>",
+                delta_html(r.means[0], p.mean(r.label, "Dice"), "Dice", 3)
+            );
+        }
+        h.push_str("</tr>\n");
+    }
+    if fx.rows.len() > 1 {
+        let _ = write!(
+            h,
+            "<tr style=\"background:#f6f8fa;\"><td style=\"{TD_L}\"><em>foreground mean</em></td><td style=\"{TD}font-weight:700;\">{}</td><td style=\"{TD}\"></td><td style=\"{TD}\">{}</td><td style=\"{TD}\">{}</td><td style=\"{TD}\">{}</td><td style=\"{TD}\"></td>",
+            f(fx.foreground[0], 3),
+            f(fx.foreground[1], 3),
+            f(fx.foreground[2], 2),
+            f(fx.foreground[3], 3),
+        );
+        if let Some(p) = prev {
+            let _ = write!(
+                h,
+                "<td style=\"{TD}\">{}</td>",
+                delta_html(
+                    fx.foreground[0],
+                    p.foreground.get("Dice").copied().unwrap_or(f64::NAN),
+                    "Dice",
+                    3
+                )
+            );
+        }
+        h.push_str("</tr>\n");
+    }
+    h.push_str("</tbody>\n</table>\n");
+
+    if with_plot {
+        let _ = write!(
+            h,
+            "<p style=\"margin:18px 0 0;\"><img src=\"cid:{PLOT_CID}\" width=\"600\" alt=\"Dice per case: box and strip plot per class\" style=\"display:block;width:100%;max-width:600px;height:auto;border:1px solid #e4e8ee;\"/></p>\n<p style=\"margin:4px 0 0;font-size:12px;{MUTED}\">Each dot is a case; box = quartiles, bar = median, cross = mean, whiskers = 1.5 IQR.</p>\n"
+        );
+    }
+
+    // Patient level.
+    if let Some(p) = &eval.summary.patient {
+        let _ = write!(
+            h,
+            "<h2 style=\"{H2}\">Patient-level diagnosis</h2>\n<p style=\"margin:0 0 8px;{MUTED}\">A patient is positive when {} is present (at least {} mm&#179;); {} patients.</p>\n",
+            escape(&eval.class_name(p.positive_class)),
+            p.min_positive_mm3,
+            p.tp + p.fp + p.fn_ + p.tn
+        );
+        h.push_str(
+            "<table cellspacing=\"0\" cellpadding=\"0\" style=\"border-collapse:collapse;\">\n",
+        );
+        let _ = write!(
+            h,
+            "<thead><tr><th style=\"{TH_L}\"></th><th style=\"{TH}\">predicted positive</th><th style=\"{TH}\">predicted negative</th></tr></thead>\n<tbody>\n<tr><td style=\"{TD_L}\">reference positive</td><td style=\"{TD}\">{} <span style=\"{MUTED}\">TP</span></td><td style=\"{TD}\">{} <span style=\"{MUTED}\">FN</span></td></tr>\n<tr><td style=\"{TD_L}\">reference negative</td><td style=\"{TD}\">{} <span style=\"{MUTED}\">FP</span></td><td style=\"{TD}\">{} <span style=\"{MUTED}\">TN</span></td></tr>\n</tbody>\n</table>\n",
+            p.tp, p.fn_, p.fp, p.tn
+        );
+        let _ = write!(
+            h,
+            "<p style=\"margin:8px 0 0;\">Sensitivity <strong>{}</strong> &#183; specificity <strong>{}</strong> &#183; PPV {} &#183; NPV {} &#183; accuracy {}</p>\n",
+            f(p.sensitivity, 3),
+            f(p.specificity, 3),
+            f(p.ppv, 3),
+            f(p.npv, 3),
+            f(p.accuracy, 3)
+        );
+    }
+
+    // Change against the previous submission.
+    if let Some(prev) = prev {
+        let _ = write!(
+            h,
+            "<h2 style=\"{H2}\">Change against {}</h2>\n<p style=\"margin:0 0 8px;{MUTED}\">The vendor's previous submission for this task ({} cases scored, {} failed).</p>\n",
+            escape(&prev.submission),
+            prev.cases_scored,
+            prev.cases_failed
+        );
+        h.push_str("<table cellspacing=\"0\" cellpadding=\"0\" style=\"border-collapse:collapse;\">\n<thead><tr>");
+        let _ = write!(
+            h,
+            "<th style=\"{TH_L}\">Class</th><th style=\"{TH_L}\">Metric</th><th style=\"{TH}\">{}</th><th style=\"{TH}\">{}</th><th style=\"{TH}\">Change</th></tr></thead>\n<tbody>\n",
+            escape(&prev.submission),
+            escape(m.submission.as_deref().unwrap_or("this run"))
+        );
+        for r in &fx.rows {
+            for (i, key) in HEAD_KEYS.iter().enumerate() {
+                let before = prev.mean(r.label, key);
+                let unit = if *key == "HD95" { " (mm)" } else { "" };
+                let _ = write!(
+                    h,
+                    "<tr><td style=\"{TD_L}\">{}</td><td style=\"{TD_L}\">{key}{unit}</td><td style=\"{TD}\">{}</td><td style=\"{TD}\">{}</td><td style=\"{TD}\">{}</td></tr>\n",
+                    if i == 0 { escape(&r.name) } else { String::new() },
+                    f(before, HEAD_DECIMALS[i]),
+                    f(r.means[i], HEAD_DECIMALS[i]),
+                    delta_html(r.means[i], before, key, HEAD_DECIMALS[i])
+                );
+            }
+        }
+        if let (Some((s0, p0)), Some(p)) = (prev.patient, &eval.summary.patient) {
+            for (name, before, now) in [
+                ("sensitivity", s0, p.sensitivity),
+                ("specificity", p0, p.specificity),
+            ] {
+                let _ = write!(
+                    h,
+                    "<tr><td style=\"{TD_L}\">patient level</td><td style=\"{TD_L}\">{name}</td><td style=\"{TD}\">{}</td><td style=\"{TD}\">{}</td><td style=\"{TD}\">{}</td></tr>\n",
+                    f(before, 3),
+                    f(now, 3),
+                    delta_html(now, before, name, 3)
+                );
+            }
+        }
+        h.push_str("</tbody>\n</table>\n");
+    }
+
+    // Failures.
+    let _ = write!(h, "<h2 style=\"{H2}\">Failures</h2>\n");
+    if eval.failures.is_empty() {
+        let _ = write!(h, "<p style=\"margin:0;{MUTED}\">No case failed.</p>\n");
+    } else {
+        h.push_str("<table cellspacing=\"0\" cellpadding=\"0\" style=\"border-collapse:collapse;width:100%;\">\n<thead><tr>");
+        let _ = write!(
+            h,
+            "<th style=\"{TH_L}\">Case</th><th style=\"{TH_L}\">Stage</th><th style=\"{TH}\">Attempts</th><th style=\"{TH_L}\">Reason</th></tr></thead>\n<tbody>\n"
+        );
+        for fl in eval.failures.iter().take(MAX_FAILURES_LISTED) {
+            let _ = write!(
+                h,
+                "<tr><td style=\"{TD_L}white-space:nowrap;\">{}</td><td style=\"{TD_L}\">{}</td><td style=\"{TD}\">{}</td><td style=\"{TD_L}font-size:13px;\">{}</td></tr>\n",
+                escape(&fl.case),
+                escape(&fl.stage),
+                fl.attempts,
+                escape(&fl.reason)
+            );
+        }
+        h.push_str("</tbody>\n</table>\n");
+        if eval.failures.len() > MAX_FAILURES_LISTED {
+            let _ = write!(
+                h,
+                "<p style=\"margin:6px 0 0;{MUTED}\">&#8230; and {} more: see the Failures sheet.</p>\n",
+                eval.failures.len() - MAX_FAILURES_LISTED
+            );
+        }
+    }
+
+    if let Some(s) = report_sentence(report) {
+        let _ = write!(
+            h,
+            "<p style=\"margin:24px 0 0;padding:10px 14px;background:#f0f4f9;border-radius:6px;\">{}</p>\n",
+            escape(&s)
+        );
+    }
+    let _ = write!(
+        h,
+        "<p style=\"margin:24px 0 0;font-size:12px;{MUTED}\">evald {} &#183; test set <code>{}</code> &#183; finished {}<br/>{}</p>\n",
+        escape(&m.evald_version),
+        escape(&short(&m.dataset_hash)),
+        escape(&m.finished),
+        escape(&conventions_line(eval))
+    );
+    h.push_str("</div>\n</body>\n</html>\n");
+    h
+}
+
+fn mailbox(address: &str, role: &'static str) -> Result<Mailbox, ComposeError> {
+    address
+        .parse()
+        .map_err(|e: lettre::address::AddressError| ComposeError::Address {
+            address: address.to_string(),
+            role,
+            reason: e.to_string(),
+        })
+}
+
+/// Compose the summary email of `eval` for `recipients`.
+///
+/// `previous` is the same vendor's previous submission for the task (the body shows the
+/// change against it); `report` is the workbook to attach (read now; over
+/// `settings.attach_max_bytes` the body gives its path instead). The Dice plot is drawn
+/// here; if drawing fails the email goes without it.
+///
+/// # Errors
+/// [`ComposeError`] for missing or malformed addresses, or a message lettre refuses.
+pub fn compose(
+    eval: &Evaluation,
+    recipients: &[String],
+    previous: Option<&Previous>,
+    report: Option<&Path>,
+    settings: &MailSettings,
+) -> Result<Composed, ComposeError> {
+    let what = who(eval);
+    if recipients.is_empty() {
+        return Err(ComposeError::NoRecipients { what });
+    }
+    let from = mailbox(&settings.from, "from")?;
+    let to: Vec<Mailbox> = recipients
+        .iter()
+        .map(|r| mailbox(r, "recipient"))
+        .collect::<Result<_, _>>()?;
+    let (report_state, report_bytes) = match report {
+        None => (ReportInMail::None, None),
+        Some(path) => match std::fs::metadata(path) {
+            Err(e) => (
+                ReportInMail::Unreadable {
+                    path: path.to_path_buf(),
+                    reason: e.to_string(),
+                },
+                None,
+            ),
+            Ok(meta) if meta.len() > settings.attach_max_bytes => (
+                ReportInMail::TooLarge {
+                    path: path.to_path_buf(),
+                    bytes: meta.len(),
+                    cap: settings.attach_max_bytes,
+                },
+                None,
+            ),
+            Ok(_) => match std::fs::read(path) {
+                Ok(b) => (
+                    ReportInMail::Attached {
+                        path: path.to_path_buf(),
+                        bytes: b.len() as u64,
+                    },
+                    Some(b),
+                ),
+                Err(e) => (
+                    ReportInMail::Unreadable {
+                        path: path.to_path_buf(),
+                        reason: e.to_string(),
+                    },
+                    None,
+                ),
+            },
+        },
+    };
+    let plot_png = match crate::plot::dice_png(eval) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            tracing::warn!(error = %e, submission = what, "email without the Dice plot");
+            None
+        }
+    };
+    let subject = subject(eval);
+    let fx = facts(eval);
+    let text = text_body(eval, &fx, previous, &report_state);
+    let html = html_body(
+        eval,
+        &fx,
+        previous,
+        &report_state,
+        &subject,
+        plot_png.is_some(),
+    );
+
+    let html_part = SinglePart::html(html.clone());
+    let rich = match &plot_png {
+        Some(png) => MultiPart::related().singlepart(html_part).singlepart(
+            Attachment::new_inline(PLOT_CID.to_string()).body(
+                png.clone(),
+                ContentType::parse("image/png").expect("valid MIME type"),
+            ),
+        ),
+        None => MultiPart::related().singlepart(html_part),
+    };
+    let alternative = MultiPart::alternative()
+        .singlepart(SinglePart::plain(text.clone()))
+        .multipart(rich);
+    let mut body = MultiPart::mixed().multipart(alternative);
+    if let (Some(bytes), Some(path)) = (report_bytes, report) {
+        let name = path.file_name().map_or_else(
+            || "report.xlsx".into(),
+            |n| n.to_string_lossy().into_owned(),
+        );
+        body = body.singlepart(Attachment::new(name).body(
+            bytes,
+            ContentType::parse(XLSX_MIME).expect("valid MIME type"),
+        ));
+    }
+    // The Message-ID is fixed here, before the outbox records the bytes: a resend after a
+    // crash carries the same id, so mail clients can recognise the duplicate.
+    let mut builder = Message::builder()
+        .from(from)
+        .subject(subject.clone())
+        .message_id(None)
+        .user_agent(format!("evald {}", env!("CARGO_PKG_VERSION")));
+    for mb in to {
+        builder = builder.to(mb);
+    }
+    let message = builder
+        .multipart(body)
+        .map_err(|source| ComposeError::Build {
+            what: what.clone(),
+            source,
+        })?;
+    Ok(Composed {
+        message,
+        subject,
+        text,
+        html,
+        plot_png,
+        report: report_state,
+        label: label_of(eval),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escape_covers_markup() {
+        assert_eq!(escape("a<b>&\"c'"), "a&lt;b&gt;&amp;&quot;c&#39;");
+    }
+
+    #[test]
+    fn change_direction_follows_the_metric() {
+        assert_eq!(change(0.9, 0.8, "Dice", 3), ("+0.100".into(), Some(true)));
+        assert_eq!(change(3.0, 2.0, "HD95", 2), ("+1.00".into(), Some(false)));
+        assert_eq!(change(0.8, 0.8, "Dice", 3).1, None);
+        assert_eq!(change(f64::NAN, 0.8, "Dice", 3).0, "n/a");
+    }
+
+    #[test]
+    fn previous_reads_null_as_undefined() {
+        let doc = serde_json::json!({
+            "mean": {"1": {"Dice": 0.5, "HD95": null}},
+            "foreground_mean": {"Dice": 0.5},
+            "evald": {"cases_scored": 3, "cases_failed": 1,
+                      "patient_level": {"sensitivity": 1.0, "specificity": null}}
+        });
+        let p = Previous::from_summary_json("v1", &doc).expect("summary");
+        assert_eq!(p.mean(1, "Dice"), 0.5);
+        assert!(p.mean(1, "HD95").is_nan());
+        assert!(p.mean(2, "Dice").is_nan());
+        assert_eq!((p.cases_scored, p.cases_failed), (3, 1));
+        let (s, sp) = p.patient.expect("patient");
+        assert_eq!(s, 1.0);
+        assert!(sp.is_nan());
+    }
+}

@@ -1,0 +1,268 @@
+//! The Excel report (`report.xlsx`): what a radiologist-statistician opens first.
+//!
+//! Sheets, in order:
+//! - **Summary**: who and what was evaluated, the headline per class (mean Dice, IoU, HD95,
+//!   NSD with 95% CIs), the full statistics table, patient-level diagnosis, per-slice
+//!   tallies, the conventions used, and the Dice box/strip plot ([`crate::plot`]);
+//! - **Charts**: native Excel charts (Dice per case sorted, Dice histogram, Dice against
+//!   reference volume) and, to their right, the numbers they draw;
+//! - **Cases**: one row per case x class with every `METRICS.md` key (same names as
+//!   `summary.json`);
+//! - **Slices**: per-slice counts, Dice and IoU, written in constant-memory mode (row by row,
+//!   streamed to a temporary file) so a 300-case CT test set stays fast and small;
+//! - **Lesions**: one row per lesion (reference and predicted components);
+//! - **Confusion**: the voxel confusion matrix with class names, its row shares, and the
+//!   patient-level 2x2 with every patient's call;
+//! - **Failures**: cases that could not be scored;
+//! - **Run**: versions, config digest, devices, timings, dataset hash.
+//!
+//! Invariants: undefined numbers are empty cells (never 0 and never the text "NAN"); the
+//! workbook holds no formulas (every number is a value computed once, in Rust, equal to
+//! `summary.json`); the file is replaced atomically and an earlier report is kept under a
+//! timestamped name, never overwritten.
+
+mod charts;
+mod sheets;
+mod slices;
+mod style;
+
+use std::path::{Path, PathBuf};
+
+use rust_xlsxwriter::{DocProperties, Workbook, Worksheet, XlsxError};
+
+use crate::evaluation::Evaluation;
+
+/// Sheet names, in workbook order.
+pub const SHEETS: [&str; 8] = [
+    "Summary",
+    "Charts",
+    "Cases",
+    "Slices",
+    "Lesions",
+    "Confusion",
+    "Failures",
+    "Run",
+];
+
+/// Writing the report failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReportError {
+    /// rust_xlsxwriter refused something.
+    #[error("{path}: {source}")]
+    Xlsx {
+        /// The report file.
+        path: PathBuf,
+        /// The writer's error.
+        #[source]
+        source: XlsxError,
+    },
+    /// Creating, writing, keeping or renaming a file failed.
+    #[error("{path}: {what}: {source}")]
+    Io {
+        /// The file concerned.
+        path: PathBuf,
+        /// What was being done.
+        what: &'static str,
+        /// OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Write the workbook to `path` atomically: it is built into a temporary file in the same
+/// folder, flushed, and renamed over `path`. A report already at `path` is kept as
+/// `<stem>-<its modification time, UTC>.xlsx` beside it (hard link, so `path` never
+/// disappears in between).
+///
+/// # Errors
+/// [`ReportError`] naming the file; on error `path` is untouched.
+pub fn write(eval: &Evaluation, path: &Path) -> Result<(), ReportError> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let io = |what: &'static str, p: &Path| {
+        let p = p.to_path_buf();
+        move |source| ReportError::Io {
+            path: p,
+            what,
+            source,
+        }
+    };
+    std::fs::create_dir_all(dir).map_err(io("creating the folder", dir))?;
+    let mut wb = build(eval).map_err(|source| ReportError::Xlsx {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".report-")
+        .suffix(".xlsx.tmp")
+        .tempfile_in(dir)
+        .map_err(io("creating a temporary file", dir))?;
+    wb.save_to_writer(std::io::BufWriter::new(tmp.as_file_mut()))
+        .map_err(|source| ReportError::Xlsx {
+            path: tmp.path().to_path_buf(),
+            source,
+        })?;
+    tmp.as_file()
+        .sync_all()
+        .map_err(io("flushing", tmp.path()))?;
+    if let Some(kept) = keep_previous(path)? {
+        tracing::info!(report = %path.display(), previous = %kept.display(), "kept the previous report");
+    }
+    tmp.persist(path)
+        .map_err(|e| io("renaming the new report into place", path)(e.error))?;
+    // Make the rename durable too (a crash right after must not bring back the old name).
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// The history name for a report last modified at `mtime`: `report-20261126T101500Z.xlsx`.
+fn history_name(path: &Path, mtime: std::time::SystemTime, n: u32) -> PathBuf {
+    let stem = path
+        .file_stem()
+        .map_or_else(|| "report".into(), |s| s.to_string_lossy().into_owned());
+    let ext = path
+        .extension()
+        .map_or_else(|| "xlsx".into(), |s| s.to_string_lossy().into_owned());
+    let ts = chrono::DateTime::<chrono::Utc>::from(mtime).format("%Y%m%dT%H%M%SZ");
+    let suffix = if n == 0 {
+        String::new()
+    } else {
+        format!("-{n}")
+    };
+    path.with_file_name(format!("{stem}-{ts}{suffix}.{ext}"))
+}
+
+/// Keep the report at `path` (if any) under a history name that does not exist yet.
+fn keep_previous(path: &Path) -> Result<Option<PathBuf>, ReportError> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_file() => m,
+        Ok(_) => return Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(ReportError::Io {
+                path: path.to_path_buf(),
+                what: "looking at the previous report",
+                source,
+            })
+        }
+    };
+    let mtime = meta
+        .modified()
+        .unwrap_or_else(|_| std::time::SystemTime::now());
+    for n in 0..1000 {
+        let kept = history_name(path, mtime, n);
+        match std::fs::hard_link(path, &kept) {
+            Ok(()) => return Ok(Some(kept)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            // Filesystems without hard links (some network shares): copy instead; the
+            // original stays in place until the rename, so nothing is lost on failure.
+            Err(_) if !kept.exists() => {
+                std::fs::copy(path, &kept).map_err(|source| ReportError::Io {
+                    path: kept.clone(),
+                    what: "keeping the previous report",
+                    source,
+                })?;
+                return Ok(Some(kept));
+            }
+            Err(_) => continue,
+        }
+    }
+    Err(ReportError::Io {
+        path: path.to_path_buf(),
+        what: "keeping the previous report",
+        source: std::io::Error::other("1000 history names for the same second are taken"),
+    })
+}
+
+fn named(name: &str) -> Result<Worksheet, XlsxError> {
+    let mut ws = Worksheet::new();
+    ws.set_name(name)?;
+    Ok(ws)
+}
+
+/// Build the whole workbook in memory (the Slices sheet streams to a temporary file).
+///
+/// # Errors
+/// The writer's error (row limits, names).
+pub fn build(eval: &Evaluation) -> Result<Workbook, XlsxError> {
+    let st = style::Styles::new();
+    let mut wb = Workbook::new();
+    let who = sheets::who(eval);
+    let mut props = DocProperties::new()
+        .set_title(format!("evald report: {who}"))
+        .set_subject("Segmentation model evaluation")
+        .set_author("evald")
+        .set_comment("Numbers equal summary.json; empty cells are undefined values.")
+        .set_custom_property("task", eval.meta.task.as_str())
+        .set_custom_property("evald_version", eval.meta.evald_version.as_str());
+    if let Some(sha) = &eval.meta.model_sha256 {
+        props = props.set_custom_property("model_sha256", sha.as_str());
+    }
+    wb.set_properties(&props);
+    let png = match crate::plot::dice_png(eval) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            tracing::warn!(error = %e, "report without the Dice plot");
+            None
+        }
+    };
+    let cases = sheets::CaseTable::new(eval);
+
+    let mut ws = named(SHEETS[0])?;
+    sheets::summary(&mut ws, eval, png.as_deref(), &st)?;
+    ws.set_active(true);
+    wb.push_worksheet(ws);
+
+    let mut ws = named(SHEETS[1])?;
+    charts::charts(&mut ws, eval, &cases, &st)?;
+    wb.push_worksheet(ws);
+
+    let mut ws = named(SHEETS[2])?;
+    sheets::cases(&mut ws, eval, &cases, &st)?;
+    wb.push_worksheet(ws);
+
+    let mut ws = wb.new_worksheet_with_constant_memory()?;
+    ws.set_name(SHEETS[3])?;
+    slices::slices(&mut ws, eval, &st)?;
+    wb.push_worksheet(ws);
+
+    let mut ws = named(SHEETS[4])?;
+    sheets::lesions(&mut ws, eval, &st)?;
+    wb.push_worksheet(ws);
+
+    let mut ws = named(SHEETS[5])?;
+    sheets::confusion(&mut ws, eval, &st)?;
+    wb.push_worksheet(ws);
+
+    let mut ws = named(SHEETS[6])?;
+    sheets::failures(&mut ws, eval, &st)?;
+    wb.push_worksheet(ws);
+
+    let mut ws = named(SHEETS[7])?;
+    sheets::run(&mut ws, eval, &st)?;
+    wb.push_worksheet(ws);
+    Ok(wb)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn history_names_are_sortable_and_distinct() {
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_795_000_000);
+        let p = Path::new("/x/report.xlsx");
+        assert_eq!(
+            history_name(p, t, 0),
+            Path::new("/x/report-20261118T110640Z.xlsx")
+        );
+        assert_eq!(
+            history_name(p, t, 2),
+            Path::new("/x/report-20261118T110640Z-2.xlsx")
+        );
+    }
+}
