@@ -4,4 +4,5 @@
 mod cli;
 mod conformance;
 mod infer;
+mod pool;
 mod util;
