@@ -37,6 +37,35 @@ pub enum Command {
     Run(RunArgs),
     /// Whole pipeline on generated phantoms and a generated model; no setup needed.
     Demo(DemoArgs),
+    /// Internal: a worker process of the pool (started by evald itself).
+    #[command(hide = true)]
+    Worker(WorkerArgs),
+    /// Test-only: start one sandboxed worker and probe what it can reach (JSON on stdout;
+    /// exit code 1 when it is not confined).
+    #[command(hide = true, name = "worker-selfcheck")]
+    WorkerSelfcheck(SelfcheckArgs),
+}
+
+/// `evald worker` (internal).
+#[derive(Debug, clap::Args)]
+pub struct WorkerArgs {
+    /// Slot number given by the supervisor.
+    #[arg(long, default_value_t = 0)]
+    pub slot: usize,
+}
+
+/// `evald worker-selfcheck` (test-only).
+#[derive(Debug, clap::Args)]
+pub struct SelfcheckArgs {
+    /// Images folder the worker may read.
+    #[arg(long)]
+    pub images: PathBuf,
+    /// Labels folder the worker must not read.
+    #[arg(long)]
+    pub labels: PathBuf,
+    /// `required`, `best-effort` or `off`.
+    #[arg(long, default_value = "required")]
+    pub sandbox: String,
 }
 
 /// `evald score`.
@@ -85,9 +114,13 @@ pub struct RunArgs {
     /// Task (default: from the drop path `<drop>/<task>/<vendor>/<name>`, or the only task).
     #[arg(long)]
     pub task: Option<String>,
-    /// Device for in-process inference (`cpu`, `cuda:0`).
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
+    /// Device (`cpu`, `cuda:0`): replaces `pool.devices` (default: the pool's devices;
+    /// `cpu` with `--in-process`).
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Run the model inside this process instead of the sandboxed worker pool.
+    #[arg(long)]
+    pub in_process: bool,
 }
 
 /// `evald demo`.
@@ -113,6 +146,14 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Score(a) => score(a),
         Command::Run(a) => run_submission(a).map(|_| ()),
         Command::Demo(a) => demo(a),
+        Command::Worker(a) => {
+            let code = crate::worker::main(a.slot)?;
+            if code != 0 {
+                std::process::exit(code);
+            }
+            Ok(())
+        }
+        Command::WorkerSelfcheck(a) => crate::pool::selfcheck_cli(&a.images, &a.labels, &a.sandbox),
     }
 }
 
@@ -320,17 +361,28 @@ pub fn run_submission(a: RunArgs) -> Result<Evaluation> {
     let settings = config::load(&a.config)?;
     let task = resolve_task(&settings, &a.submission, a.task.as_deref())?;
     let sub = submission::prepare(&a.submission, task)?;
-    let model = Model::load(&sub.model_path, &a.device, sub.infer.clone())?;
-    let predictor = LocalPredictor::new(model, &a.device);
-    let eval = submission::evaluate(
-        &sub,
-        task,
-        &predictor,
-        vec![a.device.clone()],
-        Some(settings.digest()),
-        &progress_reporter("evaluating"),
-        &AtomicBool::new(false),
-    )?;
+    let eval = if a.in_process {
+        let device = a.device.clone().unwrap_or_else(|| "cpu".into());
+        let model = Model::load(&sub.model_path, &device, sub.infer.clone())?;
+        let predictor = LocalPredictor::new(model, &device);
+        submission::evaluate(
+            &sub,
+            task,
+            &predictor,
+            vec![device],
+            Some(settings.digest()),
+            &progress_reporter("evaluating"),
+            &AtomicBool::new(false),
+        )?
+    } else {
+        crate::pool::evaluate_with_pool(
+            &settings,
+            &sub,
+            task,
+            a.device.as_deref(),
+            &progress_reporter("evaluating"),
+        )?
+    };
     let (summary, report) = submission::write_outputs(&eval, &a.submission)?;
     print_headline(&eval);
     println!("summary: {}", summary.display());
@@ -369,7 +421,8 @@ fn demo(a: DemoArgs) -> Result<()> {
         submission: sub.clone(),
         config: cfg,
         task: Some("thyroid-ca".into()),
-        device: "cpu".into(),
+        device: None,
+        in_process: false,
     })?;
     if eval.cases.is_empty() {
         bail!("demo scored no case");

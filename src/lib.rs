@@ -11,6 +11,7 @@
 //! - [`volume`]: NIfTI reading/writing with limits, grids and reorientation;
 //! - [`infer`]: TorchScript inference (2D slices, 3D sliding window), devices;
 //! - [`pipeline`]: one evaluation: predict and score cases concurrently;
+//! - [`pool`], [`worker`], [`sandbox`]: inference in supervised, sandboxed worker processes;
 //! - [`metrics`]: every number in METRICS.md, and `summary.json`;
 //! - [`evaluation`]: the result of an evaluation as every output sees it;
 //! - [`submission`]: one vendor submission folder: validate, evaluate, write outputs;
@@ -31,6 +32,9 @@ pub mod metrics;
 pub mod phantom;
 pub mod pipeline;
 pub mod plot;
+pub mod pool;
 pub mod report;
+pub mod sandbox;
 pub mod submission;
 pub mod volume;
+pub mod worker;

@@ -149,12 +149,23 @@ impl InferError {
 /// First line of a libtorch error (they carry long C++ backtraces).
 pub fn first_line(e: &tch::TchError) -> String {
     let s = e.to_string();
-    let line = s
-        .lines()
-        .map(str::trim)
-        .find(|l| !l.is_empty())
-        .unwrap_or("")
-        .to_string();
+    let mut lines = s.lines().map(str::trim).filter(|l| !l.is_empty());
+    let first = lines.next().unwrap_or("");
+    // An exception raised by the model's own TorchScript code: the first line is the
+    // interpreter's preamble; the model's message is the traceback's exception line.
+    let line = if first.starts_with("The following operation failed in the TorchScript interpreter")
+    {
+        let rest: Vec<&str> = lines.collect();
+        rest.iter()
+            .find(|l| {
+                l.starts_with("builtins.") || l.contains("Error: ") || l.contains("Exception: ")
+            })
+            .or(rest.last())
+            .copied()
+            .unwrap_or(first)
+    } else {
+        first
+    };
     line.chars().take(500).collect()
 }
 

@@ -6,6 +6,7 @@ mod conformance;
 mod infer;
 mod lesion;
 mod mail;
+mod pool;
 mod report;
 mod surface;
 mod util;

@@ -1,0 +1,664 @@
+//! The supervised worker pool: inference in `evald worker` child processes that may crash,
+//! hang, run out of memory or be hostile, without taking the evaluation down.
+//!
+//! - [`PoolPredictor`] is the [`Predictor`] `evald run` and the daemon use: `pool.workers`
+//!   children of this same binary, bound round-robin to `pool.devices`; each loads the
+//!   model once, sandboxes itself ([`crate::sandbox`]) and takes cases.
+//! - [`protocol`]: length-delimited JSON frames on stdin / a dedicated fd; image paths in,
+//!   masks back as raw files in the worker's scratch folder.
+//! - [`spawn`]: one long-lived spawner thread forks every worker (`PR_SET_PDEATHSIG` is
+//!   tied to the forking *thread*), own process group, cleared environment.
+//! - [`cgroup`]: the per-worker memory cap (cgroup v2, never `RLIMIT_AS`).
+//! - `supervisor` (private): one thread per worker slot running the worker state machine
+//!   `Starting -> Ready <-> Busy -> Dead -> (backoff) -> Starting`.
+//!
+//! # What happens when things go wrong (the retry policy)
+//! | what | counted against the case | attempts allowed | stage in the report |
+//! |---|---|---|---|
+//! | worker dies (signal, exit code, broken pipe) or stops heart-beating | yes | `max_attempts` | `worker` |
+//! | case exceeds `case_timeout` (worker killed) | yes | `min(max_attempts, 2)`: a second timeout on a fresh worker is proof enough, and each costs `case_timeout` | `timeout` |
+//! | the model raises or returns unusable output | yes | 1: the same model on the same input fails the same way | `inference` |
+//! | CUDA out of memory at batch 1 (after `Model::predict` halved the batch in the same worker) | yes | `max_attempts`, each on a *fresh* worker: only a new process gives the caching allocator's memory back | `inference` |
+//! | other libtorch error (device copy, conversion) | yes | `max_attempts`, same worker | `inference` |
+//! | image unreadable | yes | 1 | `read` |
+//! | a prefetched case whose worker died before starting it | no | requeued as is | - |
+//! | the model cannot be loaded, the device is missing, or `pool.sandbox = "required"` cannot be met | - | the pool refuses to start ([`PoolError`]) | - |
+//!
+//! A retried case goes back to the front of the queue, so another worker (or the restarted
+//! one) takes it next. Dead workers restart after a backoff (250 ms doubling to 30 s, reset
+//! by a finished case); a slot whose worker dies three times in a row before becoming
+//! ready gives up.
+//!
+//! # Throughput
+//! [`Predictor::concurrency`] is twice the worker count: each worker holds its current case
+//! and the next one, which its decode thread reads while the model runs on the current one
+//! (a second case goes to a worker only when no other worker is idle). Scoring happens on
+//! the pipeline's threads meanwhile. [`PoolPredictor::totals`] sums forward and decode
+//! seconds for the evaluation's log line.
+
+pub mod cgroup;
+mod cli;
+pub mod protocol;
+pub mod spawn;
+mod supervisor;
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::config::PoolSettings;
+use crate::dataset::CaseFiles;
+use crate::evaluation::Failure;
+use crate::infer::{InferSpec, PredictStats};
+use crate::pipeline::{Prediction, Predictor};
+use crate::volume::{self, Volume};
+
+pub use cli::{evaluate_with_pool, log_totals, selfcheck_cli};
+use protocol::FromWorker;
+
+/// Cases a worker holds at once: the one running and the one being decoded.
+const WINDOW: usize = 2;
+
+/// The pool cannot run.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    /// The scratch folder cannot be prepared.
+    #[error("scratch folder {path}: {source}")]
+    Scratch {
+        /// The folder.
+        path: PathBuf,
+        /// OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// This binary cannot be found or a thread cannot be started.
+    #[error("cannot start worker processes: {0}")]
+    Spawn(String),
+    /// A worker refused to work: model not loadable, device missing, sandbox required
+    /// but unavailable. Restarting would not help.
+    #[error("worker {slot} on {device}: {message}")]
+    Fatal {
+        /// Slot.
+        slot: usize,
+        /// Device.
+        device: String,
+        /// What and why (the model's loader error, the missing sandbox layers, ...).
+        message: String,
+    },
+    /// No worker became ready (they kept dying while starting).
+    #[error("no worker became ready: {0}")]
+    Startup(String),
+}
+
+/// What the workers run: one submission's model on one test set.
+#[derive(Debug, Clone)]
+pub struct Job {
+    /// The TorchScript file.
+    pub model: PathBuf,
+    /// Inference settings (task defaults + manifest).
+    pub spec: InferSpec,
+    /// The images folder (workers may read it, or only its image files when `labels`
+    /// lies inside it).
+    pub images: PathBuf,
+    /// The labels folder (never readable by workers; used only to decide the grants).
+    pub labels: Option<PathBuf>,
+    /// A folder for the workers' scratch sub-folders (`w<slot>`), on a local disk.
+    pub scratch: PathBuf,
+}
+
+/// One worker slot, for status displays and tests.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerInfo {
+    /// Slot number.
+    pub slot: usize,
+    /// Device.
+    pub device: String,
+    /// Current process, if one is running.
+    pub pid: Option<u32>,
+    /// `starting`, `ready`, `busy`, `backoff`, `stopped`.
+    pub state: &'static str,
+    /// Cases it holds (running first).
+    pub cases: Vec<String>,
+    /// Times its worker was restarted.
+    pub restarts: u32,
+}
+
+/// Counters over the pool's life.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Totals {
+    /// Cases predicted.
+    pub done: u64,
+    /// Cases failed for good.
+    pub failed: u64,
+    /// Attempts that were retried.
+    pub retries: u64,
+    /// Workers that died or were killed.
+    pub worker_losses: u64,
+    /// Cases that hit `case_timeout`.
+    pub timeouts: u64,
+    /// Sum of model forward seconds.
+    pub forward_secs: f64,
+    /// Sum of worker-side image decode seconds.
+    pub decode_secs: f64,
+    /// Sum of worker-side prediction seconds (windowing + forward + argmax).
+    pub predict_secs: f64,
+}
+
+/// A case waiting for, or held by, a worker.
+#[derive(Debug)]
+pub(crate) struct Task {
+    pub id: u64,
+    pub case: String,
+    pub image: PathBuf,
+    /// Attempts that ended badly so far.
+    pub attempts: u32,
+    /// What happened in them.
+    pub history: Vec<String>,
+    pub reply: mpsc::Sender<Outcome>,
+}
+
+/// What a slot answers for a task.
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    Done {
+        mask: PathBuf,
+        stats: PredictStats,
+        device: String,
+        attempts: u32,
+    },
+    Failed(Failure),
+}
+
+/// Slot events: frames and deaths of its worker (tagged with the worker's generation, so
+/// late events of a dead worker are ignored), and wake-ups for new work or shutdown.
+#[derive(Debug)]
+pub(crate) enum Event {
+    Frame(u64, FromWorker),
+    Closed(u64, String),
+    Wake,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct StartState {
+    ready: usize,
+    gave_up: usize,
+    fatal: Option<PoolError>,
+    last_error: Option<String>,
+}
+
+#[derive(Debug)]
+pub(crate) struct SlotHandle {
+    pub tx: Mutex<mpsc::Sender<Event>>,
+    pub info: Mutex<WorkerInfo>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub settings: PoolSettings,
+    pub job: Job,
+    /// Model (or none for self-check workers).
+    pub model: Option<PathBuf>,
+    pub read_only: Vec<PathBuf>,
+    pub queue: Mutex<VecDeque<Task>>,
+    pub slots: Vec<SlotHandle>,
+    pub shutdown: AtomicBool,
+    pub start: Mutex<StartState>,
+    pub start_cv: Condvar,
+    pub spawner: spawn::Spawner,
+    pub cap: Option<cgroup::MemoryCap>,
+    pub totals: Mutex<Totals>,
+    /// Set when the pool can no longer run cases (every slot gave up).
+    pub broken: Mutex<Option<String>>,
+    /// A pending sandbox probe (self-check pools only).
+    pub probe_req: Mutex<Option<supervisor::ProbeRequest>>,
+}
+
+impl Shared {
+    pub fn wake_all(&self) {
+        for s in &self.slots {
+            let _ = s.tx.lock().expect("slot tx lock").send(Event::Wake);
+        }
+    }
+
+    pub fn scratch(&self, slot: usize) -> PathBuf {
+        self.job.scratch.join(format!("w{slot}"))
+    }
+
+    pub fn device(&self, slot: usize) -> String {
+        let d = &self.settings.devices;
+        d.get(slot % d.len().max(1))
+            .cloned()
+            .unwrap_or_else(|| "cpu".into())
+    }
+}
+
+/// The worker pool as a [`Predictor`]. Dropping it stops every worker (stdin closed, then
+/// the process group killed) and removes their scratch folders.
+#[derive(Debug)]
+pub struct PoolPredictor {
+    shared: Arc<Shared>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+impl PoolPredictor {
+    /// Start `settings.workers` workers for `job` and wait until one is ready (the others
+    /// keep starting in the background).
+    ///
+    /// # Errors
+    /// [`PoolError::Fatal`] when a worker cannot load the model, use its device or meet
+    /// `pool.sandbox = "required"`; [`PoolError::Startup`] when workers keep dying while
+    /// starting; [`PoolError::Scratch`] / [`PoolError::Spawn`] for local problems.
+    pub fn start(settings: &PoolSettings, job: &Job) -> Result<Self, PoolError> {
+        Self::start_with(settings, job, Some(job.model.clone()))
+    }
+
+    /// Start for a prepared submission of a task (what `evald run` and the daemon call).
+    ///
+    /// # Errors
+    /// As [`Self::start`].
+    pub fn for_submission(
+        settings: &PoolSettings,
+        sub: &crate::submission::Prepared,
+        task: &crate::config::TaskSettings,
+        scratch: &Path,
+    ) -> Result<Self, PoolError> {
+        Self::start(
+            settings,
+            &Job {
+                model: sub.model_path.clone(),
+                spec: sub.infer.clone(),
+                images: task.images.clone(),
+                labels: Some(task.labels.clone()),
+                scratch: scratch.to_path_buf(),
+            },
+        )
+    }
+
+    fn start_with(
+        settings: &PoolSettings,
+        job: &Job,
+        model: Option<PathBuf>,
+    ) -> Result<Self, PoolError> {
+        let exe = std::env::current_exe().map_err(|e| PoolError::Spawn(e.to_string()))?;
+        Self::start_exe(settings, job, model, exe)
+    }
+
+    /// [`Self::start`] with an explicit worker binary (tests of the library, where the
+    /// current executable is the test harness, point this at the built `evald`).
+    ///
+    /// # Errors
+    /// As [`Self::start`].
+    pub fn start_exe(
+        settings: &PoolSettings,
+        job: &Job,
+        model: Option<PathBuf>,
+        exe: PathBuf,
+    ) -> Result<Self, PoolError> {
+        let n = settings.workers.max(1);
+        std::fs::create_dir_all(&job.scratch).map_err(|source| PoolError::Scratch {
+            path: job.scratch.clone(),
+            source,
+        })?;
+        let cap = if settings.memory_max_bytes > 0 {
+            match cgroup::MemoryCap::prepare(settings.memory_max_bytes, n) {
+                Ok(c) => {
+                    tracing::info!(
+                        bytes = settings.memory_max_bytes,
+                        "worker memory cap: cgroup v2 memory.max per worker"
+                    );
+                    Some(c)
+                }
+                Err(why) => {
+                    tracing::warn!("pool.memory_max_mb is set but cannot be enforced: {why}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let mut read_only = Vec::new();
+        if let Some(m) = &model {
+            read_only.push(std::fs::canonicalize(m).unwrap_or_else(|_| m.clone()));
+        }
+        read_only.extend(crate::sandbox::image_grants(
+            &job.images,
+            job.labels.as_deref(),
+        ));
+        let spawner = spawn::Spawner::start(exe).map_err(|e| PoolError::Spawn(e.to_string()))?;
+        let mut settings = settings.clone();
+        if settings.devices.is_empty() {
+            settings.devices = vec!["cpu".into()];
+        }
+        let mut receivers = Vec::new();
+        let mut slots = Vec::new();
+        for slot in 0..n {
+            let (tx, rx) = mpsc::channel();
+            receivers.push(rx);
+            let device = settings.devices[slot % settings.devices.len()].clone();
+            slots.push(SlotHandle {
+                tx: Mutex::new(tx),
+                info: Mutex::new(WorkerInfo {
+                    slot,
+                    device,
+                    pid: None,
+                    state: "starting",
+                    cases: Vec::new(),
+                    restarts: 0,
+                }),
+            });
+        }
+        let shared = Arc::new(Shared {
+            settings,
+            job: job.clone(),
+            model,
+            read_only,
+            queue: Mutex::new(VecDeque::new()),
+            slots,
+            shutdown: AtomicBool::new(false),
+            start: Mutex::new(StartState::default()),
+            start_cv: Condvar::new(),
+            spawner,
+            cap,
+            totals: Mutex::new(Totals::default()),
+            broken: Mutex::new(None),
+            probe_req: Mutex::new(None),
+        });
+        let mut threads = Vec::new();
+        for (slot, rx) in receivers.into_iter().enumerate() {
+            let sh = Arc::clone(&shared);
+            let t = std::thread::Builder::new()
+                .name(format!("evald-slot{slot}"))
+                .spawn(move || supervisor::run_slot(&sh, slot, &rx))
+                .map_err(|e| PoolError::Spawn(e.to_string()))?;
+            threads.push(t);
+        }
+        let pool = PoolPredictor { shared, threads };
+        pool.wait_first_ready(n)?;
+        Ok(pool)
+    }
+
+    fn wait_first_ready(&self, n: usize) -> Result<(), PoolError> {
+        let limit = supervisor::load_timeout(&self.shared.settings) + supervisor::HELLO_TIMEOUT;
+        let deadline = Instant::now() + limit;
+        let mut st = self.shared.start.lock().expect("start lock");
+        loop {
+            if let Some(e) = st.fatal.take() {
+                return Err(e);
+            }
+            if st.ready > 0 {
+                return Ok(());
+            }
+            if st.gave_up >= n {
+                return Err(PoolError::Startup(
+                    st.last_error.clone().unwrap_or_else(|| "unknown".into()),
+                ));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(PoolError::Startup(format!(
+                    "none ready after {:.0} s{}",
+                    limit.as_secs_f64(),
+                    st.last_error
+                        .as_ref()
+                        .map(|e| format!(" (last problem: {e})"))
+                        .unwrap_or_default()
+                )));
+            }
+            st = self
+                .shared
+                .start_cv
+                .wait_timeout(st, deadline - now)
+                .expect("start lock")
+                .0;
+        }
+    }
+
+    /// The worker slots as they are now.
+    pub fn workers(&self) -> Vec<WorkerInfo> {
+        self.shared
+            .slots
+            .iter()
+            .map(|s| s.info.lock().expect("info lock").clone())
+            .collect()
+    }
+
+    /// Counters so far.
+    pub fn totals(&self) -> Totals {
+        self.shared.totals.lock().expect("totals lock").clone()
+    }
+
+    /// Devices in use (for the report's Run sheet).
+    pub fn devices(&self) -> Vec<String> {
+        let mut d: Vec<String> = (0..self.shared.slots.len())
+            .map(|s| self.shared.device(s))
+            .collect();
+        d.dedup();
+        d
+    }
+
+    fn read_mask(
+        &self,
+        case: &CaseFiles,
+        geom: volume::Geometry,
+        mask: &Path,
+        attempts: u32,
+    ) -> Result<Vec<u8>, Failure> {
+        let want = geom.dims.iter().product::<usize>();
+        let res = std::fs::read(mask);
+        let _ = std::fs::remove_file(mask);
+        let fail = |reason: String| Failure {
+            case: case.id.clone(),
+            stage: "worker".into(),
+            reason,
+            attempts,
+        };
+        let data = res.map_err(|e| {
+            fail(format!(
+                "the worker's mask {} cannot be read: {e}",
+                mask.display()
+            ))
+        })?;
+        if data.len() != want {
+            return Err(fail(format!(
+                "the worker's mask has {} voxels, the image {want}",
+                data.len()
+            )));
+        }
+        Ok(data)
+    }
+}
+
+impl Predictor for PoolPredictor {
+    fn concurrency(&self) -> usize {
+        self.shared.slots.len() * WINDOW
+    }
+
+    fn predict(&self, case: &CaseFiles) -> Result<Prediction, Failure> {
+        let fail = |stage: &str, reason: String| Failure {
+            case: case.id.clone(),
+            stage: stage.into(),
+            reason,
+            attempts: 1,
+        };
+        if let Some(b) = self.shared.broken.lock().expect("broken lock").clone() {
+            return Err(fail("worker", b));
+        }
+        // The supervisor takes the grid from the image itself, never from the worker.
+        let geom = volume::read_geometry(&case.input).map_err(|e| fail("read", e.to_string()))?;
+        let (tx, rx) = mpsc::channel();
+        let task = Task {
+            id: NEXT_ID.fetch_add(1, Ordering::SeqCst),
+            case: case.id.clone(),
+            image: std::fs::canonicalize(&case.input).unwrap_or_else(|_| case.input.clone()),
+            attempts: 0,
+            history: Vec::new(),
+            reply: tx,
+        };
+        self.shared
+            .queue
+            .lock()
+            .expect("queue lock")
+            .push_back(task);
+        self.shared.wake_all();
+        match rx.recv() {
+            Ok(Outcome::Done {
+                mask,
+                stats,
+                device,
+                attempts,
+            }) => {
+                let data = self.read_mask(case, geom.clone(), &mask, attempts)?;
+                Ok(Prediction {
+                    labels: Volume { geom, data },
+                    file: None,
+                    stats,
+                    device,
+                    attempts,
+                })
+            }
+            Ok(Outcome::Failed(f)) => Err(f),
+            Err(_) => Err(fail("worker", "the worker pool stopped".into())),
+        }
+    }
+}
+
+impl Drop for PoolPredictor {
+    fn drop(&mut self) {
+        self.shared.shutdown.store(true, Ordering::SeqCst);
+        self.shared.wake_all();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        supervisor::fail_queued(&self.shared, "the worker pool stopped");
+        // Only now: the spawner thread's exit would SIGKILL any worker still alive.
+        self.shared.spawner.stop();
+        for s in 0..self.shared.slots.len() {
+            let _ = std::fs::remove_dir_all(self.shared.scratch(s));
+        }
+    }
+}
+
+/// Result of [`selfcheck`].
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SelfCheck {
+    /// The sandbox the worker reported.
+    pub sandbox: crate::sandbox::Report,
+    /// What the probes found.
+    pub probe: protocol::ProbeReport,
+    /// Whether the worker was confined as it must be: no TCP, no labels, images
+    /// readable, scratch writable, images not writable.
+    pub confined: bool,
+    /// Each expectation that failed, in words.
+    pub problems: Vec<String>,
+}
+
+/// Start one real worker (same spawn path and sandbox as a pool worker, no model) and
+/// probe its sandbox from inside: open a TCP socket and connect to a listener of ours,
+/// read and list the labels, read an image, write to scratch and to the images folder.
+///
+/// # Errors
+/// [`PoolError`] when the worker cannot be started.
+pub fn selfcheck(
+    settings: &PoolSettings,
+    images: &Path,
+    labels: &Path,
+    scratch: &Path,
+) -> Result<SelfCheck, PoolError> {
+    let exe = std::env::current_exe().map_err(|e| PoolError::Spawn(e.to_string()))?;
+    selfcheck_exe(settings, images, labels, scratch, exe)
+}
+
+/// [`selfcheck`] with an explicit worker binary.
+///
+/// # Errors
+/// As [`selfcheck`].
+pub fn selfcheck_exe(
+    settings: &PoolSettings,
+    images: &Path,
+    labels: &Path,
+    scratch: &Path,
+    exe: PathBuf,
+) -> Result<SelfCheck, PoolError> {
+    let first = |dir: &Path| -> Option<PathBuf> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.is_file())
+            .collect();
+        v.sort();
+        v.into_iter().next()
+    };
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")
+        .map_err(|e| PoolError::Spawn(format!("cannot open the probe listener: {e}")))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| PoolError::Spawn(e.to_string()))?;
+    let mut one = settings.clone();
+    one.workers = 1;
+    let job = Job {
+        model: PathBuf::new(),
+        spec: supervisor::probe_spec(),
+        images: images.to_path_buf(),
+        labels: Some(labels.to_path_buf()),
+        scratch: scratch.to_path_buf(),
+    };
+    let pool = PoolPredictor::start_exe(&one, &job, None, exe)?;
+    let label_file = first(labels);
+    let image_file = first(images);
+    let probe = protocol::Probe {
+        tcp_connect: addr.to_string(),
+        read_files: label_file
+            .iter()
+            .chain(image_file.iter())
+            .cloned()
+            .collect(),
+        list_dirs: vec![labels.to_path_buf(), images.to_path_buf()],
+        write_dirs: vec![pool.shared.scratch(0), images.to_path_buf()],
+    };
+    let (sandbox, report) = supervisor::probe(&pool.shared, 0, probe)?;
+    drop(pool);
+    let mut problems = Vec::new();
+    if report.tcp_socket.allowed && report.tcp_connect.allowed {
+        problems.push(format!(
+            "TCP connect to {addr} worked ({})",
+            report.tcp_connect.detail
+        ));
+    }
+    let by = |v: &[protocol::ProbeOutcome], i: usize| v.get(i).cloned();
+    match (label_file.is_some(), by(&report.reads, 0)) {
+        (true, Some(o)) if o.allowed => problems.push(format!("could read {}", o.what)),
+        _ => {}
+    }
+    if let Some(o) = by(&report.lists, 0).filter(|o| o.allowed) {
+        problems.push(format!("could list {}", o.what));
+    }
+    let img_idx = usize::from(label_file.is_some());
+    if let Some(o) = by(&report.reads, img_idx).filter(|o| !o.allowed && image_file.is_some()) {
+        problems.push(format!(
+            "could not read the image {} ({})",
+            o.what, o.detail
+        ));
+    }
+    if let Some(o) = by(&report.writes, 0).filter(|o| !o.allowed) {
+        problems.push(format!("could not write scratch {} ({})", o.what, o.detail));
+    }
+    if let Some(o) = by(&report.writes, 1).filter(|o| o.allowed) {
+        problems.push(format!("could write into {}", o.what));
+    }
+    Ok(SelfCheck {
+        sandbox,
+        probe: report,
+        confined: problems.is_empty(),
+        problems,
+    })
+}
+
+/// Used by the supervisor's timeout maths and tests.
+pub fn heartbeat_period() -> Duration {
+    supervisor::HEARTBEAT
+}

@@ -1,0 +1,297 @@
+//! Starting and killing worker processes.
+//!
+//! Every worker is forked by **one long-lived spawner thread**: `PR_SET_PDEATHSIG` fires
+//! when the *thread* that forked the child exits, not the process, so forking from a
+//! short-lived or pooled thread would kill workers at random (tokio's blocking threads
+//! exit after 10 s idle). The spawner lives as long as the pool. Between fork and exec the
+//! child: sets `PR_SET_PDEATHSIG = SIGKILL` and checks its parent is still the
+//! supervisor (the race the man page warns about), moves its protocol output to fd
+//! [`PROTO_FD`] and points fd 1 at stderr (so libtorch prints cannot corrupt frames),
+//! disables core dumps, and joins its memory cgroup. It runs in its own process group, so
+//! killing the group also kills anything it forked.
+//!
+//! The environment is cleared and rebuilt: a worker sees no secrets of the daemon's
+//! environment, only what libtorch and CUDA need.
+
+use std::ffi::CString;
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::protocol::PROTO_FD;
+
+/// Environment variables passed through to workers when set.
+const PASS_ENV: &[&str] = &[
+    "LD_LIBRARY_PATH",
+    "CUDA_VISIBLE_DEVICES",
+    "CUDA_DEVICE_ORDER",
+    "PYTORCH_CUDA_ALLOC_CONF",
+    "NVIDIA_DRIVER_CAPABILITIES",
+    "EVALD_LOG",
+];
+
+/// Lines of a worker's stderr kept for failure messages.
+const STDERR_KEEP: usize = 20;
+
+/// How to start one worker.
+#[derive(Debug)]
+pub struct SpawnSpec {
+    /// Slot number (argument and log field).
+    pub slot: usize,
+    /// Its scratch folder (HOME, TMPDIR, CUDA's cache).
+    pub scratch: PathBuf,
+    /// Threads (OMP/MKL env).
+    pub threads: usize,
+    /// `cgroup.procs` of its memory cgroup.
+    pub cgroup_procs: Option<CString>,
+}
+
+/// A started worker process.
+#[derive(Debug)]
+pub struct Spawned {
+    /// The process.
+    pub child: Child,
+    /// Its stdin (requests).
+    pub stdin: ChildStdin,
+    /// Its protocol output.
+    pub stdout: ChildStdout,
+    /// Its stderr (logs).
+    pub stderr: ChildStderr,
+}
+
+type Request = (SpawnSpec, mpsc::Sender<std::io::Result<Spawned>>);
+
+/// The long-lived thread that forks every worker.
+#[derive(Debug)]
+pub struct Spawner {
+    tx: Mutex<Option<mpsc::Sender<Request>>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    exe: PathBuf,
+}
+
+impl Spawner {
+    /// Start the spawner thread for the binary `exe` (normally `current_exe()`).
+    ///
+    /// # Errors
+    /// When the thread cannot be created.
+    pub fn start(exe: PathBuf) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::channel::<Request>();
+        let exe2 = exe.clone();
+        let thread = std::thread::Builder::new()
+            .name("evald-spawner".into())
+            .spawn(move || {
+                for (spec, reply) in rx {
+                    let _ = reply.send(spawn(&exe2, &spec));
+                }
+            })?;
+        Ok(Spawner {
+            tx: Mutex::new(Some(tx)),
+            thread: Mutex::new(Some(thread)),
+            exe,
+        })
+    }
+
+    /// The binary workers run.
+    pub fn exe(&self) -> &PathBuf {
+        &self.exe
+    }
+
+    /// Fork a worker (on the spawner thread) and wait for the result.
+    ///
+    /// # Errors
+    /// The spawn error, or `BrokenPipe` after [`Self::stop`].
+    pub fn spawn(&self, spec: SpawnSpec) -> std::io::Result<Spawned> {
+        let (rtx, rrx) = mpsc::channel();
+        let sent = self
+            .tx
+            .lock()
+            .expect("spawner lock")
+            .as_ref()
+            .map(|tx| tx.send((spec, rtx)).is_ok())
+            .unwrap_or(false);
+        if !sent {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::BrokenPipe,
+                "the pool is shutting down",
+            ));
+        }
+        rrx.recv().unwrap_or_else(|_| {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::BrokenPipe,
+                "spawner thread ended",
+            ))
+        })
+    }
+
+    /// Stop the spawner thread (after every worker is dead: its exit would SIGKILL them).
+    pub fn stop(&self) {
+        self.tx.lock().expect("spawner lock").take();
+        if let Some(t) = self.thread.lock().expect("spawner lock").take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn spawn(exe: &PathBuf, spec: &SpawnSpec) -> std::io::Result<Spawned> {
+    let mut cmd = Command::new(exe);
+    cmd.arg("worker")
+        .arg("--slot")
+        .arg(spec.slot.to_string())
+        .env_clear()
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+        .env("HOME", &spec.scratch)
+        .env("TMPDIR", &spec.scratch)
+        .env("CUDA_CACHE_PATH", spec.scratch.join(".nv"))
+        .env("OMP_NUM_THREADS", spec.threads.to_string())
+        .env("MKL_NUM_THREADS", spec.threads.to_string())
+        .env("NO_COLOR", "1")
+        .current_dir(&spec.scratch)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    for k in PASS_ENV {
+        if let Some(v) = std::env::var_os(k) {
+            cmd.env(k, v);
+        }
+    }
+    // SAFETY: getpid has no preconditions.
+    let parent = unsafe { libc::getpid() };
+    let procs = spec.cgroup_procs.clone();
+    // SAFETY: the closure runs between fork and exec and only makes async-signal-safe
+    // system calls (prctl, getppid, dup2, setrlimit, open/write/close).
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() != parent {
+                // The supervisor died between fork and prctl.
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            if libc::dup2(1, PROTO_FD) < 0 || libc::dup2(2, 1) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let no_core = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            libc::setrlimit(libc::RLIMIT_CORE, &no_core);
+            if let Some(p) = &procs {
+                super::cgroup::join_in_child(p)?;
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn()?;
+    let (Some(stdin), Some(stdout), Some(stderr)) =
+        (child.stdin.take(), child.stdout.take(), child.stderr.take())
+    else {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(std::io::Error::other("worker pipes missing"));
+    };
+    Ok(Spawned {
+        child,
+        stdin,
+        stdout,
+        stderr,
+    })
+}
+
+/// Forward a worker's stderr to the log line by line, keeping the last lines for failure
+/// messages. Ends when the worker (and everything it forked) has closed stderr.
+pub fn forward_stderr(
+    slot: usize,
+    pid: u32,
+    stderr: ChildStderr,
+) -> (Arc<Mutex<Vec<String>>>, std::thread::JoinHandle<()>) {
+    let tail = Arc::new(Mutex::new(Vec::new()));
+    let t = Arc::clone(&tail);
+    let h = std::thread::Builder::new()
+        .name(format!("evald-w{slot}-stderr"))
+        .spawn(move || {
+            let mut r = BufReader::new(stderr);
+            let mut buf = Vec::new();
+            loop {
+                buf.clear();
+                match r.read_until(b'\n', &mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+                let line: String = String::from_utf8_lossy(&buf)
+                    .trim_end()
+                    .chars()
+                    .take(2000)
+                    .collect();
+                if line.is_empty() {
+                    continue;
+                }
+                tracing::info!(target: "evald::worker", worker = slot, pid, "{line}");
+                let mut t = t.lock().expect("stderr tail lock");
+                if t.len() == STDERR_KEEP {
+                    t.remove(0);
+                }
+                t.push(line);
+            }
+        })
+        .expect("spawn stderr thread");
+    (tail, h)
+}
+
+/// Kill a worker's process group (the worker and anything it forked).
+pub fn kill_group(pid: u32) {
+    // SAFETY: killpg with a pgid we created (the worker is its group leader).
+    unsafe {
+        libc::killpg(pid as libc::pid_t, libc::SIGKILL);
+    }
+}
+
+/// Wait for a child up to `grace`, then kill its group and reap it.
+pub fn reap(child: &mut Child, grace: Duration) -> ExitStatus {
+    let deadline = Instant::now() + grace;
+    loop {
+        match child.try_wait() {
+            Ok(Some(s)) => {
+                // Anything the worker forked dies with its group.
+                kill_group(child.id());
+                return s;
+            }
+            Ok(None) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            _ => {
+                kill_group(child.id());
+                let _ = child.kill();
+                if let Ok(s) = child.wait() {
+                    return s;
+                }
+                return std::os::unix::process::ExitStatusExt::from_raw(9);
+            }
+        }
+    }
+}
+
+/// An exit status in words: `exit code 3`, `signal 9 (SIGKILL)`.
+pub fn describe_exit(s: &ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    if let Some(sig) = s.signal() {
+        let name = match sig {
+            libc::SIGKILL => " (SIGKILL: killed, e.g. by the kernel's OOM killer or kill -9)",
+            libc::SIGSEGV => " (SIGSEGV: segmentation fault)",
+            libc::SIGABRT => " (SIGABRT: abort, e.g. a C++ exception nobody caught)",
+            libc::SIGBUS => " (SIGBUS)",
+            libc::SIGILL => " (SIGILL)",
+            libc::SIGFPE => " (SIGFPE)",
+            libc::SIGSYS => " (SIGSYS: forbidden system call)",
+            libc::SIGTERM => " (SIGTERM)",
+            _ => "",
+        };
+        format!("killed by signal {sig}{name}")
+    } else {
+        format!("exited with code {}", s.code().unwrap_or(-1))
+    }
+}

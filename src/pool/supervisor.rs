@@ -1,0 +1,831 @@
+//! One thread per worker slot: start the worker, feed it cases, watch it, replace it.
+//!
+//! The slot thread owns its worker process and blocks on one channel that carries the
+//! worker's frames (from a reader thread), its death (the reader hits EOF) and wake-ups
+//! (new work, shutdown); deadlines (case timeout, heartbeat loss, start-up) are the
+//! channel's receive timeout. See the module doc of [`super`] for the retry policy.
+
+use std::io::BufReader;
+use std::process::{Child, ChildStdin};
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::protocol::{
+    self, CaseErrorKind, FatalKind, FromWorker, Init, Policy, ProbeReport, ToWorker, PROTO_VERSION,
+};
+use super::spawn::{self, SpawnSpec};
+use super::{Event, Outcome, PoolError, Shared, Task, WINDOW};
+use crate::config::PoolSettings;
+use crate::evaluation::Failure;
+use crate::infer::{InferSpec, InputKind, OutputKind, Window};
+
+/// A worker must say hello this soon after exec.
+pub(crate) const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
+/// Heartbeat period asked of workers.
+pub(crate) const HEARTBEAT: Duration = Duration::from_millis(1000);
+/// Silence after which a worker counts as hung (stopped, wedged writer, frozen host).
+const SILENCE: Duration = Duration::from_secs(15);
+/// Restart backoff: first delay and ceiling.
+const BACKOFF_START: Duration = Duration::from_millis(250);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Consecutive deaths before ready after which a slot gives up.
+const START_FAILURES: u32 = 3;
+/// How long a worker gets to exit after its stdin closes, before SIGKILL.
+const EXIT_GRACE: Duration = Duration::from_secs(2);
+
+/// How long loading the model may take.
+pub(crate) fn load_timeout(s: &PoolSettings) -> Duration {
+    s.case_timeout.max(Duration::from_secs(60))
+}
+
+/// A spec for self-check workers (never used for inference).
+pub(crate) fn probe_spec() -> InferSpec {
+    InferSpec {
+        input: InputKind::Slices2d,
+        output: OutputKind::Logits,
+        window: Window {
+            level: 40.0,
+            width: 400.0,
+        },
+        batch_size: 1,
+        patch_size: [1, 1, 1],
+        overlap: 0.0,
+        pad_multiple: 1,
+        num_classes: 2,
+    }
+}
+
+/// A running worker.
+struct Live {
+    gen: u64,
+    pid: u32,
+    device: String,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    tail: Arc<Mutex<Vec<String>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    sandbox: crate::sandbox::Report,
+}
+
+impl Live {
+    fn send(&mut self, msg: &ToWorker) -> Result<(), String> {
+        match self.stdin.as_mut() {
+            Some(w) => protocol::write_frame(w, msg).map_err(|e| e.to_string()),
+            None => Err("stdin closed".into()),
+        }
+    }
+
+    fn last_words(&self) -> String {
+        let t = self.tail.lock().expect("tail lock");
+        // The most telling line: a panic, a fatal error, or simply the last one.
+        let pick = t
+            .iter()
+            .rev()
+            .find(|l| {
+                l.contains("panicked")
+                    || l.contains("ERROR")
+                    || l.contains("terminate called")
+                    || l.contains("error")
+            })
+            .or_else(|| t.last());
+        pick.map(|l| format!("; last output: {}", l.chars().take(300).collect::<String>()))
+            .unwrap_or_default()
+    }
+
+    /// Close stdin, give it `grace` to exit, kill its group, reap, join helper threads.
+    fn stop(mut self, grace: Duration) -> String {
+        self.stdin.take();
+        let status = spawn::reap(&mut self.child, grace);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        spawn::describe_exit(&status)
+    }
+
+    fn kill(self) -> String {
+        spawn::kill_group(self.pid);
+        self.stop(Duration::ZERO)
+    }
+}
+
+enum StartError {
+    /// Deterministic: restarting will not help.
+    Fatal(PoolError),
+    /// Died or timed out while starting.
+    Transient(String),
+    Shutdown,
+}
+
+/// Why a worker's attempt at a case ended badly.
+#[derive(Debug)]
+enum Cause {
+    Crash(String),
+    Timeout(Duration),
+    Silent(Duration),
+    Case(CaseErrorKind, String),
+}
+
+impl Cause {
+    fn limit(&self, max: u32) -> u32 {
+        match self {
+            Cause::Crash(_) | Cause::Silent(_) => max,
+            Cause::Timeout(_) => max.min(2),
+            Cause::Case(k, _) => match k {
+                CaseErrorKind::OutOfMemory | CaseErrorKind::Torch => max,
+                CaseErrorKind::Read
+                | CaseErrorKind::Model
+                | CaseErrorKind::BadOutput
+                | CaseErrorKind::Write => 1,
+            },
+        }
+    }
+
+    fn stage(&self) -> &'static str {
+        match self {
+            Cause::Crash(_) | Cause::Silent(_) | Cause::Case(CaseErrorKind::Write, _) => "worker",
+            Cause::Timeout(_) => "timeout",
+            Cause::Case(CaseErrorKind::Read, _) => "read",
+            Cause::Case(_, _) => "inference",
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Cause::Crash(s) => format!("worker process {s}"),
+            Cause::Timeout(d) => format!(
+                "no result within pool.case_timeout_secs = {} s; worker killed",
+                d.as_secs()
+            ),
+            Cause::Silent(d) => format!(
+                "worker stopped responding (no heartbeat for {} s); killed",
+                d.as_secs()
+            ),
+            Cause::Case(CaseErrorKind::OutOfMemory, m) => m.clone(),
+            Cause::Case(_, m) => m.clone(),
+        }
+    }
+}
+
+fn set_info(sh: &Shared, slot: usize, f: impl FnOnce(&mut super::WorkerInfo)) {
+    f(&mut sh.slots[slot].info.lock().expect("info lock"));
+}
+
+fn shutting_down(sh: &Shared) -> bool {
+    sh.shutdown.load(Ordering::SeqCst)
+}
+
+/// Reply a failure to every queued task (pool stopping or broken).
+pub(crate) fn fail_queued(sh: &Shared, why: &str) {
+    let tasks: Vec<Task> = sh.queue.lock().expect("queue lock").drain(..).collect();
+    for t in tasks {
+        let _ = t.reply.send(Outcome::Failed(Failure {
+            case: t.case,
+            stage: "worker".into(),
+            reason: why.to_string(),
+            attempts: t.attempts,
+        }));
+    }
+}
+
+fn sleep_interruptible(rx: &mpsc::Receiver<Event>, sh: &Shared, d: Duration) {
+    let deadline = Instant::now() + d;
+    while !shutting_down(sh) {
+        let now = Instant::now();
+        if now >= deadline {
+            return;
+        }
+        let _ = rx.recv_timeout(deadline - now);
+    }
+}
+
+/// The slot thread's body.
+pub(crate) fn run_slot(sh: &Arc<Shared>, slot: usize, rx: &mpsc::Receiver<Event>) {
+    let mut gen = 0u64;
+    let mut backoff = BACKOFF_START;
+    let mut start_failures = 0u32;
+    while !shutting_down(sh) {
+        gen += 1;
+        set_info(sh, slot, |i| {
+            i.state = "starting";
+            i.pid = None;
+        });
+        let mut live = match start_worker(sh, slot, gen, rx) {
+            Ok(l) => l,
+            Err(StartError::Shutdown) => break,
+            Err(StartError::Fatal(e)) => {
+                tracing::error!(worker = slot, "{e}");
+                let msg = e.to_string();
+                let mut st = sh.start.lock().expect("start lock");
+                if st.fatal.is_none() && st.ready == 0 {
+                    st.fatal = Some(e);
+                }
+                st.gave_up += 1;
+                st.last_error = Some(msg.clone());
+                drop(st);
+                sh.start_cv.notify_all();
+                give_up(sh, slot, &msg);
+                break;
+            }
+            Err(StartError::Transient(why)) => {
+                start_failures += 1;
+                tracing::warn!(
+                    worker = slot,
+                    attempt = start_failures,
+                    "worker failed to start: {why}"
+                );
+                sh.start.lock().expect("start lock").last_error = Some(why.clone());
+                if start_failures >= START_FAILURES {
+                    let msg = format!(
+                        "worker {slot} failed to start {start_failures} times in a row; last: {why}"
+                    );
+                    sh.start.lock().expect("start lock").gave_up += 1;
+                    sh.start_cv.notify_all();
+                    give_up(sh, slot, &msg);
+                    break;
+                }
+                set_info(sh, slot, |i| i.state = "backoff");
+                sleep_interruptible(rx, sh, backoff);
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                continue;
+            }
+        };
+        start_failures = 0;
+        {
+            let mut st = sh.start.lock().expect("start lock");
+            st.ready += 1;
+        }
+        sh.start_cv.notify_all();
+        let (healthy, end) = serve(sh, slot, &mut live, rx);
+        let pid = live.pid;
+        let how = match end {
+            End::Shutdown => live.stop(EXIT_GRACE),
+            End::Killed => live.kill(),
+            End::Died => live.stop(EXIT_GRACE),
+        };
+        if shutting_down(sh) {
+            break;
+        }
+        sh.totals.lock().expect("totals lock").worker_losses += 1;
+        tracing::warn!(worker = slot, pid, "worker ended: {how}; restarting");
+        if healthy {
+            backoff = BACKOFF_START;
+        }
+        set_info(sh, slot, |i| {
+            i.state = "backoff";
+            i.pid = None;
+            i.restarts += 1;
+        });
+        sleep_interruptible(rx, sh, backoff);
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+    set_info(sh, slot, |i| {
+        i.state = "stopped";
+        i.pid = None;
+        i.cases.clear();
+    });
+}
+
+/// A slot stops for good; when it was the last one, queued work fails.
+fn give_up(sh: &Shared, slot: usize, why: &str) {
+    set_info(sh, slot, |i| i.state = "stopped");
+    let all_stopped = sh
+        .slots
+        .iter()
+        .all(|s| s.info.lock().expect("info lock").state == "stopped");
+    if all_stopped {
+        *sh.broken.lock().expect("broken lock") = Some(format!("no worker can run: {why}"));
+        fail_queued(sh, &format!("no worker can run: {why}"));
+    }
+}
+
+fn start_worker(
+    sh: &Arc<Shared>,
+    slot: usize,
+    gen: u64,
+    rx: &mpsc::Receiver<Event>,
+) -> Result<Live, StartError> {
+    let scratch = sh.scratch(slot);
+    let device = sh.device(slot);
+    let fatal = |message: String| {
+        StartError::Fatal(PoolError::Fatal {
+            slot,
+            device: device.clone(),
+            message,
+        })
+    };
+    // A fresh scratch folder per worker: leftovers of a dead one are not trusted.
+    let _ = std::fs::remove_dir_all(&scratch);
+    std::fs::create_dir_all(&scratch)
+        .map_err(|e| fatal(format!("scratch folder {}: {e}", scratch.display())))?;
+    let spawned = sh
+        .spawner
+        .spawn(SpawnSpec {
+            slot,
+            scratch: scratch.clone(),
+            threads: sh.settings.threads_per_worker.max(1),
+            cgroup_procs: sh.cap.as_ref().and_then(|c| c.procs_file(slot)),
+        })
+        .map_err(|e| {
+            if shutting_down(sh) {
+                StartError::Shutdown
+            } else {
+                StartError::Transient(format!("spawn {}: {e}", sh.spawner.exe().display()))
+            }
+        })?;
+    let pid = spawned.child.id();
+    set_info(sh, slot, |i| i.pid = Some(pid));
+    let (tail, err_thread) = spawn::forward_stderr(slot, pid, spawned.stderr);
+    let tx = sh.slots[slot].tx.lock().expect("slot tx lock").clone();
+    let mut stdout = BufReader::new(spawned.stdout);
+    let reader = std::thread::Builder::new()
+        .name(format!("evald-w{slot}-frames"))
+        .spawn(move || loop {
+            match protocol::read_frame::<_, FromWorker>(&mut stdout) {
+                Ok(m) => {
+                    if tx.send(Event::Frame(gen, m)).is_err() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.send(Event::Closed(gen, e.to_string()));
+                    break;
+                }
+            }
+        })
+        .map_err(|e| StartError::Transient(e.to_string()))?;
+    let mut live = Live {
+        gen,
+        pid,
+        device: device.clone(),
+        child: spawned.child,
+        stdin: Some(spawned.stdin),
+        tail,
+        threads: vec![reader, err_thread],
+        sandbox: crate::sandbox::Report::off(),
+    };
+
+    // Hello.
+    let hello = wait_frame(sh, rx, gen, Instant::now() + HELLO_TIMEOUT);
+    match hello {
+        Ok(FromWorker::Hello { proto, .. }) if proto == PROTO_VERSION => {}
+        Ok(FromWorker::Hello { proto, version, .. }) => {
+            live.kill();
+            return Err(fatal(format!(
+                "worker binary speaks protocol {proto} (evald {version}), the supervisor {PROTO_VERSION}: install one evald"
+            )));
+        }
+        Ok(other) => {
+            live.kill();
+            return Err(StartError::Transient(format!(
+                "expected hello, got {other:?}"
+            )));
+        }
+        Err(w) => return Err(w.into_start(live)),
+    }
+    let init = Init {
+        proto: PROTO_VERSION,
+        slot,
+        model: sh.model.clone(),
+        spec: sh.job.spec.clone(),
+        device: device.clone(),
+        threads: sh.settings.threads_per_worker.max(1),
+        read_only: sh.read_only.clone(),
+        scratch,
+        sandbox: Policy::from(sh.settings.sandbox),
+        heartbeat_ms: HEARTBEAT.as_millis() as u64,
+    };
+    if let Err(e) = live.send(&ToWorker::Init(init)) {
+        let how = live.stop(EXIT_GRACE);
+        return Err(StartError::Transient(format!("sending init: {e}; {how}")));
+    }
+    // Ready, with heartbeats meanwhile.
+    let deadline = Instant::now() + load_timeout(&sh.settings);
+    loop {
+        match wait_frame(sh, rx, gen, deadline) {
+            Ok(FromWorker::Heartbeat) => continue,
+            Ok(FromWorker::Ready {
+                device: dev,
+                load_secs,
+                sandbox,
+            }) => {
+                let missing = sandbox.missing();
+                if missing.is_empty() {
+                    tracing::info!(
+                        worker = slot,
+                        pid,
+                        device = dev,
+                        load_secs = format!("{load_secs:.2}"),
+                        "worker ready; sandbox: {sandbox}"
+                    );
+                } else {
+                    tracing::warn!(
+                        worker = slot,
+                        pid,
+                        device = dev,
+                        "worker ready WITHOUT parts of its sandbox ({}); sandbox: {sandbox}",
+                        missing.join("; ")
+                    );
+                }
+                set_info(sh, slot, |i| i.state = "ready");
+                live.sandbox = sandbox;
+                return Ok(live);
+            }
+            Ok(FromWorker::Fatal { kind, message }) => {
+                let _ = live.stop(EXIT_GRACE);
+                let what = match kind {
+                    FatalKind::Sandbox => "sandbox",
+                    FatalKind::Load => "model",
+                    FatalKind::Device => "device",
+                    FatalKind::Protocol => "protocol",
+                };
+                return Err(fatal(format!("{what}: {message}")));
+            }
+            Ok(other) => {
+                live.kill();
+                return Err(StartError::Transient(format!(
+                    "expected ready, got {other:?}"
+                )));
+            }
+            Err(w) => return Err(w.into_start(live)),
+        }
+    }
+}
+
+enum WaitErr {
+    Timeout,
+    Closed(String),
+    Shutdown,
+}
+
+impl WaitErr {
+    fn into_start(self, live: Live) -> StartError {
+        match self {
+            WaitErr::Shutdown => {
+                let _ = live.kill();
+                StartError::Shutdown
+            }
+            WaitErr::Timeout => {
+                let how = live.kill();
+                StartError::Transient(format!("did not start in time; {how}"))
+            }
+            WaitErr::Closed(e) => {
+                let words = live.last_words();
+                let how = live.stop(EXIT_GRACE);
+                StartError::Transient(format!("{how} ({e}){words}"))
+            }
+        }
+    }
+}
+
+/// Next frame of worker `gen`, skipping wake-ups and stale events.
+fn wait_frame(
+    sh: &Shared,
+    rx: &mpsc::Receiver<Event>,
+    gen: u64,
+    deadline: Instant,
+) -> Result<FromWorker, WaitErr> {
+    loop {
+        if shutting_down(sh) {
+            return Err(WaitErr::Shutdown);
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(WaitErr::Timeout);
+        }
+        match rx.recv_timeout(deadline - now) {
+            Ok(Event::Frame(g, m)) if g == gen => return Ok(m),
+            Ok(Event::Closed(g, e)) if g == gen => return Err(WaitErr::Closed(e)),
+            Ok(_) => {}
+            Err(mpsc::RecvTimeoutError::Timeout) => return Err(WaitErr::Timeout),
+            Err(mpsc::RecvTimeoutError::Disconnected) => return Err(WaitErr::Shutdown),
+        }
+    }
+}
+
+enum End {
+    Shutdown,
+    Killed,
+    Died,
+}
+
+/// Whether another slot's worker is ready and holds nothing (then a second case should
+/// go there rather than wait behind this worker's current one).
+fn other_idle(sh: &Shared, slot: usize) -> bool {
+    sh.slots.iter().enumerate().any(|(i, s)| {
+        i != slot && {
+            let info = s.info.lock().expect("info lock");
+            info.state == "ready" && info.cases.is_empty()
+        }
+    })
+}
+
+/// Feed the worker cases until it dies, is killed, or the pool shuts down. Returns whether
+/// it finished at least one case (healthy) and how it ended.
+fn serve(sh: &Shared, slot: usize, live: &mut Live, rx: &mpsc::Receiver<Event>) -> (bool, End) {
+    let timeout = sh.settings.case_timeout;
+    let mut held: std::collections::VecDeque<Task> = std::collections::VecDeque::new();
+    let mut head_since: Option<Instant> = None;
+    let mut last_heard = Instant::now();
+    let mut healthy = false;
+    let update = |held: &std::collections::VecDeque<Task>| {
+        set_info(sh, slot, |i| {
+            i.cases = held.iter().map(|t| t.case.clone()).collect();
+            i.state = if held.is_empty() { "ready" } else { "busy" };
+        });
+    };
+    loop {
+        if shutting_down(sh) {
+            let n = held.len();
+            for t in held.drain(..) {
+                reply_failed(sh, t, "worker", "the worker pool stopped".into());
+            }
+            if n > 0 {
+                // Do not wait for a case in flight: the model may never return.
+                return (healthy, End::Killed);
+            }
+            return (healthy, End::Shutdown);
+        }
+        if held.is_empty() {
+            let req = sh.probe_req.lock().expect("probe lock").take();
+            if let Some((p, reply)) = req {
+                let r = run_probe(sh, live, rx, p);
+                let _ = reply.send(r);
+                continue;
+            }
+        }
+        // Take work.
+        while held.len() < WINDOW && (held.is_empty() || !other_idle(sh, slot)) {
+            let Some(task) = sh.queue.lock().expect("queue lock").pop_front() else {
+                break;
+            };
+            let msg = ToWorker::Case {
+                id: task.id,
+                case: task.case.clone(),
+                image: task.image.clone(),
+            };
+            if held.is_empty() {
+                head_since = Some(Instant::now());
+            }
+            held.push_back(task);
+            update(&held);
+            if let Err(e) = live.send(&msg) {
+                let cause = Cause::Crash(format!("stopped reading requests ({e})"));
+                lose(sh, slot, live, &mut held, cause);
+                return (healthy, End::Died);
+            }
+        }
+        // Wait for something to happen, or a deadline.
+        let now = Instant::now();
+        let mut deadline = last_heard + SILENCE;
+        if let Some(t) = head_since {
+            deadline = deadline.min(t + timeout);
+        }
+        let ev = rx.recv_timeout(deadline.saturating_duration_since(now));
+        match ev {
+            Ok(Event::Frame(g, msg)) if g == live.gen => {
+                last_heard = Instant::now();
+                match msg {
+                    FromWorker::Heartbeat => {}
+                    FromWorker::Done {
+                        id,
+                        stats,
+                        decode_secs,
+                        ..
+                    } => {
+                        let Some(task) = pop_head(&mut held, id) else {
+                            let cause = Cause::Crash(format!("answered job {id} out of order"));
+                            lose(sh, slot, live, &mut held, cause);
+                            return (healthy, End::Killed);
+                        };
+                        healthy = true;
+                        head_since = (!held.is_empty()).then(Instant::now);
+                        update(&held);
+                        {
+                            let mut t = sh.totals.lock().expect("totals lock");
+                            t.done += 1;
+                            t.forward_secs += stats.forward_secs;
+                            t.decode_secs += decode_secs;
+                            t.predict_secs += stats.total_secs;
+                        }
+                        let _ = task.reply.send(Outcome::Done {
+                            mask: protocol::mask_path(&sh.scratch(slot), task.id),
+                            stats,
+                            device: live.device.clone(),
+                            attempts: task.attempts + 1,
+                        });
+                    }
+                    FromWorker::Failed { id, kind, message } => {
+                        let Some(task) = pop_head(&mut held, id) else {
+                            let cause = Cause::Crash(format!("answered job {id} out of order"));
+                            lose(sh, slot, live, &mut held, cause);
+                            return (healthy, End::Killed);
+                        };
+                        head_since = (!held.is_empty()).then(Instant::now);
+                        update(&held);
+                        let recycle = kind == CaseErrorKind::OutOfMemory;
+                        settle(sh, task, Cause::Case(kind, message), live.pid);
+                        if recycle {
+                            // Only a new process returns the CUDA caching allocator's memory.
+                            requeue_unstarted(sh, &mut held);
+                            update(&held);
+                            return (healthy, End::Killed);
+                        }
+                    }
+                    other => {
+                        let cause = Cause::Crash(format!("sent an unexpected {other:?}"));
+                        lose(sh, slot, live, &mut held, cause);
+                        return (healthy, End::Killed);
+                    }
+                }
+            }
+            Ok(Event::Closed(g, e)) if g == live.gen => {
+                // Reap first so the cause names the signal or exit code.
+                let words = live.last_words();
+                let status = spawn::reap(&mut live.child, EXIT_GRACE);
+                let cause = Cause::Crash(format!(
+                    "(pid {}) {} ({e}){words}",
+                    live.pid,
+                    spawn::describe_exit(&status)
+                ));
+                lose(sh, slot, live, &mut held, cause);
+                return (healthy, End::Died);
+            }
+            Ok(_) => {}
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                let now = Instant::now();
+                if head_since.is_some_and(|t| now >= t + timeout) {
+                    sh.totals.lock().expect("totals lock").timeouts += 1;
+                    spawn::kill_group(live.pid);
+                    lose(sh, slot, live, &mut held, Cause::Timeout(timeout));
+                    return (healthy, End::Killed);
+                }
+                if now >= last_heard + SILENCE {
+                    spawn::kill_group(live.pid);
+                    lose(sh, slot, live, &mut held, Cause::Silent(SILENCE));
+                    return (healthy, End::Killed);
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                return (healthy, End::Killed);
+            }
+        }
+    }
+}
+
+fn run_probe(
+    sh: &Shared,
+    live: &mut Live,
+    rx: &mpsc::Receiver<Event>,
+    p: protocol::Probe,
+) -> Result<(crate::sandbox::Report, ProbeReport), PoolError> {
+    let err = |m: String| PoolError::Startup(format!("self-check worker: {m}"));
+    live.send(&ToWorker::Probe(p)).map_err(err)?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match wait_frame(sh, rx, live.gen, deadline) {
+            Ok(FromWorker::Heartbeat) => {}
+            Ok(FromWorker::ProbeResult(r)) => return Ok((live.sandbox.clone(), r)),
+            Ok(other) => return Err(err(format!("unexpected {other:?}"))),
+            Err(_) => return Err(err("no answer".into())),
+        }
+    }
+}
+
+fn pop_head(held: &mut std::collections::VecDeque<Task>, id: u64) -> Option<Task> {
+    if held.front().is_some_and(|t| t.id == id) {
+        held.pop_front()
+    } else {
+        None
+    }
+}
+
+fn reply_failed(sh: &Shared, t: Task, stage: &str, reason: String) {
+    sh.totals.lock().expect("totals lock").failed += 1;
+    let _ = t.reply.send(Outcome::Failed(Failure {
+        case: t.case,
+        stage: stage.into(),
+        reason,
+        attempts: t.attempts,
+    }));
+}
+
+/// Count a bad attempt against a task: retry it (front of the queue) or fail it.
+fn settle(sh: &Shared, mut task: Task, cause: Cause, pid: u32) {
+    task.attempts += 1;
+    let limit = cause.limit(sh.settings.max_attempts);
+    let what = cause.describe();
+    task.history
+        .push(format!("attempt {} (pid {pid}): {what}", task.attempts));
+    if task.attempts < limit && !shutting_down(sh) {
+        tracing::warn!(
+            case = task.case,
+            attempt = task.attempts,
+            limit,
+            "{what}; retrying"
+        );
+        sh.totals.lock().expect("totals lock").retries += 1;
+        sh.queue.lock().expect("queue lock").push_front(task);
+        sh.wake_all();
+    } else {
+        let reason = if task.history.len() > 1 {
+            format!(
+                "{what} (after {} attempts: {})",
+                task.attempts,
+                task.history.join(" | ")
+            )
+        } else {
+            what
+        };
+        let stage = cause.stage();
+        reply_failed(sh, task, stage, reason);
+    }
+}
+
+/// Put cases a worker held but had not started back at the front of the queue.
+fn requeue_unstarted(sh: &Shared, held: &mut std::collections::VecDeque<Task>) {
+    let mut q = sh.queue.lock().expect("queue lock");
+    while let Some(t) = held.pop_back() {
+        q.push_front(t);
+    }
+    drop(q);
+    sh.wake_all();
+}
+
+/// The worker is gone or being killed: the running case takes the blame, the prefetched
+/// one goes back untouched.
+fn lose(
+    sh: &Shared,
+    slot: usize,
+    live: &Live,
+    held: &mut std::collections::VecDeque<Task>,
+    cause: Cause,
+) {
+    tracing::warn!(
+        worker = slot,
+        pid = live.pid,
+        cases = ?held.iter().map(|t| t.case.as_str()).collect::<Vec<_>>(),
+        "worker lost: {}",
+        cause.describe()
+    );
+    let head = held.pop_front();
+    requeue_unstarted(sh, held);
+    if let Some(t) = head {
+        settle(sh, t, cause, live.pid);
+    }
+    set_info(sh, slot, |i| i.cases.clear());
+}
+
+/// Send a probe to slot `slot`'s worker (self-check pools only) and wait for the answer.
+pub(crate) fn probe(
+    sh: &Arc<Shared>,
+    slot: usize,
+    probe: protocol::Probe,
+) -> Result<(crate::sandbox::Report, ProbeReport), PoolError> {
+    // The slot thread owns the worker; it sends the probe when it holds no case.
+    let (tx, rx) = mpsc::channel();
+    *sh.probe_req.lock().expect("probe lock") = Some((probe, tx));
+    let _ = sh.slots[slot]
+        .tx
+        .lock()
+        .expect("slot tx lock")
+        .send(Event::Wake);
+    rx.recv_timeout(Duration::from_secs(30))
+        .map_err(|_| PoolError::Startup("the self-check worker did not answer".into()))?
+}
+
+/// Pending probe request (self-check only): the probe and where to answer.
+pub(crate) type ProbeRequest = (
+    protocol::Probe,
+    mpsc::Sender<Result<(crate::sandbox::Report, ProbeReport), PoolError>>,
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_limits_follow_the_documented_policy() {
+        assert_eq!(Cause::Crash("x".into()).limit(3), 3);
+        assert_eq!(Cause::Silent(SILENCE).limit(3), 3);
+        assert_eq!(Cause::Timeout(SILENCE).limit(3), 2);
+        assert_eq!(Cause::Timeout(SILENCE).limit(1), 1);
+        assert_eq!(Cause::Case(CaseErrorKind::Model, "m".into()).limit(3), 1);
+        assert_eq!(
+            Cause::Case(CaseErrorKind::BadOutput, "m".into()).limit(3),
+            1
+        );
+        assert_eq!(Cause::Case(CaseErrorKind::Read, "m".into()).limit(3), 1);
+        assert_eq!(
+            Cause::Case(CaseErrorKind::OutOfMemory, "m".into()).limit(3),
+            3
+        );
+        assert_eq!(Cause::Case(CaseErrorKind::Torch, "m".into()).limit(3), 3);
+        assert_eq!(Cause::Timeout(SILENCE).stage(), "timeout");
+        assert_eq!(Cause::Crash("x".into()).stage(), "worker");
+        assert_eq!(
+            Cause::Case(CaseErrorKind::Model, "m".into()).stage(),
+            "inference"
+        );
+    }
+}

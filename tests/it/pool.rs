@@ -1,0 +1,386 @@
+//! The worker pool against crashes, hangs, hostile models and escapes: real `evald worker`
+//! processes (the built binary), small phantoms, CPU. Fixture models: tests/data/models/
+//! `pool_*.pt` (made by `make_pool_fixtures.py` there).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use evald::config::{PoolSettings, SandboxPolicy};
+use evald::dataset::{self, Dataset};
+use evald::evaluation::Failure;
+use evald::infer::{InferSpec, InputKind, OutputKind, Window};
+use evald::metrics::{CaseMetrics, EvalSpec};
+use evald::pipeline;
+use evald::pool::{Job, PoolError, PoolPredictor, Totals};
+use evald::volume::{self, Volume};
+
+use crate::util::{data, evald, run_ok};
+
+const GRID: [usize; 3] = [48, 48, 12];
+
+fn settings(workers: usize, timeout_s: u64, max_attempts: u32) -> PoolSettings {
+    PoolSettings {
+        workers,
+        devices: vec!["cpu".into()],
+        case_timeout: Duration::from_secs(timeout_s),
+        max_attempts,
+        threads_per_worker: 1,
+        memory_max_bytes: 0,
+        sandbox: SandboxPolicy::Required,
+    }
+}
+
+fn spec() -> InferSpec {
+    InferSpec {
+        input: InputKind::Slices2d,
+        output: OutputKind::Logits,
+        window: Window {
+            level: 40.0,
+            width: 400.0,
+        },
+        batch_size: 6,
+        patch_size: [16, 32, 32],
+        overlap: 0.5,
+        pad_multiple: 1,
+        num_classes: 3,
+    }
+}
+
+fn eval_spec() -> EvalSpec {
+    let mut s = EvalSpec::for_classes(&[(1, "thyroid"), (2, "nodule")]);
+    s.surface = false;
+    s
+}
+
+/// Phantoms under `dir`; `bright` cases get an image of 1000 HU everywhere (the fixture
+/// models misbehave on those).
+fn phantoms(dir: &Path, n: usize, bright: &[usize]) -> Dataset {
+    let set = evald::phantom::generate(&dir.join("data"), n, GRID, [0.8, 0.8, 2.5], 77).unwrap();
+    for &i in bright {
+        let p = set.images.join(format!("{}_0000.nii.gz", set.cases[i].id));
+        let img = volume::read_image(&p).unwrap();
+        let hot = Volume {
+            geom: img.geom.clone(),
+            data: vec![1000f32; img.data.len()],
+        };
+        volume::write_volume(&p, &hot).unwrap();
+    }
+    dataset::pair_cases(&set.images, &set.labels).unwrap()
+}
+
+fn job(dir: &Path, data: &Dataset, model: &str) -> Job {
+    let images = data.cases[0].input.parent().unwrap().to_path_buf();
+    let labels = data.cases[0].label.parent().unwrap().to_path_buf();
+    Job {
+        model: data_model(model),
+        spec: spec(),
+        images,
+        labels: Some(labels),
+        scratch: dir.join("scratch"),
+    }
+}
+
+fn data_model(name: &str) -> PathBuf {
+    data(&format!("models/{name}"))
+}
+
+fn start(s: &PoolSettings, j: &Job) -> PoolPredictor {
+    PoolPredictor::start_exe(
+        s,
+        j,
+        Some(j.model.clone()),
+        PathBuf::from(env!("CARGO_BIN_EXE_evald")),
+    )
+    .unwrap_or_else(|e| panic!("pool did not start: {e}"))
+}
+
+fn evaluate(pool: &PoolPredictor, data: &Dataset) -> (Vec<CaseMetrics>, Vec<Failure>, Totals) {
+    let (mut cases, failures, _) =
+        pipeline::evaluate(data, &eval_spec(), pool, &|_| {}, &AtomicBool::new(false));
+    cases.sort_by(|a, b| a.case.cmp(&b.case));
+    (cases, failures, pool.totals())
+}
+
+/// Everything a summary is computed from, NaN-safe (Debug prints NaN as NaN).
+fn fingerprint(cases: &[CaseMetrics]) -> Vec<String> {
+    cases.iter().map(|c| format!("{c:?}")).collect()
+}
+
+fn pid_alive(pid: u32) -> bool {
+    // Zombies count as dead: they run nothing and hold no GPU.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => s
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|st| st != "Z" && st != "X"),
+        Err(_) => false,
+    }
+}
+
+fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// kill -9 of a worker in the middle of a case: the case is retried on a fresh worker and
+/// the evaluation ends exactly as an undisturbed one.
+#[test]
+fn kill_9_mid_case_gives_the_same_result_as_an_undisturbed_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = phantoms(dir.path(), 5, &[]);
+    let j = job(dir.path(), &data, "pool_slow.pt");
+    let s = settings(2, 60, 3);
+
+    let pool = start(&s, &j);
+    let (calm, calm_failures, calm_totals) = evaluate(&pool, &data);
+    drop(pool);
+    assert!(calm_failures.is_empty(), "{calm_failures:?}");
+    assert_eq!(calm.len(), 5);
+    assert_eq!(calm_totals.retries, 0);
+
+    let pool = start(&s, &j);
+    let mut killed = None;
+    let (cases, failures, totals) = std::thread::scope(|sc| {
+        let killer = sc.spawn(|| {
+            // The first worker seen holding a case loses its process, mid-case.
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while Instant::now() < deadline {
+                if let Some(w) = pool
+                    .workers()
+                    .into_iter()
+                    .find(|w| w.state == "busy" && w.pid.is_some())
+                {
+                    let pid = w.pid.unwrap();
+                    // SAFETY: SIGKILL to a worker process this test started.
+                    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                    return Some((pid, w.cases));
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            None
+        });
+        let r = evaluate(&pool, &data);
+        killed = killer.join().unwrap();
+        r
+    });
+    let (pid, held) = killed.expect("no busy worker was seen");
+    assert!(!pid_alive(pid), "worker {pid} survived SIGKILL");
+    assert!(failures.is_empty(), "{failures:?}");
+    assert_eq!(fingerprint(&cases), fingerprint(&calm));
+    assert!(totals.worker_losses >= 1, "{totals:?}");
+    assert!(
+        totals.retries >= 1,
+        "the case {held:?} was not retried: {totals:?}"
+    );
+    let restarted = pool.workers().iter().map(|w| w.restarts).sum::<u32>();
+    assert!(restarted >= 1, "{:?}", pool.workers());
+}
+
+/// A model that never returns on one input: that case times out (twice: one retry on a
+/// fresh worker), is recorded as a timeout, and the other cases are scored.
+#[test]
+fn a_model_that_never_returns_times_out_and_the_rest_is_scored() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = phantoms(dir.path(), 4, &[1]);
+    let bad = data.cases[1].id.clone();
+    let j = job(dir.path(), &data, "pool_hang.pt");
+    let pool = start(&settings(2, 2, 3), &j);
+    let t = Instant::now();
+    let (cases, failures, totals) = evaluate(&pool, &data);
+    assert_eq!(cases.len(), 3, "{failures:?}");
+    assert!(cases.iter().all(|c| c.case != bad));
+    assert_eq!(failures.len(), 1, "{failures:?}");
+    let f = &failures[0];
+    assert_eq!(
+        (f.case.as_str(), f.stage.as_str()),
+        (bad.as_str(), "timeout")
+    );
+    assert_eq!(f.attempts, 2, "{f:?}");
+    assert!(f.reason.contains("case_timeout"), "{}", f.reason);
+    assert_eq!(totals.timeouts, 2, "{totals:?}");
+    // Two timeouts of 2 s plus a restart: far from a hang.
+    assert!(t.elapsed() < Duration::from_secs(40), "{:?}", t.elapsed());
+}
+
+/// A model that raises on one input: that case fails once (no pointless retries) with the
+/// model's own message; the others are scored.
+#[test]
+fn a_model_that_raises_fails_that_case_with_its_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = phantoms(dir.path(), 4, &[2]);
+    let bad = data.cases[2].id.clone();
+    let j = job(dir.path(), &data, "pool_raise.pt");
+    let pool = start(&settings(1, 60, 3), &j);
+    let (cases, failures, totals) = evaluate(&pool, &data);
+    assert_eq!(cases.len(), 3, "{failures:?}");
+    assert_eq!(failures.len(), 1, "{failures:?}");
+    let f = &failures[0];
+    assert_eq!(
+        (f.case.as_str(), f.stage.as_str()),
+        (bad.as_str(), "inference")
+    );
+    assert_eq!(f.attempts, 1);
+    assert!(
+        f.reason.contains("refuses bright input"),
+        "model's message missing: {}",
+        f.reason
+    );
+    assert_eq!(totals.retries, 0);
+    assert_eq!(totals.worker_losses, 0);
+}
+
+/// A file that is not TorchScript: the pool refuses to start, with the loader's words.
+#[test]
+fn a_model_that_cannot_load_stops_the_pool_from_starting() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = phantoms(dir.path(), 1, &[]);
+    let mut j = job(dir.path(), &data, "pool_slow.pt");
+    j.model = dir.path().join("model.pt");
+    std::fs::write(&j.model, b"not a zip archive").unwrap();
+    let e = PoolPredictor::start_exe(
+        &settings(2, 60, 3),
+        &j,
+        Some(j.model.clone()),
+        PathBuf::from(env!("CARGO_BIN_EXE_evald")),
+    )
+    .unwrap_err();
+    assert!(matches!(e, PoolError::Fatal { .. }), "{e}");
+    assert!(e.to_string().contains("TorchScript"), "{e}");
+}
+
+/// The sandbox seen from inside a real worker: no TCP, no labels, images read-only,
+/// scratch writable. With the sandbox off the same check reports the escape.
+#[test]
+fn a_worker_cannot_open_tcp_sockets_nor_read_the_labels() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = phantoms(dir.path(), 1, &[]);
+    let images = data.cases[0].input.parent().unwrap();
+    let labels = data.cases[0].label.parent().unwrap();
+    let out = run_ok(
+        evald()
+            .args(["worker-selfcheck", "--sandbox", "required", "--images"])
+            .arg(images)
+            .arg("--labels")
+            .arg(labels),
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["confined"], true, "{r:#}");
+    assert_eq!(r["probe"]["tcp_socket"]["allowed"], false, "{r:#}");
+    assert_eq!(r["probe"]["tcp_connect"]["allowed"], false, "{r:#}");
+    assert_eq!(
+        r["probe"]["reads"][0]["allowed"], false,
+        "label read: {r:#}"
+    );
+    assert!(r["probe"]["reads"][0]["what"]
+        .as_str()
+        .unwrap()
+        .contains("labelsTs"));
+    assert_eq!(
+        r["probe"]["lists"][0]["allowed"], false,
+        "labels listing: {r:#}"
+    );
+    assert_eq!(r["probe"]["reads"][1]["allowed"], true, "image read: {r:#}");
+    assert_eq!(
+        r["probe"]["writes"][0]["allowed"], true,
+        "scratch write: {r:#}"
+    );
+    assert_eq!(
+        r["probe"]["writes"][1]["allowed"], false,
+        "images write: {r:#}"
+    );
+    for layer in ["landlock", "seccomp"] {
+        assert_eq!(r["sandbox"][layer]["state"], "enforced", "{layer}: {r:#}");
+    }
+
+    let off = evald()
+        .args(["worker-selfcheck", "--sandbox", "off", "--images"])
+        .arg(images)
+        .arg("--labels")
+        .arg(labels)
+        .output()
+        .unwrap();
+    assert!(
+        !off.status.success(),
+        "an unsandboxed worker passed the check"
+    );
+    let r: serde_json::Value = serde_json::from_slice(&off.stdout).unwrap();
+    assert_eq!(r["confined"], false);
+    assert_eq!(r["probe"]["reads"][0]["allowed"], true);
+}
+
+/// Dropping the pool leaves no worker process behind.
+#[test]
+fn dropping_the_pool_leaves_no_worker_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = phantoms(dir.path(), 1, &[]);
+    let j = job(dir.path(), &data, "pool_hang.pt");
+    let pool = start(&settings(3, 60, 1), &j);
+    wait_until("three workers", Duration::from_secs(60), || {
+        pool.workers().iter().all(|w| w.pid.is_some())
+    });
+    let pids: Vec<u32> = pool.workers().iter().filter_map(|w| w.pid).collect();
+    assert_eq!(pids.len(), 3);
+    assert!(pids.iter().all(|&p| pid_alive(p)));
+    drop(pool);
+    let alive: Vec<u32> = pids.iter().copied().filter(|&p| pid_alive(p)).collect();
+    assert!(alive.is_empty(), "workers still running: {alive:?}");
+    assert!(!dir.path().join("scratch/w0").exists());
+}
+
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut v = Vec::new();
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            if let Ok(s) = std::fs::read_to_string(t.path().join("children")) {
+                v.extend(s.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+            }
+        }
+    }
+    v
+}
+
+/// `evald run` uses the pool; when evald itself is killed -9 in the middle of a case, its
+/// workers die with it (PR_SET_PDEATHSIG, stdin EOF): no orphan keeps a GPU.
+#[test]
+fn killing_evald_kills_its_workers() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let data = phantoms(root, 2, &[0]);
+    let images = data.cases[0].input.parent().unwrap();
+    let labels = data.cases[0].label.parent().unwrap();
+    let sub = root.join("drop/thyroid-ca/v/s1");
+    std::fs::create_dir_all(&sub).unwrap();
+    std::fs::copy(data_model("pool_hang.pt"), sub.join("model.pt")).unwrap();
+    let cfg = root.join("evald.toml");
+    std::fs::write(&cfg, evald::cli::demo_config(root, images, labels)).unwrap();
+    let mut child = evald()
+        .arg("run")
+        .arg(&sub)
+        .arg("--config")
+        .arg(&cfg)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let mut workers = Vec::new();
+    wait_until("evald's two workers", Duration::from_secs(60), || {
+        workers = children_of(pid);
+        workers.len() == 2
+    });
+    for &w in &workers {
+        let cmd = std::fs::read(format!("/proc/{w}/cmdline")).unwrap_or_default();
+        assert!(String::from_utf8_lossy(&cmd).contains("worker"), "{w}");
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    wait_until(
+        "the workers to die with evald",
+        Duration::from_secs(10),
+        || workers.iter().all(|&w| !pid_alive(w)),
+    );
+}
