@@ -16,17 +16,25 @@
 //! - [`submission`]: one vendor submission folder: validate, evaluate, write outputs;
 //! - [`report`]: the Excel workbook;
 //! - [`phantom`]: generated CT-like data and a generated model (demo, tests, benches);
+//! - [`watch`]: the drop folder: which submission folders exist, when each is complete;
+//! - [`store`]: the SQLite record of every submission and its state;
+//! - [`daemon`]: the service (`evald serve`), signals, systemd, admin commands;
+//! - [`logging`]: stderr for commands, rolling files + stderr for the service;
 //! - [`cli`]: the command line.
 
 pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod dataset;
 pub mod evaluation;
 pub mod infer;
+pub mod logging;
 pub mod manifest;
 pub mod metrics;
 pub mod phantom;
 pub mod pipeline;
 pub mod report;
+pub mod store;
 pub mod submission;
 pub mod volume;
+pub mod watch;

@@ -3,5 +3,6 @@
 
 mod cli;
 mod conformance;
+mod daemon;
 mod infer;
 mod util;
