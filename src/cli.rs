@@ -37,6 +37,14 @@ pub enum Command {
     Run(RunArgs),
     /// Whole pipeline on generated phantoms and a generated model; no setup needed.
     Demo(DemoArgs),
+    /// Run the service: watch the drop folder, evaluate, report (systemd unit).
+    Serve(ConfigArgs),
+    /// Check a configuration file; print every problem with its key (exit 2 on problems).
+    CheckConfig(ConfigArgs),
+    /// Queue, running evaluation, last results and outbox, from the store.
+    Status(crate::daemon::StatusArgs),
+    /// Evaluate a submission again, even if the same model was evaluated before.
+    Requeue(crate::daemon::RequeueArgs),
     /// Internal: a worker process of the pool (started by evald itself).
     #[command(hide = true)]
     Worker(WorkerArgs),
@@ -67,6 +75,20 @@ pub struct SelfcheckArgs {
     #[arg(long, default_value = "required")]
     pub sandbox: String,
 }
+
+/// `evald serve`, `evald check-config`.
+#[derive(Debug, clap::Args)]
+pub struct ConfigArgs {
+    /// Configuration file.
+    #[arg(long, default_value = config::DEFAULT_CONFIG)]
+    pub config: PathBuf,
+}
+
+/// A command's wish for a specific exit status (e.g. 2 from `check-config` on problems);
+/// `main` exits with it without printing anything more.
+#[derive(Debug, thiserror::Error)]
+#[error("exit status {0}")]
+pub struct Exit(pub u8);
 
 /// `evald score`.
 #[derive(Debug, clap::Args)]
@@ -146,6 +168,10 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Score(a) => score(a),
         Command::Run(a) => run_submission(a).map(|_| ()),
         Command::Demo(a) => demo(a),
+        Command::Serve(a) => crate::daemon::serve(&a.config),
+        Command::CheckConfig(a) => crate::daemon::check_config(&a.config),
+        Command::Status(a) => crate::daemon::status(&a),
+        Command::Requeue(a) => crate::daemon::requeue(&a),
         Command::Worker(a) => {
             let code = crate::worker::main(a.slot)?;
             if code != 0 {
@@ -408,24 +434,35 @@ fn demo(a: DemoArgs) -> Result<()> {
         data.display()
     );
     let set = crate::phantom::generate(&data, a.cases, [x, y, z], [0.8, 0.8, 2.5], 2026)?;
-    let sub = root.join("drop/thyroid-ca/demo-vendor/v1");
-    std::fs::create_dir_all(&sub)?;
-    crate::phantom::write_demo_model(&sub.join("model.pt"))?;
+    // The vendor's files, staged outside the drop folder; the service receives them.
+    let staging = root.join("staging/v1");
+    std::fs::create_dir_all(&staging)?;
+    crate::phantom::write_demo_model(&staging.join("model.pt"))?;
     std::fs::write(
-        sub.join("submission.toml"),
+        staging.join("submission.toml"),
         "input = \"slices2d\"\noutput = \"logits\"\nbatch_size = 8\n",
     )?;
     let cfg = root.join("evald.toml");
     std::fs::write(&cfg, demo_config(root, &set.images, &set.labels))?;
-    let eval = run_submission(RunArgs {
-        submission: sub.clone(),
-        config: cfg,
-        task: Some("thyroid-ca".into()),
-        device: None,
-        in_process: false,
-    })?;
-    if eval.cases.is_empty() {
+    let settings = config::load(&cfg)?;
+    std::fs::create_dir_all(&settings.daemon.drop_dir)?;
+    let dest = settings.daemon.drop_dir.join("thyroid-ca/demo-vendor/v1");
+    println!("starting the service on {}", cfg.display());
+    let out = crate::daemon::run_demo(
+        settings,
+        &staging,
+        &dest,
+        std::time::Duration::from_secs(600),
+    )?;
+    if out.evaluation.cases.is_empty() {
         bail!("demo scored no case");
+    }
+    print_headline(&out.evaluation);
+    println!("summary: {}", out.summary.display());
+    println!("report: {}", out.report.display());
+    // Mail (issue 4) is not merged yet: no email line until it writes one.
+    if let Some(e) = &out.email {
+        println!("email: {}", e.display());
     }
     Ok(())
 }

@@ -19,13 +19,19 @@
 //! - [`plot`]: the Dice box/strip plot (PNG) for the report and the email;
 //! - [`mail`]: the summary email and its durable outbox;
 //! - [`phantom`]: generated CT-like data and a generated model (demo, tests, benches);
+//! - [`watch`]: the drop folder: which submission folders exist, when each is complete;
+//! - [`store`]: the SQLite record of every submission and its state;
+//! - [`daemon`]: the service (`evald serve`), signals, systemd, admin commands;
+//! - [`logging`]: stderr for commands, rolling files + stderr for the service;
 //! - [`cli`]: the command line.
 
 pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod dataset;
 pub mod evaluation;
 pub mod infer;
+pub mod logging;
 pub mod mail;
 pub mod manifest;
 pub mod metrics;
@@ -35,6 +41,8 @@ pub mod plot;
 pub mod pool;
 pub mod report;
 pub mod sandbox;
+pub mod store;
 pub mod submission;
 pub mod volume;
+pub mod watch;
 pub mod worker;

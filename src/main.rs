@@ -6,18 +6,18 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = evald::cli::Cli::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("EVALD_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    // The service sets up its own logging (files + stderr) once it has read its config.
+    if !matches!(cli.command, evald::cli::Command::Serve(_)) {
+        evald::logging::init_cli();
+    }
     match evald::cli::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
+        Err(e) => match e.downcast_ref::<evald::cli::Exit>() {
+            Some(evald::cli::Exit(code)) => ExitCode::from(*code),
+            None => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }

@@ -3,6 +3,7 @@
 
 mod cli;
 mod conformance;
+mod daemon;
 mod infer;
 mod lesion;
 mod mail;

@@ -1,0 +1,277 @@
+//! What the admin runs next to the service: `evald check-config`, `evald status`,
+//! `evald requeue ID`. All read the same configuration file as the service and the store
+//! in its `state_dir`; none needs the service to be running.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+
+use crate::cli::Exit;
+use crate::config::{self, ConfigError, MailTransport, Problem, Settings};
+use crate::store::{State, Store, Submission};
+
+/// `evald status`.
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    /// Configuration file (for the state folder).
+    #[arg(long, default_value = config::DEFAULT_CONFIG)]
+    pub config: PathBuf,
+    /// How many recent results to show.
+    #[arg(long, default_value_t = 10)]
+    pub last: usize,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `evald requeue`.
+#[derive(Debug, clap::Args)]
+pub struct RequeueArgs {
+    /// Submission id (from `evald status`).
+    pub id: i64,
+    /// Configuration file (for the state folder).
+    #[arg(long, default_value = config::DEFAULT_CONFIG)]
+    pub config: PathBuf,
+}
+
+/// Every problem of a configuration file, with its key: parsing, validation and the
+/// service's folders. Empty when the service can start with it.
+///
+/// # Errors
+/// None besides what is listed; the `Result` carries the validated settings when clean.
+pub fn config_problems(path: &Path) -> std::result::Result<Settings, Vec<Problem>> {
+    let raw = match config::load_raw(path) {
+        Ok(r) => r,
+        Err(ConfigError::Load { message, .. }) => {
+            return Err(vec![Problem {
+                key: "(file)".into(),
+                message,
+            }])
+        }
+        Err(ConfigError::Invalid { problems, .. }) => return Err(problems),
+    };
+    let mut problems = super::path_problems(&raw.daemon);
+    match raw.validate(path) {
+        Ok(s) if problems.is_empty() => Ok(s),
+        Ok(_) => Err(problems),
+        Err(ConfigError::Invalid {
+            problems: mut p, ..
+        }) => {
+            p.append(&mut problems);
+            Err(p)
+        }
+        Err(ConfigError::Load { message, .. }) => {
+            problems.insert(
+                0,
+                Problem {
+                    key: "(file)".into(),
+                    message,
+                },
+            );
+            Err(problems)
+        }
+    }
+}
+
+/// `evald check-config`: print every problem with its key and exit 2, or a short summary
+/// of what the service will do. Never prints the SMTP password (it is never read here).
+///
+/// # Errors
+/// [`Exit`] (2) when there are problems.
+pub fn check_config(path: &Path) -> Result<()> {
+    match config_problems(path) {
+        Ok(s) => {
+            println!("{}: OK", path.display());
+            println!("  drop folder:  {}", s.daemon.drop_dir.display());
+            println!("  state folder: {}", s.daemon.state_dir.display());
+            println!("  log folder:   {}", s.daemon.log_dir.display());
+            println!(
+                "  watch:        {:?}, settle {} s, rescan every {} s",
+                s.daemon.watch,
+                s.daemon.settle.as_secs(),
+                s.daemon.rescan.as_secs()
+            );
+            println!(
+                "  pool:         {} worker(s) on {}",
+                s.pool.workers,
+                s.pool.devices.join(", ")
+            );
+            match &s.mail.transport {
+                MailTransport::File => println!(
+                    "  mail:         .eml files in {}",
+                    s.mail.outbox_dir.display()
+                ),
+                MailTransport::Smtp {
+                    host,
+                    port,
+                    security,
+                    auth,
+                    ..
+                } => println!(
+                    "  mail:         smtp {host}:{port} ({security:?}){}",
+                    auth.as_ref().map_or(String::new(), |(user, file)| format!(
+                        ", user {user}, password from {}",
+                        file.display()
+                    ))
+                ),
+            }
+            for (name, t) in &s.tasks {
+                let cases =
+                    crate::dataset::pair_cases(&t.images, &t.labels).map_or(0, |d| d.cases.len());
+                println!(
+                    "  task {name}: {cases} case(s), classes {}, mail to {}",
+                    t.eval
+                        .classes
+                        .iter()
+                        .map(|c| format!("{}={}", c.label, c.name))
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                    if t.recipients.is_empty() {
+                        "nobody".to_string()
+                    } else {
+                        t.recipients.join(", ")
+                    }
+                );
+            }
+            Ok(())
+        }
+        Err(problems) => {
+            println!("{}: {} problem(s):", path.display(), problems.len());
+            for p in &problems {
+                println!("  {}: {}", p.key, p.message);
+            }
+            Err(Exit(2).into())
+        }
+    }
+}
+
+fn state_dir(config_path: &Path) -> Result<PathBuf> {
+    // Only the state folder is needed: a config with, say, a missing test set still works.
+    let raw = config::load_raw(config_path)?;
+    Ok(raw.daemon.state_dir)
+}
+
+/// Everything `evald status` shows.
+#[derive(Debug, serde::Serialize)]
+struct StatusReport {
+    store: PathBuf,
+    counts: Vec<(State, u64)>,
+    running: Vec<Submission>,
+    queue: Vec<Submission>,
+    recent: Vec<Submission>,
+    outbox: Option<(String, Vec<(String, u64)>)>,
+}
+
+fn who(s: &Submission) -> String {
+    format!("#{} {}/{}/{}", s.id, s.task, s.vendor, s.name)
+}
+
+/// `evald status`: queue, running evaluation with progress, last results, outbox.
+///
+/// # Errors
+/// Unreadable configuration or store.
+pub fn status(a: &StatusArgs) -> Result<()> {
+    let dir = state_dir(&a.config)?;
+    let Some(store) = Store::open_existing(&dir)? else {
+        if a.json {
+            println!("null");
+        } else {
+            println!(
+                "no store yet in {} (evald serve has not run with this configuration)",
+                dir.display()
+            );
+        }
+        return Ok(());
+    };
+    let r = StatusReport {
+        store: store.path().to_path_buf(),
+        counts: store.counts()?,
+        running: store.in_state(State::Running)?,
+        queue: store.in_state(State::Queued)?,
+        recent: store.recent_results(a.last)?,
+        outbox: store.outbox_counts()?,
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
+    println!("store: {}", r.store.display());
+    println!(
+        "submissions: {}",
+        r.counts
+            .iter()
+            .map(|(s, n)| format!("{n} {s}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    if r.running.is_empty() {
+        println!("running: nothing");
+    }
+    for s in &r.running {
+        let pct = if s.progress_total > 0 {
+            format!(" ({}%)", s.progress_done * 100 / s.progress_total)
+        } else {
+            String::new()
+        };
+        println!(
+            "running: {}  {}/{} cases{pct}, started {}, attempt {}",
+            who(s),
+            s.progress_done,
+            s.progress_total,
+            s.started_at.as_deref().unwrap_or("?"),
+            s.attempts
+        );
+    }
+    println!("queue: {}", if r.queue.is_empty() { "empty" } else { "" });
+    for (i, s) in r.queue.iter().enumerate() {
+        println!(
+            "  {}. {}  since {}{}",
+            i + 1,
+            who(s),
+            s.updated_at,
+            s.error
+                .as_deref()
+                .map_or(String::new(), |e| format!("  ({e})"))
+        );
+    }
+    println!("last results:");
+    for s in &r.recent {
+        let what = match s.state {
+            State::Reported | State::Mailed => s.headline.clone().unwrap_or_default(),
+            _ => s.error.clone().unwrap_or_default(),
+        };
+        println!(
+            "  {}  {:<8}  {}  {}",
+            who(s),
+            s.state.as_str(),
+            s.finished_at.as_deref().unwrap_or(&s.updated_at),
+            what
+        );
+    }
+    match &r.outbox {
+        Some((table, counts)) => println!(
+            "outbox ({table}): {}",
+            counts
+                .iter()
+                .map(|(s, n)| format!("{n} {s}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        None => println!("outbox: none yet"),
+    }
+    Ok(())
+}
+
+/// `evald requeue ID`: evaluate a submission again, even if the same model was evaluated.
+/// The running service picks it up within seconds (or at its next start).
+///
+/// # Errors
+/// Unknown id, a submission that is queued or running already, or an unreadable store.
+pub fn requeue(a: &RequeueArgs) -> Result<()> {
+    let dir = state_dir(&a.config)?;
+    let mut store = Store::open_existing(&dir)?
+        .with_context(|| format!("no store in {} (evald serve has not run)", dir.display()))?;
+    let s = store.requeue(a.id)?;
+    println!("{} queued again", who(&s));
+    Ok(())
+}

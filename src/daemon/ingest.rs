@@ -1,0 +1,344 @@
+//! From a complete folder to a store row: validate what can be validated without running
+//! the model (folder layout, symlinks, task, `submission.toml`, the model file and its
+//! sha256), de-duplicate, then queue it, or reject it with a `REJECTED.txt` that tells
+//! the vendor what is wrong and how to fix it.
+//!
+//! Runs on a blocking thread (hashing a model reads the whole file).
+
+use std::path::{Path, PathBuf};
+
+use crate::config::Settings;
+use crate::store::{NewSubmission, State, StoreError, StoreHandle, Submission};
+use crate::submission::{self, Prepared, SubmissionError, REJECTED_TXT};
+use crate::watch::Ready;
+
+use super::Finished;
+
+/// Why a submission is refused, for the vendor.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Rejection {
+    /// Machine-readable kind (stored in `reject_code`).
+    pub code: &'static str,
+    /// What is wrong.
+    pub problem: String,
+    /// What to do about it.
+    pub fix: String,
+}
+
+impl Rejection {
+    pub(crate) fn new(code: &'static str, problem: String, fix: impl Into<String>) -> Self {
+        Rejection {
+            code,
+            problem,
+            fix: fix.into(),
+        }
+    }
+
+    /// From a validation error; `None` when it is not the vendor's problem (the task's
+    /// test set cannot be read).
+    pub(crate) fn from_submission_error(e: &SubmissionError) -> Option<Self> {
+        match e {
+            SubmissionError::Manifest(m) => Some(Rejection::new(
+                "manifest",
+                m.to_string(),
+                "Correct submission.toml (keys: model, input, output, batch_size, patch_size, \
+                 overlap, pad_multiple, window, description; see the vendor guide), or remove \
+                 it to use the task's defaults.",
+            )),
+            SubmissionError::Model { .. } => Some(Rejection::new(
+                "model",
+                e.to_string(),
+                "Copy your TorchScript model into this folder as model.pt (exported with \
+                 torch.jit.trace or torch.jit.script and saved with .save()), or name the file \
+                 in submission.toml: model = \"name.pt\".",
+            )),
+            SubmissionError::Dataset(_) => None,
+        }
+    }
+}
+
+/// What ingestion did with a ready folder.
+#[derive(Debug)]
+pub(crate) enum Ingested {
+    /// This content was handled before.
+    Skipped,
+    /// Files changed but the model did not: nothing to evaluate.
+    Unchanged,
+    /// Queued for evaluation.
+    Queued,
+    /// Refused (`REJECTED.txt` written where possible).
+    Rejected(Finished),
+}
+
+/// Validate the folder without running anything.
+fn examine(r: &Ready, settings: &Settings) -> Result<Prepared, Rejection> {
+    let drop_dir = &settings.daemon.drop_dir;
+    if let Some(target) = &r.symlinked_to {
+        return Err(Rejection::new(
+            "symlink",
+            format!(
+                "the submission folder {} is a symbolic link (to {})",
+                r.sub.dir.display(),
+                target.display()
+            ),
+            "Copy the folder itself into the drop folder; links are not followed.",
+        ));
+    }
+    let Some(task) = settings.tasks.get(&r.sub.task) else {
+        return Err(Rejection::new(
+            "unknown-task",
+            format!(
+                "'{}' is not a task evaluated here (the first folder under the drop folder names the task)",
+                r.sub.task
+            ),
+            format!(
+                "Put the submission under one of: {} (e.g. <drop>/{}/{}/{}/model.pt).",
+                settings.tasks.keys().cloned().collect::<Vec<_>>().join(", "),
+                settings.tasks.keys().next().map_or("TASK", String::as_str),
+                r.sub.vendor,
+                r.sub.name
+            ),
+        ));
+    };
+    let root = drop_dir
+        .canonicalize()
+        .unwrap_or_else(|_| drop_dir.to_path_buf());
+    for (link, target) in &r.fingerprint.symlinks {
+        let rel = link.strip_prefix(&r.sub.dir).unwrap_or(link).display();
+        match link.canonicalize() {
+            Ok(resolved) if resolved.starts_with(&root) => {}
+            Ok(resolved) => {
+                return Err(Rejection::new(
+                    "symlink",
+                    format!(
+                        "{rel} is a symbolic link to {} ({}), outside the drop folder",
+                        target.display(),
+                        resolved.display()
+                    ),
+                    "Copy the file itself into this folder instead of linking to it.",
+                ))
+            }
+            Err(e) => {
+                return Err(Rejection::new(
+                    "symlink",
+                    format!(
+                        "{rel} is a symbolic link to {} that cannot be followed ({e})",
+                        target.display()
+                    ),
+                    "Copy the file itself into this folder instead of linking to it.",
+                ))
+            }
+        }
+    }
+    submission::prepare(&r.sub.dir, task).map_err(|e| {
+        Rejection::from_submission_error(&e).unwrap_or_else(|| {
+            // Not the vendor's fault, but the submission cannot go on; say so plainly.
+            Rejection::new(
+                "test-set",
+                e.to_string(),
+                "Nothing to change on your side: the evaluation team has been told (see the \
+                 evald log); the submission is looked at again when the folder changes.",
+            )
+        })
+    })
+}
+
+/// Ingest one complete folder.
+///
+/// # Errors
+/// Store failures only; every problem with the folder becomes a rejection.
+pub(crate) fn ingest(
+    r: &Ready,
+    settings: &Settings,
+    store: &StoreHandle,
+) -> Result<Ingested, StoreError> {
+    let dir = r.sub.dir.clone();
+    let latest = {
+        let dir = dir.clone();
+        store.call_blocking(move |s| s.latest_for_path(&dir))?
+    };
+    if let Some(l) = &latest {
+        // A task added by a reload makes folders refused for an unknown task worth another look.
+        let task_now_known = l.state == State::Rejected
+            && l.reject_code.as_deref() == Some("unknown-task")
+            && settings.tasks.contains_key(&l.task);
+        if l.fingerprint == r.fingerprint.digest && l.state != State::Seen && !task_now_known {
+            return Ok(Ingested::Skipped);
+        }
+    }
+    let verdict = examine(r, settings);
+    let model = verdict.as_ref().ok().map(|p| {
+        let bytes = std::fs::metadata(&p.model_path).map_or(0, |m| m.len());
+        (p.model_sha256.clone(), bytes)
+    });
+    if let (Some(l), Some((sha, _))) = (&latest, &model) {
+        if l.model_sha256.as_ref() == Some(sha) && State::EVALUATED.contains(&l.state) {
+            let (id, fp) = (l.id, r.fingerprint.digest.clone());
+            store.call_blocking(move |s| s.set_fingerprint(id, &fp))?;
+            tracing::info!(
+                id,
+                task = %l.task,
+                vendor = %l.vendor,
+                name = %l.name,
+                "files changed but the model did not; not evaluated again (`evald requeue {id}` forces it)"
+            );
+            return Ok(Ingested::Unchanged);
+        }
+    }
+    let new = NewSubmission {
+        path: dir.clone(),
+        task: r.sub.task.clone(),
+        vendor: r.sub.vendor.clone(),
+        name: r.sub.name.clone(),
+        fingerprint: r.fingerprint.digest.clone(),
+    };
+    let row = match &latest {
+        // A crash between recording and validating left it `seen`: reuse it.
+        Some(l) if l.state == State::Seen => {
+            let (id, fp) = (l.id, new.fingerprint.clone());
+            store.call_blocking(move |s| {
+                s.set_fingerprint(id, &fp)?;
+                s.get(id)
+            })?
+        }
+        _ => store.call_blocking(move |s| s.insert(&new))?,
+    };
+    let prepared = match verdict {
+        Ok(p) => p,
+        Err(rej) => return reject(store, &row, &rej, None, r.symlinked_to.is_none()),
+    };
+    let (sha, bytes) = model.expect("computed for a valid folder");
+    let dup = {
+        let (task, sha, dir) = (row.task.clone(), sha.clone(), dir.clone());
+        store.call_blocking(move |s| s.same_model_elsewhere(&task, &sha, &dir))?
+    };
+    if let Some(d) = dup {
+        let rej = Rejection::new(
+            "duplicate",
+            format!(
+                "this model (sha256 {}) is byte for byte the one of submission #{} in {}, \
+                 already {} for this task",
+                &sha[..12.min(sha.len())],
+                d.id,
+                d.path.display(),
+                if matches!(d.state, State::Reported | State::Mailed) {
+                    "evaluated"
+                } else {
+                    "queued"
+                }
+            ),
+            format!(
+                "Its report is (or will be) in {}. To evaluate it again anyway, ask the \
+                 evaluation team (evald requeue {}).",
+                d.path.display(),
+                row.id
+            ),
+        );
+        return reject(store, &row, &rej, Some((sha, bytes)), true);
+    }
+    if let Some(l) = latest.filter(|l| l.state == State::Queued) {
+        let note = format!(
+            "superseded by #{}: the model in the folder changed before it was evaluated",
+            row.id
+        );
+        store.call_blocking(move |s| s.fail(l.id, &note))?;
+    }
+    let id = row.id;
+    store.call_blocking(move |s| s.queue(id, &sha, bytes))?;
+    remove_stale_rejection(&prepared.dir);
+    Ok(Ingested::Queued)
+}
+
+/// Record a rejection, write `REJECTED.txt` (unless the folder is a link), report it.
+pub(crate) fn reject(
+    store: &StoreHandle,
+    row: &Submission,
+    rej: &Rejection,
+    model: Option<(String, u64)>,
+    write_file: bool,
+) -> Result<Ingested, StoreError> {
+    let (id, code, text) = (row.id, rej.code, rej.problem.clone());
+    let rejected = store.call_blocking(move |s| {
+        s.reject(
+            id,
+            code,
+            &text,
+            model.as_ref().map(|(sha, n)| (sha.as_str(), *n)),
+        )
+    })?;
+    if write_file {
+        if let Err(e) = write_rejected(&rejected, rej) {
+            tracing::error!(id, dir = %rejected.path.display(), "cannot write {REJECTED_TXT}: {e}");
+        }
+    }
+    Ok(Ingested::Rejected(Finished {
+        id,
+        dir: rejected.path.clone(),
+        state: State::Rejected,
+        evaluation: None,
+        summary: None,
+        report: None,
+        email: None,
+        error: Some(rej.problem.clone()),
+    }))
+}
+
+/// The text of `REJECTED.txt`.
+pub(crate) fn rejected_text(sub: &Submission, rej: &Rejection) -> String {
+    format!(
+        "evald could not evaluate this submission (#{id}).\n\
+         \n\
+         What is wrong:\n  {problem}\n\
+         \n\
+         How to fix it:\n  {fix}\n\
+         \n\
+         Folder:      {dir}\n\
+         Task:        {task}\n\
+         Vendor:      {vendor}\n\
+         Submission:  {name}\n\
+         Checked:     {at} by evald {version}\n\
+         \n\
+         evald looks at this folder again by itself when its files change. A report.xlsx or\n\
+         summary.json in this folder, if any, is from an earlier evaluation.\n",
+        id = sub.id,
+        problem = rej.problem,
+        fix = rej.fix,
+        dir = sub.path.display(),
+        task = sub.task,
+        vendor = sub.vendor,
+        name = sub.name,
+        at = crate::store::now(),
+        version = env!("CARGO_PKG_VERSION"),
+    )
+}
+
+/// Write `REJECTED.txt` atomically (a `.tmp*` file the watcher ignores, then rename).
+pub(crate) fn write_rejected(sub: &Submission, rej: &Rejection) -> std::io::Result<PathBuf> {
+    use std::io::Write;
+    let dir = &sub.path;
+    let meta = std::fs::symlink_metadata(dir)?;
+    if !meta.is_dir() {
+        return Err(std::io::Error::other(
+            "not a folder (a link?); not writing into it",
+        ));
+    }
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".tmp")
+        .suffix(".tmp")
+        .tempfile_in(dir)?;
+    tmp.write_all(rejected_text(sub, rej).as_bytes())?;
+    tmp.as_file().sync_all()?;
+    let path = dir.join(REJECTED_TXT);
+    tmp.persist(&path).map_err(|e| e.error)?;
+    Ok(path)
+}
+
+/// A new evaluation of a folder makes an earlier `REJECTED.txt` wrong.
+pub(crate) fn remove_stale_rejection(dir: &Path) {
+    let p = dir.join(REJECTED_TXT);
+    match std::fs::remove_file(&p) {
+        Ok(()) => tracing::debug!(path = %p.display(), "removed an earlier rejection"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(path = %p.display(), "cannot remove an earlier rejection: {e}"),
+    }
+}

@@ -1,0 +1,560 @@
+//! The evaluation queue: take the oldest `queued` submission, evaluate it on its own
+//! thread, write its outputs, record the outcome, hand it to mail; one at a time (the GPU
+//! pool is shared).
+//!
+//! Shutdown: the cancel flag makes the pipeline stop taking new cases; cases in flight
+//! finish within `daemon.shutdown_grace_secs`. An evaluation that did not complete goes
+//! back to `queued` (it runs again from the start at the next start); a thread that
+//! outlives the grace period is abandoned and the process exits without waiting for it.
+
+use std::panic::AssertUnwindSafe;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::config::Settings;
+use crate::evaluation::Evaluation;
+use crate::infer::{InferError, Model};
+use crate::pipeline::{LocalPredictor, Predictor, Progress};
+use crate::store::{ReportedOutcome, State, Submission};
+use crate::submission::{self, Prepared};
+
+use super::ingest::{self, Rejection};
+use super::{sd, DaemonEvent, Finished, Shared};
+
+/// How often an idle runner looks at the queue even without a wake-up (another process,
+/// `evald requeue`, may have queued something).
+const IDLE_POLL: Duration = Duration::from_secs(2);
+
+/// How an evaluation ended.
+enum Outcome {
+    /// Outputs written.
+    Reported {
+        eval: Arc<Evaluation>,
+        summary: PathBuf,
+        report: PathBuf,
+    },
+    /// Stopped by shutdown before every case ran.
+    Cancelled { done: usize, total: usize },
+    /// The vendor's problem (REJECTED.txt).
+    Rejected(Rejection),
+    /// Not the vendor's problem, or nothing more to do (error column).
+    Failed(String),
+}
+
+/// The one place that decides what runs the model.
+///
+/// Today: in this process, on the first configured device. The worker pool (issue 6)
+/// provides a [`Predictor`] too; swapping it in is a change to this function only.
+fn make_predictor(
+    settings: &Settings,
+    sub: &Prepared,
+) -> Result<(Box<dyn Predictor>, Vec<String>), InferError> {
+    let device = settings
+        .pool
+        .devices
+        .first()
+        .cloned()
+        .unwrap_or_else(|| "cpu".into());
+    let model = Model::load(&sub.model_path, &device, sub.infer.clone())?;
+    Ok((Box::new(LocalPredictor::new(model, &device)), vec![device]))
+}
+
+/// MAIL HOOK: the single place a finished evaluation is handed to the team's email.
+///
+/// The mail module (issue 4: compose + durable outbox in the same database) is not merged
+/// yet, so this only logs and returns `Ok(None)`: the submission stays `reported`.
+/// When wiring it: compose from `eval` (or from `sub.summary_path` when `eval` is `None`,
+/// i.e. after a restart), enqueue in the outbox keyed by `sub.id` so that a re-run after
+/// a crash never mails twice, and return `Ok(Some(note))` (e.g. the .eml path for the
+/// file transport): the submission then becomes `mailed`.
+///
+/// # Errors
+/// A message for the log; the submission stays `reported` and is retried at the next start.
+pub(crate) fn notify_team(
+    settings: &Settings,
+    sub: &Submission,
+    eval: Option<&Evaluation>,
+) -> Result<Option<String>, String> {
+    let recipients = settings
+        .tasks
+        .get(&sub.task)
+        .map(|t| t.recipients.join(", "))
+        .unwrap_or_default();
+    tracing::info!(
+        id = sub.id,
+        task = %sub.task,
+        vendor = %sub.vendor,
+        recipients,
+        in_memory = eval.is_some(),
+        "mail is not wired yet: no email queued (the submission stays reported)"
+    );
+    Ok(None)
+}
+
+/// One line for logs, `evald status` and systemd's STATUS.
+pub(crate) fn headline(eval: &Evaluation) -> String {
+    let mut parts = Vec::new();
+    for c in &eval.spec.classes {
+        let dice = eval
+            .summary
+            .per_class
+            .get(&c.label)
+            .and_then(|m| m.get("Dice"))
+            .map_or(f64::NAN, |s| s.mean);
+        parts.push(format!("{} {dice:.3}", c.name));
+    }
+    format!(
+        "Dice {}; {}/{} cases scored",
+        parts.join(", "),
+        eval.cases.len(),
+        eval.total_cases()
+    )
+}
+
+/// Evaluate one running submission (blocking; on the evaluation thread).
+fn evaluate(
+    sub: &Submission,
+    settings: &Settings,
+    shared: &Shared,
+    cancel: &AtomicBool,
+) -> Outcome {
+    let Some(task) = settings.tasks.get(&sub.task) else {
+        return Outcome::Rejected(Rejection::new(
+            "unknown-task",
+            format!("'{}' is no longer a task evaluated here", sub.task),
+            format!(
+                "Put the submission under one of: {}.",
+                settings
+                    .tasks
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ));
+    };
+    // The folder may have changed since it was queued: validate again.
+    let prepared = match submission::prepare(&sub.path, task) {
+        Ok(p) => p,
+        Err(e) => {
+            return match Rejection::from_submission_error(&e) {
+                Some(r) => Outcome::Rejected(r),
+                None => Outcome::Failed(e.to_string()),
+            }
+        }
+    };
+    if sub.model_sha256.as_deref() != Some(prepared.model_sha256.as_str()) {
+        return Outcome::Failed(
+            "the model file changed after it was queued; the new content is evaluated as a new \
+             submission once the copy is complete"
+                .into(),
+        );
+    }
+    let (predictor, devices) = match make_predictor(settings, &prepared) {
+        Ok(p) => p,
+        Err(e @ InferError::Load { .. }) => {
+            return Outcome::Rejected(Rejection::new(
+                "not-torchscript",
+                e.to_string(),
+                "Export the model with torch.jit.trace or torch.jit.script, save it with \
+                 .save(\"model.pt\") using PyTorch 2.x, and check that torch.jit.load(\"model.pt\") \
+                 works on a machine without your training code.",
+            ))
+        }
+        Err(e) => return Outcome::Failed(format!("cannot start inference: {e}")),
+    };
+    let total = AtomicUsize::new(0);
+    let decile = AtomicUsize::new(0);
+    let started = Instant::now();
+    let (store, id, systemd) = (shared.store.clone(), sub.id, shared.systemd);
+    let label = format!("#{} {}/{}/{}", sub.id, sub.task, sub.vendor, sub.name);
+    let on_progress = |p: Progress| {
+        let done = match &p {
+            Progress::Start { total: t } => {
+                total.store(*t, Ordering::SeqCst);
+                0
+            }
+            Progress::Scored { case, dice, done } => {
+                tracing::debug!(id, case, dice = format!("{dice:.4}"), done, "case scored");
+                *done
+            }
+            Progress::Failed { failure, done } => {
+                tracing::warn!(
+                    id,
+                    case = failure.case,
+                    stage = failure.stage,
+                    reason = failure.reason,
+                    "case failed"
+                );
+                *done
+            }
+        };
+        let t = total.load(Ordering::SeqCst);
+        store.send(move |s| s.progress(id, done as u64, t as u64));
+        let d = if t == 0 { 10 } else { done * 10 / t };
+        if d > decile.swap(d, Ordering::SeqCst) {
+            tracing::info!(
+                id,
+                done,
+                total = t,
+                seconds = format!("{:.1}", started.elapsed().as_secs_f64()),
+                "evaluation progress"
+            );
+            sd(
+                systemd,
+                &[sd_notify::NotifyState::Status(&format!(
+                    "evaluating {label}: {done}/{t} cases"
+                ))],
+            );
+        }
+    };
+    let eval = match submission::evaluate(
+        &prepared,
+        task,
+        predictor.as_ref(),
+        devices,
+        Some(settings.digest()),
+        &on_progress,
+        cancel,
+    ) {
+        Ok(e) => e,
+        Err(e) => return Outcome::Failed(e.to_string()),
+    };
+    if cancel.load(Ordering::SeqCst) && eval.failures.iter().any(|f| f.stage == "cancelled") {
+        return Outcome::Cancelled {
+            done: eval.total_cases()
+                - eval
+                    .failures
+                    .iter()
+                    .filter(|f| f.stage == "cancelled")
+                    .count(),
+            total: eval.total_cases(),
+        };
+    }
+    match submission::write_outputs(&eval, &prepared.dir) {
+        Ok((summary, report)) => {
+            ingest::remove_stale_rejection(&prepared.dir);
+            Outcome::Reported {
+                eval: Arc::new(eval),
+                summary,
+                report,
+            }
+        }
+        Err(e) => Outcome::Failed(format!("cannot write the outputs: {e}")),
+    }
+}
+
+/// Set when an evaluation thread was left running at shutdown.
+fn spawn_evaluation(
+    sub: Submission,
+    settings: Arc<Settings>,
+    shared: Shared,
+    cancel: Arc<AtomicBool>,
+) -> std::io::Result<tokio::sync::oneshot::Receiver<Outcome>> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name(format!("evald-eval-{}", sub.id))
+        .spawn(move || {
+            let out = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                evaluate(&sub, &settings, &shared, &cancel)
+            }))
+            .unwrap_or_else(|p| {
+                let msg = p
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| p.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                Outcome::Failed(format!("internal error (a bug in evald): {msg}"))
+            });
+            let _ = tx.send(out);
+        })?;
+    Ok(rx)
+}
+
+/// The runner task. Returns whether an evaluation thread was abandoned at shutdown.
+pub(super) async fn run(shared: Shared) -> bool {
+    mail_reported_backlog(&shared).await;
+    loop {
+        if shared.cancel.is_cancelled() {
+            return false;
+        }
+        let next = match shared.store.call(|s| s.next_queued()).await {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::error!("reading the queue: {e}");
+                None
+            }
+        };
+        let Some(sub) = next else {
+            sd(
+                shared.systemd,
+                &[sd_notify::NotifyState::Status(
+                    "idle: watching the drop folder",
+                )],
+            );
+            tokio::select! {
+                _ = shared.cancel.cancelled() => return false,
+                _ = shared.work.notified() => {}
+                _ = tokio::time::sleep(IDLE_POLL) => {}
+            }
+            continue;
+        };
+        let settings = shared.settings.borrow().clone();
+        if sub.attempts >= settings.pool.max_attempts {
+            let (id, n) = (sub.id, sub.attempts);
+            let note = format!(
+                "evaluation interrupted {n} times (evald stopped or crashed during it; pool.max_attempts = {}); \
+                 `evald requeue {id}` tries again",
+                settings.pool.max_attempts
+            );
+            if let Err(e) = shared.store.call(move |s| s.fail(id, &note)).await {
+                tracing::error!(id, "{e}");
+            }
+            continue;
+        }
+        let id = sub.id;
+        let sub = match shared.store.call(move |s| s.start(id)).await {
+            Ok(s) => s,
+            Err(e) => {
+                // Changed by another process (e.g. requeue) in between: look again.
+                tracing::warn!(id, "cannot start: {e}");
+                continue;
+            }
+        };
+        if let Some(abandoned) = evaluate_one(&shared, sub, settings).await {
+            return abandoned;
+        }
+    }
+}
+
+/// Run one evaluation to its end. `Some(abandoned)` when shutdown interrupted it.
+async fn evaluate_one(shared: &Shared, sub: Submission, settings: Arc<Settings>) -> Option<bool> {
+    let id = sub.id;
+    tracing::info!(
+        id,
+        task = %sub.task,
+        vendor = %sub.vendor,
+        name = %sub.name,
+        attempt = sub.attempts,
+        "evaluation started"
+    );
+    sd(
+        shared.systemd,
+        &[sd_notify::NotifyState::Status(&format!(
+            "evaluating #{} {}/{}/{}",
+            sub.id, sub.task, sub.vendor, sub.name
+        ))],
+    );
+    let started = Instant::now();
+    let cancel = Arc::new(AtomicBool::new(false));
+    let mut rx = match spawn_evaluation(
+        sub.clone(),
+        Arc::clone(&settings),
+        shared.clone(),
+        Arc::clone(&cancel),
+    ) {
+        Ok(rx) => rx,
+        Err(e) => {
+            let note = format!("cannot start the evaluation thread: {e}");
+            let _ = shared.store.call(move |s| s.fail(id, &note)).await;
+            return None;
+        }
+    };
+    let mut interrupted = false;
+    let outcome = tokio::select! {
+        o = &mut rx => o.ok(),
+        _ = shared.cancel.cancelled() => {
+            interrupted = true;
+            cancel.store(true, Ordering::SeqCst);
+            let grace = settings.daemon.shutdown_grace;
+            tracing::info!(id, "letting the cases in flight finish (up to {} s)", grace.as_secs());
+            match tokio::time::timeout(grace, &mut rx).await {
+                Ok(o) => o.ok(),
+                Err(_) => {
+                    let note = format!(
+                        "interrupted: shutdown grace period ({} s) ran out; queued again",
+                        grace.as_secs()
+                    );
+                    if let Err(e) = shared.store.call(move |s| s.interrupt(id, &note)).await {
+                        tracing::error!(id, "{e}");
+                    }
+                    return Some(true);
+                }
+            }
+        }
+    };
+    let secs = started.elapsed().as_secs_f64();
+    let outcome =
+        outcome.unwrap_or_else(|| Outcome::Failed("the evaluation thread vanished".into()));
+    finish(shared, &sub, &settings, outcome, secs).await;
+    interrupted.then_some(false)
+}
+
+async fn finish(
+    shared: &Shared,
+    sub: &Submission,
+    settings: &Arc<Settings>,
+    outcome: Outcome,
+    secs: f64,
+) {
+    let id = sub.id;
+    let store = &shared.store;
+    let finished = match outcome {
+        Outcome::Reported {
+            eval,
+            summary,
+            report,
+        } => {
+            let o = ReportedOutcome {
+                cases_scored: eval.cases.len() as u64,
+                cases_failed: eval.failures.len() as u64,
+                headline: headline(&eval),
+                summary_path: summary.clone(),
+                report_path: report.clone(),
+            };
+            tracing::info!(
+                id,
+                task = %sub.task,
+                vendor = %sub.vendor,
+                seconds = format!("{secs:.1}"),
+                report = %report.display(),
+                "evaluation finished: {}",
+                o.headline
+            );
+            let reported = match store.call(move |s| s.reported(id, &o)).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(id, "{e}");
+                    return;
+                }
+            };
+            let email = mail(shared, settings, reported, Some(Arc::clone(&eval))).await;
+            Finished {
+                id,
+                dir: sub.path.clone(),
+                state: if email.is_some() {
+                    State::Mailed
+                } else {
+                    State::Reported
+                },
+                evaluation: Some(eval),
+                summary: Some(summary),
+                report: Some(report),
+                email: email.flatten(),
+                error: None,
+            }
+        }
+        Outcome::Cancelled { done, total } => {
+            let note = format!(
+                "interrupted by shutdown after {done} of {total} cases; evaluated again from the start"
+            );
+            if let Err(e) = store.call(move |s| s.interrupt(id, &note)).await {
+                tracing::error!(id, "{e}");
+            }
+            return;
+        }
+        Outcome::Rejected(rej) => {
+            let sub = sub.clone();
+            let r = tokio::task::spawn_blocking({
+                let store = store.clone();
+                move || ingest::reject(&store, &sub, &rej, None, true)
+            })
+            .await;
+            match r {
+                Ok(Ok(ingest::Ingested::Rejected(f))) => f,
+                Ok(Ok(_)) => return,
+                Ok(Err(e)) => {
+                    tracing::error!(id, "{e}");
+                    return;
+                }
+                Err(e) => {
+                    tracing::error!(id, "{e}");
+                    return;
+                }
+            }
+        }
+        Outcome::Failed(reason) => {
+            let r = reason.clone();
+            if let Err(e) = store.call(move |s| s.fail(id, &r)).await {
+                tracing::error!(id, "{e}");
+            }
+            Finished {
+                id,
+                dir: sub.path.clone(),
+                state: State::Failed,
+                evaluation: None,
+                summary: None,
+                report: None,
+                email: None,
+                error: Some(reason),
+            }
+        }
+    };
+    let _ = shared.events.send(DaemonEvent::Finished(finished));
+}
+
+/// Hand a reported submission to mail; `Some(email)` when it became `mailed`.
+async fn mail(
+    shared: &Shared,
+    settings: &Arc<Settings>,
+    sub: Submission,
+    eval: Option<Arc<Evaluation>>,
+) -> Option<Option<PathBuf>> {
+    let id = sub.id;
+    let s = Arc::clone(settings);
+    let res = tokio::task::spawn_blocking(move || notify_team(&s, &sub, eval.as_deref())).await;
+    match res {
+        Ok(Ok(Some(note))) => {
+            let n = note.clone();
+            match shared.store.call(move |s| s.mailed(id, &n)).await {
+                Ok(_) => {
+                    let p = PathBuf::from(&note);
+                    Some(p.is_file().then_some(p))
+                }
+                Err(e) => {
+                    tracing::error!(id, "{e}");
+                    None
+                }
+            }
+        }
+        Ok(Ok(None)) => None,
+        Ok(Err(e)) => {
+            tracing::error!(
+                id,
+                "queueing the email failed (retried at the next start): {e}"
+            );
+            None
+        }
+        Err(e) => {
+            tracing::error!(
+                id,
+                "queueing the email failed (retried at the next start): {e}"
+            );
+            None
+        }
+    }
+}
+
+/// At start: submissions reported but not handed to mail (a stop in between).
+async fn mail_reported_backlog(shared: &Shared) {
+    let backlog = match shared.store.call(|s| s.in_state(State::Reported)).await {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::error!("reading reported submissions: {e}");
+            return;
+        }
+    };
+    if backlog.is_empty() {
+        return;
+    }
+    tracing::info!(count = backlog.len(), "submissions reported but not mailed");
+    let settings = shared.settings.borrow().clone();
+    for sub in backlog {
+        if shared.cancel.is_cancelled() {
+            return;
+        }
+        mail(shared, &settings, sub, None).await;
+    }
+}

@@ -1,0 +1,883 @@
+//! The service as an admin and a vendor meet it: the real `evald serve` on temp folders
+//! with tiny phantom test sets, driven through the drop folder and signals, observed
+//! through the store, the files it writes and its log. No sleep is used to wait for
+//! anything: every wait polls a condition with a deadline. (Sleeps only pace a writer
+//! that imitates a slow upload.)
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use evald::store::{State, Store, Submission, Transition};
+
+use crate::util::{evald, read_json};
+
+/// Generous: CI machines are slow and shared.
+const DEADLINE: Duration = Duration::from_secs(120);
+
+/// A temp installation: test set, drop/state/log folders, config.
+struct Env {
+    dir: tempfile::TempDir,
+    drop: PathBuf,
+    state: PathBuf,
+    logs: PathBuf,
+    cfg: PathBuf,
+    images: PathBuf,
+    labels: PathBuf,
+}
+
+#[derive(Clone, Copy)]
+struct Opts {
+    cases: usize,
+    rescan_secs: u64,
+    grace_secs: u64,
+    log_format: &'static str,
+}
+
+impl Default for Opts {
+    fn default() -> Self {
+        Opts {
+            cases: 2,
+            rescan_secs: 3600,
+            grace_secs: 20,
+            log_format: "text",
+        }
+    }
+}
+
+fn task_toml(name: &str, images: &Path, labels: &Path) -> String {
+    format!(
+        "[tasks.{name}]\nimages = \"{}\"\nlabels = \"{}\"\nclasses = {{ 1 = \"thyroid\", 2 = \"nodule\" }}\n\
+         positive_class = 2\nlesion_classes = [2]\nsurface_metrics = false\nrecipients = [\"team@example.org\"]\n",
+        images.display(),
+        labels.display()
+    )
+}
+
+impl Env {
+    fn new(o: Opts) -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_path_buf();
+        let set =
+            evald::phantom::generate(&root.join("data"), o.cases, [32, 32, 8], [0.8, 0.8, 2.5], 7)
+                .unwrap();
+        let env = Env {
+            drop: root.join("drop"),
+            state: root.join("state"),
+            logs: root.join("logs"),
+            cfg: root.join("evald.toml"),
+            images: set.images,
+            labels: set.labels,
+            dir,
+        };
+        std::fs::create_dir_all(env.drop.join("t")).unwrap();
+        env.write_config(o, &["t"]);
+        env
+    }
+
+    fn config_text(&self, o: Opts, tasks: &[&str]) -> String {
+        let mut s = format!(
+            "[daemon]\ndrop_dir = \"{}\"\nstate_dir = \"{}\"\nlog_dir = \"{}\"\nsettle_secs = 1\n\
+             rescan_secs = {}\nshutdown_grace_secs = {}\nlog_format = \"{}\"\n\n\
+             [pool]\nworkers = 1\ndevices = [\"cpu\"]\nmax_attempts = 3\n\n\
+             [mail]\ntransport = \"file\"\noutbox_dir = \"{}\"\n\n",
+            self.drop.display(),
+            self.state.display(),
+            self.logs.display(),
+            o.rescan_secs,
+            o.grace_secs,
+            o.log_format,
+            self.dir.path().join("outbox").display(),
+        );
+        for t in tasks {
+            s.push_str(&task_toml(t, &self.images, &self.labels));
+        }
+        s
+    }
+
+    fn write_config(&self, o: Opts, tasks: &[&str]) {
+        std::fs::write(&self.cfg, self.config_text(o, tasks)).unwrap();
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    fn sub(&self, rel: &str) -> PathBuf {
+        self.drop.join(rel)
+    }
+
+    fn submissions(&self) -> Vec<Submission> {
+        match Store::open_existing(&self.state).unwrap() {
+            Some(s) => s.all().unwrap(),
+            None => Vec::new(),
+        }
+    }
+
+    fn for_path(&self, dir: &Path) -> Vec<Submission> {
+        self.submissions()
+            .into_iter()
+            .filter(|s| s.path == dir)
+            .collect()
+    }
+
+    fn history(&self, id: i64) -> Vec<Transition> {
+        Store::open_existing(&self.state)
+            .unwrap()
+            .unwrap()
+            .history(id)
+            .unwrap()
+    }
+}
+
+/// The running service; killed (SIGKILL) if a test ends while it runs.
+struct Daemon {
+    child: Child,
+    stderr: PathBuf,
+}
+
+impl Daemon {
+    fn start(env: &Env) -> Daemon {
+        let n = std::fs::read_dir(env.dir.path()).unwrap().count();
+        let stderr = env.path(&format!("serve-{n}.stderr"));
+        let child = evald()
+            .args(["serve", "--config"])
+            .arg(&env.cfg)
+            .env("EVALD_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .expect("spawn evald serve");
+        let d = Daemon { child, stderr };
+        d.wait_log("evald ready");
+        d
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    fn wait_log(&self, needle: &str) {
+        wait_until(&format!("log line '{needle}'"), self, || {
+            self.log().contains(needle).then_some(())
+        });
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        let rc = unsafe { libc::kill(self.child.id() as i32, sig) };
+        assert_eq!(rc, 0, "kill({sig})");
+    }
+
+    fn alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    fn wait_exit(&mut self, within: Duration) -> (ExitStatus, Duration) {
+        let t0 = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return (st, t0.elapsed());
+            }
+            assert!(
+                t0.elapsed() < within,
+                "evald did not exit within {within:?}\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn kill9(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Poll `f` every 50 ms until it returns `Some`, or fail with the daemon's log.
+fn wait_until<T>(what: &str, d: &Daemon, mut f: impl FnMut() -> Option<T>) -> T {
+    let t0 = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            t0.elapsed() < DEADLINE,
+            "timed out waiting for {what}\n--- evald log ---\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Wait until the newest submission of `dir` is in one of `states`.
+fn wait_state(env: &Env, d: &Daemon, dir: &Path, states: &[State]) -> Submission {
+    wait_until(&format!("{} in {states:?}", dir.display()), d, || {
+        env.for_path(dir)
+            .pop()
+            .filter(|s| states.contains(&s.state))
+    })
+}
+
+fn write_files(dir: &Path, files: &[(&str, &[u8])]) {
+    std::fs::create_dir_all(dir).unwrap();
+    for (name, bytes) in files {
+        std::fs::write(dir.join(name), bytes).unwrap();
+    }
+}
+
+/// A TorchScript model that segments the phantoms like the demo model, after `work`
+/// rounds of a 256x256 matrix product per forward call (to make evaluations last; the
+/// product is multiplied by zero, so the output is the demo model's). Different `work`
+/// values give different model bytes.
+fn slow_model(work: usize) -> Vec<u8> {
+    use evald::phantom::hu;
+    use tch::{Device, Kind, Tensor};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.pt");
+    let window = |h: f32| f64::from((h - (40.0 - 200.0)) / 400.0);
+    let m = Tensor::eye(256, (Kind::Float, Device::Cpu)) * 0.5;
+    let example = Tensor::zeros([2, 1, 16, 16], (Kind::Float, Device::Cpu));
+    let mut f = |xs: &[Tensor]| -> Vec<Tensor> {
+        let x = &xs[0];
+        let s = x.avg_pool2d([3, 3], [1, 1], [1, 1], false, false, None::<i64>);
+        // Depends on the input, so it cannot be folded into a constant when loaded.
+        let mut acc = &m * (x.sum(Kind::Float) * 0.0 + 1.0);
+        for _ in 0..work {
+            acc = acc.matmul(&m);
+        }
+        let zero = acc.sum(Kind::Float) * 0.0;
+        let score = |centre: f32, half: f32| -> Tensor {
+            let d: Tensor = (&s - window(centre)) / f64::from(half / 400.0);
+            1.0 - &d * &d
+        };
+        let thyroid = score(hu::THYROID, 45.0) + &zero;
+        let nodule = score(hu::NODULE, 28.0);
+        let background = s.zeros_like();
+        vec![Tensor::cat(&[background, thyroid, nodule], 1)]
+    };
+    let module =
+        tch::CModule::create_by_tracing("evald_slow", "forward", &[example], &mut f).unwrap();
+    module.save(&path).unwrap();
+    std::fs::read(&path).unwrap()
+}
+
+fn demo_model() -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("m.pt");
+    evald::phantom::write_demo_model(&p).unwrap();
+    std::fs::read(&p).unwrap()
+}
+
+/// One forward per slice: evaluations take `work`-proportional time.
+const ONE_SLICE: &[u8] = b"input = \"slices2d\"\noutput = \"logits\"\nbatch_size = 1\n";
+
+fn states(h: &[Transition]) -> Vec<State> {
+    h.iter().map(|t| t.to).collect()
+}
+
+fn count(h: &[Transition], s: State) -> usize {
+    h.iter().filter(|t| t.to == s).count()
+}
+
+fn at(h: &[Transition], s: State) -> chrono::DateTime<chrono::Utc> {
+    let t = h
+        .iter()
+        .find(|t| t.to == s)
+        .unwrap_or_else(|| panic!("no {s} in {h:?}"));
+    t.at.parse().unwrap()
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+#[test]
+fn a_slow_copy_is_evaluated_once_after_it_completes() {
+    let env = Env::new(Opts::default());
+    let dir = env.sub("t/acme/slow");
+    // The folder exists (empty) before the service starts: an empty folder is nothing to do.
+    std::fs::create_dir_all(&dir).unwrap();
+    let d = Daemon::start(&env);
+    let model = demo_model();
+    {
+        let mut f = std::fs::File::create(dir.join("model.pt")).unwrap();
+        let chunks: Vec<&[u8]> = model.chunks(model.len() / 4 + 1).collect();
+        for (i, c) in chunks.iter().enumerate() {
+            f.write_all(c).unwrap();
+            f.flush().unwrap();
+            if i + 1 < chunks.len() {
+                // Pacing a slow writer (not synchronisation): each pause is longer than
+                // settle_secs, with the file still open for writing.
+                std::thread::sleep(Duration::from_millis(1500));
+            }
+        }
+    }
+    let closed = chrono::Utc::now();
+    let s = wait_state(&env, &d, &dir, &[State::Reported]);
+    let rows = env.for_path(&dir);
+    assert_eq!(rows.len(), 1, "one submission for one upload: {rows:#?}");
+    let h = env.history(s.id);
+    assert_eq!(
+        states(&h),
+        [State::Seen, State::Queued, State::Running, State::Reported]
+    );
+    assert!(
+        at(&h, State::Seen) >= closed - chrono::Duration::milliseconds(50),
+        "picked up before the copy completed: seen {} < closed {closed}",
+        h[0].at
+    );
+    assert_eq!(s.model_sha256.as_deref(), Some(sha256(&model).as_str()));
+    let summary = read_json(&dir.join("summary.json"));
+    assert_eq!(summary["evald"]["run"]["model_sha256"], sha256(&model));
+    assert_eq!(summary["evald"]["cases_scored"], 2);
+    assert!(dir.join("report.xlsx").is_file());
+    assert!(!dir.join("REJECTED.txt").exists());
+
+    // Log files: today's file behind the evald.log link, one line per state change.
+    let log = std::fs::read_to_string(env.logs.join("evald.log")).unwrap();
+    let line = log
+        .lines()
+        .find(|l| l.contains("submission reported"))
+        .unwrap_or_else(|| panic!("no state line in\n{log}"));
+    for field in [
+        format!("id={}", s.id),
+        "task=t".into(),
+        "vendor=acme".into(),
+    ] {
+        assert!(line.contains(&field), "{field} missing: {line}");
+    }
+}
+
+#[test]
+fn a_nested_folder_copy_and_a_rename_into_the_drop_folder_are_both_picked_up() {
+    // Rescans are hours apart: only events (and the look after a new folder) find these.
+    let env = Env::new(Opts::default());
+    let d = Daemon::start(&env);
+    let model = demo_model();
+    // A whole vendor tree appears at once (new nested folders: inotify misses some events).
+    let nested = env.sub("t/newvendor/v1");
+    write_files(
+        &nested,
+        &[("submission.toml", ONE_SLICE), ("model.pt", &model)],
+    );
+    // A folder prepared elsewhere on the same file system, renamed into place.
+    let staged = env.path("staging/v2");
+    write_files(&staged, &[("model.pt", &slow_model(1))]);
+    std::fs::create_dir_all(env.sub("t/acme")).unwrap();
+    let renamed = env.sub("t/acme/v2");
+    std::fs::rename(&staged, &renamed).unwrap();
+    for dir in [&nested, &renamed] {
+        wait_state(&env, &d, dir, &[State::Reported]);
+        assert!(dir.join("summary.json").is_file());
+        assert_eq!(env.for_path(dir).len(), 1);
+    }
+}
+
+#[test]
+fn two_submissions_queue_in_order_and_requeue_runs_one_again() {
+    let env = Env::new(Opts {
+        cases: 3,
+        ..Opts::default()
+    });
+    let d = Daemon::start(&env);
+    let (a, b) = (env.sub("t/acme/a"), env.sub("t/acme/b"));
+    write_files(
+        &a,
+        &[
+            ("submission.toml", ONE_SLICE),
+            ("model.pt", &slow_model(10)),
+        ],
+    );
+    // B arrives while A is being evaluated.
+    wait_state(&env, &d, &a, &[State::Running, State::Reported]);
+    write_files(
+        &b,
+        &[
+            ("submission.toml", ONE_SLICE),
+            ("model.pt", &slow_model(11)),
+        ],
+    );
+    let sa = wait_state(&env, &d, &a, &[State::Reported]);
+    let sb = wait_state(&env, &d, &b, &[State::Reported]);
+    let (ha, hb) = (env.history(sa.id), env.history(sb.id));
+    assert!(at(&ha, State::Queued) < at(&hb, State::Queued));
+    assert!(
+        at(&ha, State::Reported) <= at(&hb, State::Running),
+        "one evaluation at a time, in order: A {ha:#?}\nB {hb:#?}"
+    );
+
+    let st = crate::util::run_ok(evald().args(["status", "--config"]).arg(&env.cfg));
+    let text = String::from_utf8_lossy(&st.stdout);
+    assert!(
+        text.contains(&format!("#{} t/acme/a", sa.id)) && text.contains("last results"),
+        "{text}"
+    );
+    let js = crate::util::run_ok(evald().args(["status", "--json", "--config"]).arg(&env.cfg));
+    let v: serde_json::Value = serde_json::from_slice(&js.stdout).unwrap();
+    assert_eq!(v["recent"].as_array().unwrap().len(), 2);
+
+    // Same model, same task: only the admin gets it evaluated again.
+    crate::util::run_ok(
+        evald()
+            .args(["requeue", &sa.id.to_string(), "--config"])
+            .arg(&env.cfg),
+    );
+    wait_until("the requeued evaluation", &d, || {
+        let h = env.history(sa.id);
+        (count(&h, State::Reported) == 2).then_some(())
+    });
+    let again = evald()
+        .args(["requeue", "999", "--config"])
+        .arg(&env.cfg)
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("#999 does not exist"));
+}
+
+#[test]
+fn kill_9_during_an_evaluation_then_restart_gives_exactly_one_report() {
+    let env = Env::new(Opts {
+        cases: 6,
+        ..Opts::default()
+    });
+    let mut d = Daemon::start(&env);
+    let dir = env.sub("t/acme/k");
+    write_files(
+        &dir,
+        &[
+            ("submission.toml", ONE_SLICE),
+            ("model.pt", &slow_model(25)),
+        ],
+    );
+    wait_until("the first case of the evaluation", &d, || {
+        env.for_path(&dir)
+            .pop()
+            .filter(|s| s.state == State::Running && s.progress_done >= 1)
+    });
+    d.kill9();
+    assert!(!dir.join("summary.json").exists());
+    assert_eq!(
+        env.for_path(&dir)[0].state,
+        State::Running,
+        "as the kill left it"
+    );
+
+    let d = Daemon::start(&env);
+    let s = wait_state(&env, &d, &dir, &[State::Reported]);
+    assert_eq!(env.for_path(&dir).len(), 1);
+    assert_eq!(s.attempts, 2);
+    let h = env.history(s.id);
+    assert_eq!(
+        states(&h),
+        [
+            State::Seen,
+            State::Queued,
+            State::Running,
+            State::Queued,
+            State::Running,
+            State::Reported
+        ]
+    );
+    let outputs: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "model.pt" && n != "submission.toml")
+        .collect();
+    let mut outputs = outputs;
+    outputs.sort();
+    assert_eq!(outputs, ["report.xlsx", "summary.json"]);
+    assert_eq!(
+        read_json(&dir.join("summary.json"))["evald"]["cases_scored"],
+        6
+    );
+}
+
+#[test]
+fn sighup_keeps_the_old_config_when_the_new_one_is_broken_and_applies_a_good_one() {
+    let o = Opts::default();
+    let env = Env::new(o);
+    let d = Daemon::start(&env);
+    let model = demo_model();
+
+    // Broken: an unknown key. The service keeps running on the old configuration.
+    std::fs::write(
+        &env.cfg,
+        env.config_text(o, &["t"]) + "\n[pool]\nworkerz = 2\n",
+    )
+    .unwrap();
+    d.signal(libc::SIGHUP);
+    d.wait_log("configuration reload failed; keeping the previous configuration");
+    let first = env.sub("t/acme/v1");
+    write_files(&first, &[("model.pt", &model)]);
+    wait_state(&env, &d, &first, &[State::Reported]);
+
+    // A task that does not exist yet: refused.
+    let later = env.sub("t2/acme/v1");
+    write_files(&later, &[("model.pt", &slow_model(2))]);
+    let r = wait_state(&env, &d, &later, &[State::Rejected]);
+    assert_eq!(r.reject_code.as_deref(), Some("unknown-task"));
+
+    // Good: task t2 added. Applied, and the refused folder is looked at again.
+    env.write_config(o, &["t", "t2"]);
+    d.signal(libc::SIGHUP);
+    d.wait_log("configuration reloaded");
+    wait_state(&env, &d, &later, &[State::Reported]);
+    assert!(
+        !later.join("REJECTED.txt").exists(),
+        "stale rejection removed"
+    );
+}
+
+#[test]
+fn sigterm_exits_0_within_the_grace_period_and_leaves_the_store_consistent() {
+    let env = Env::new(Opts {
+        cases: 6,
+        grace_secs: 20,
+        ..Opts::default()
+    });
+    let mut d = Daemon::start(&env);
+    let dir = env.sub("t/acme/s");
+    write_files(
+        &dir,
+        &[
+            ("submission.toml", ONE_SLICE),
+            ("model.pt", &slow_model(25)),
+        ],
+    );
+    wait_until("the first case", &d, || {
+        env.for_path(&dir)
+            .pop()
+            .filter(|s| s.state == State::Running && s.progress_done >= 1)
+    });
+    d.signal(libc::SIGTERM);
+    let (st, took) = d.wait_exit(Duration::from_secs(20 + 10));
+    assert!(st.success(), "exit status {st:?}\n{}", d.log());
+    assert!(took < Duration::from_secs(20), "took {took:?}");
+    let log = d.log();
+    assert!(log.contains("evald stopped"), "{log}");
+
+    let store = Store::open_existing(&env.state).unwrap().unwrap();
+    assert_eq!(store.integrity_check().unwrap(), "ok");
+    assert!(store.in_state(State::Running).unwrap().is_empty());
+    let s = env.for_path(&dir).pop().unwrap();
+    assert_eq!(s.state, State::Queued, "unfinished evaluation queued again");
+    assert!(
+        s.error
+            .as_deref()
+            .unwrap_or("")
+            .contains("interrupted by shutdown"),
+        "{s:?}"
+    );
+    assert!(!dir.join("summary.json").exists(), "no partial report");
+    drop(store);
+
+    // The next start finishes it.
+    let d = Daemon::start(&env);
+    wait_state(&env, &d, &dir, &[State::Reported]);
+    assert_eq!(env.for_path(&dir).len(), 1);
+}
+
+#[test]
+fn a_case_longer_than_the_grace_period_is_abandoned_and_queued_again() {
+    let env = Env::new(Opts {
+        cases: 2,
+        grace_secs: 1,
+        ..Opts::default()
+    });
+    let mut d = Daemon::start(&env);
+    let dir = env.sub("t/acme/long");
+    write_files(
+        &dir,
+        &[
+            ("submission.toml", ONE_SLICE),
+            ("model.pt", &slow_model(400)),
+        ],
+    );
+    wait_state(&env, &d, &dir, &[State::Running]);
+    d.signal(libc::SIGTERM);
+    let (st, took) = d.wait_exit(Duration::from_secs(30));
+    assert!(st.success(), "exit status {st:?}\n{}", d.log());
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    let s = env.for_path(&dir).pop().unwrap();
+    assert_eq!(s.state, State::Queued, "{s:?}\n{}", d.log());
+    assert!(s.error.unwrap_or_default().contains("grace period"));
+}
+
+#[test]
+fn every_rejection_writes_its_rejected_txt_and_the_service_keeps_serving() {
+    let env = Env::new(Opts {
+        log_format: "json",
+        ..Opts::default()
+    });
+    let mut d = Daemon::start(&env);
+    let model = demo_model();
+    let good = env.sub("t/acme/good");
+    write_files(&good, &[("model.pt", &model)]);
+    wait_state(&env, &d, &good, &[State::Reported]);
+
+    let outside = env.path("outside.pt");
+    std::fs::write(&outside, &model).unwrap();
+    let cases: Vec<(&str, PathBuf, &str)> = vec![
+        (
+            "unknown-task",
+            env.sub("nosuchtask/acme/v1"),
+            "is not a task evaluated here",
+        ),
+        ("model", env.sub("t/acme/nomodel"), "missing"),
+        ("model", env.sub("t/acme/empty"), "is empty"),
+        ("model", env.sub("t/acme/dirmodel"), "not a regular file"),
+        ("manifest", env.sub("t/acme/syntax"), "submission.toml"),
+        ("manifest", env.sub("t/acme/unknownkey"), "inptu"),
+        ("manifest", env.sub("t/acme/badvalue"), "volume2d"),
+        ("symlink", env.sub("t/acme/link"), "outside the drop folder"),
+        (
+            "not-torchscript",
+            env.sub("t/acme/garbage"),
+            "cannot load as TorchScript",
+        ),
+        ("duplicate", env.sub("t/other/copy"), "byte for byte"),
+    ];
+    write_files(&cases[0].1, &[("model.pt", &model)]);
+    write_files(&cases[1].1, &[("submission.toml", ONE_SLICE)]);
+    write_files(&cases[2].1, &[("model.pt", b"")]);
+    std::fs::create_dir_all(cases[3].1.join("model.pt")).unwrap();
+    std::fs::write(cases[3].1.join("notes.txt"), b"x").unwrap();
+    write_files(
+        &cases[4].1,
+        &[("model.pt", &model), ("submission.toml", b"input = [")],
+    );
+    write_files(
+        &cases[5].1,
+        &[
+            ("model.pt", &model),
+            ("submission.toml", b"inptu = \"slices2d\"\n"),
+        ],
+    );
+    write_files(
+        &cases[6].1,
+        &[
+            ("model.pt", &model),
+            ("submission.toml", b"input = \"volume2d\"\n"),
+        ],
+    );
+    std::fs::create_dir_all(&cases[7].1).unwrap();
+    std::os::unix::fs::symlink(&outside, cases[7].1.join("model.pt")).unwrap();
+    write_files(
+        &cases[8].1,
+        &[("model.pt", b"this is not a TorchScript archive")],
+    );
+    write_files(&cases[9].1, &[("model.pt", &model)]);
+
+    for (code, dir, says) in &cases {
+        let s = wait_state(
+            &env,
+            &d,
+            dir,
+            &[State::Rejected, State::Reported, State::Failed],
+        );
+        assert_eq!(s.state, State::Rejected, "{}: {s:?}", dir.display());
+        assert_eq!(s.reject_code.as_deref(), Some(*code), "{}", dir.display());
+        let txt = std::fs::read_to_string(dir.join("REJECTED.txt"))
+            .unwrap_or_else(|e| panic!("{}: REJECTED.txt: {e}", dir.display()));
+        assert!(
+            txt.contains(says),
+            "{}: expected '{says}' in\n{txt}",
+            dir.display()
+        );
+        assert!(txt.contains("How to fix it:"), "{txt}");
+    }
+    assert!(d.alive(), "the service keeps running");
+
+    // Still serving: a good submission after all that.
+    let after = env.sub("t/acme/after");
+    write_files(&after, &[("model.pt", &slow_model(3))]);
+    wait_state(&env, &d, &after, &[State::Reported]);
+    // Each refusal was recorded once (REJECTED.txt does not make the folder new).
+    for (_, dir, _) in &cases {
+        assert_eq!(env.for_path(dir).len(), 1, "{}", dir.display());
+    }
+
+    // JSON log lines carry the submission's identity.
+    let log = std::fs::read_to_string(env.logs.join("evald.log")).unwrap();
+    let rejected: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["message"] == "submission rejected")
+        .collect();
+    assert_eq!(rejected.len(), cases.len(), "{log}");
+    assert!(rejected
+        .iter()
+        .all(|v| v["id"].is_i64() && v["task"].is_string() && v["vendor"].is_string()));
+}
+
+#[test]
+fn check_config_lists_every_problem_with_its_key_and_never_the_password() {
+    // The documented example: only folders that do not exist on this machine.
+    let ex = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/evald.toml");
+    let o = evald()
+        .args(["check-config", "--config"])
+        .arg(&ex)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let out = String::from_utf8_lossy(&o.stdout);
+    let keys: Vec<&str> = out
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.trim().split(": ").next())
+        .collect();
+    assert!(!keys.is_empty(), "{out}");
+    for k in &keys {
+        assert!(
+            [
+                "daemon.drop_dir",
+                "daemon.state_dir",
+                "daemon.log_dir",
+                "tasks.thyroid-ca.images",
+                "tasks.thyroid-ca.labels"
+            ]
+            .contains(k),
+            "unexpected problem {k} in\n{out}"
+        );
+    }
+
+    // Several wrong values at once: all of them, each with its key.
+    let env = Env::new(Opts::default());
+    let bad = env.path("bad.toml");
+    std::fs::write(&bad, "[daemon\n").unwrap();
+    let o = evald()
+        .args(["check-config", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("(file):"));
+    std::fs::write(
+        &bad,
+        env.config_text(Opts::default(), &["t"])
+            .replace("workers = 1", "workers = 0")
+            .replace("settle_secs = 1", "settle_secs = 1\nwatch = \"inotify\"")
+            .replace("[mail]", "[mail]\nsmtp_user = \"evald\"")
+            .replace(&env.drop.display().to_string(), "/nonexistent/drop"),
+    )
+    .unwrap();
+    let o = evald()
+        .args(["check-config", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let out = String::from_utf8_lossy(&o.stdout);
+    for key in [
+        "pool.workers:",
+        "daemon.watch:",
+        "mail.smtp_user:",
+        "daemon.drop_dir:",
+    ] {
+        assert!(out.contains(key), "{key} missing in\n{out}");
+    }
+
+    // Valid, with SMTP auth: OK, and the password is not printed.
+    let pw = env.path("smtp-password");
+    std::fs::write(&pw, "s3cr3t-pw\n").unwrap();
+    let good = env.path("good.toml");
+    std::fs::write(
+        &good,
+        env.config_text(Opts::default(), &["t"]).replace(
+            "[mail]\ntransport = \"file\"",
+            &format!(
+                "[mail]\ntransport = \"smtp\"\nsmtp_host = \"127.0.0.1\"\nsmtp_port = 2525\n\
+                 smtp_security = \"none\"\nsmtp_user = \"evald\"\nsmtp_password_file = \"{}\"",
+                pw.display()
+            ),
+        ),
+    )
+    .unwrap();
+    let o = crate::util::run_ok(evald().args(["check-config", "--config"]).arg(&good));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("OK") && out.contains("password from"), "{out}");
+    assert!(!out.contains("s3cr3t") && !String::from_utf8_lossy(&o.stderr).contains("s3cr3t"));
+}
+
+#[test]
+fn the_systemd_unit_passes_systemd_analyze_verify() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    if Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("systemd-analyze is not installed; skipping (CI installs systemd)");
+        return;
+    }
+    // verify needs ExecStart's binary to exist: point it at the one just built.
+    let unit = std::fs::read_to_string(root.join("systemd/evald.service")).unwrap();
+    assert!(unit.contains("ExecStart=/usr/local/bin/evald serve"));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("evald.service");
+    std::fs::write(
+        &path,
+        unit.replace("/usr/local/bin/evald", env!("CARGO_BIN_EXE_evald")),
+    )
+    .unwrap();
+    let o = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // verify exits 0 on unknown keys and bad values; they appear as lines naming the file.
+    let about_ours: Vec<&str> = all
+        .lines()
+        .filter(|l| l.contains("evald.service"))
+        .collect();
+    assert!(o.status.success() && about_ours.is_empty(), "{all}");
+
+    // sysusers and tmpfiles entries parse and apply (into a scratch root, as root only).
+    if unsafe { libc::geteuid() } == 0 {
+        let r = dir.path().join("root");
+        std::fs::create_dir_all(r.join("etc")).unwrap();
+        for f in ["passwd", "group"] {
+            std::fs::copy(Path::new("/etc").join(f), r.join("etc").join(f)).unwrap();
+        }
+        for (tool, file, extra) in [
+            ("systemd-sysusers", "systemd/evald.sysusers", None),
+            (
+                "systemd-tmpfiles",
+                "systemd/evald.tmpfiles",
+                Some("--create"),
+            ),
+        ] {
+            let mut c = Command::new(tool);
+            c.arg(format!("--root={}", r.display()));
+            c.args(extra);
+            let o = c.arg(root.join(file)).output().unwrap();
+            assert!(
+                o.status.success()
+                    && !String::from_utf8_lossy(&o.stderr)
+                        .contains(file.rsplit('/').next().unwrap()),
+                "{tool}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+        assert!(r.join("srv/evald/drop").is_dir());
+    }
+}
