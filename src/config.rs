@@ -522,6 +522,7 @@ impl RawSettings {
     /// [`ConfigError::Invalid`] listing each problem with its key.
     pub fn validate(self, source: &Path) -> Result<Settings, ConfigError> {
         let mut p: Vec<Problem> = Vec::new();
+        let (d, pl, m) = (&self.daemon, &self.pool, &self.mail);
         // Plain checks first; the closure's borrow of `p` ends with this block.
         {
             let mut bad = |key: &str, message: String| {
@@ -530,7 +531,6 @@ impl RawSettings {
                     message,
                 })
             };
-            let d = &self.daemon;
             if d.settle_secs > 86_400 {
                 bad("daemon.settle_secs", "must be at most 86400".into());
             }
@@ -549,7 +549,6 @@ impl RawSettings {
                     bad(key, format!("{} must be an absolute path", path.display()));
                 }
             }
-            let pl = &self.pool;
             if !(1..=64).contains(&pl.workers) {
                 bad("pool.workers", format!("{} must be 1..=64", pl.workers));
             }
@@ -573,7 +572,6 @@ impl RawSettings {
             if !(1..=20).contains(&pl.max_attempts) {
                 bad("pool.max_attempts", "must be 1..=20".into());
             }
-            let m = &self.mail;
             if m.smtp_user.is_some() != m.smtp_password_file.is_some() {
                 bad(
                     "mail.smtp_user",

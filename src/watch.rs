@@ -764,6 +764,10 @@ mod tests {
         assert!(tr.poll(t0, &yes).is_empty());
         std::fs::write(sub.join(READY_MARKER), b"").unwrap();
         tr.rescan_now();
-        assert_eq!(tr.poll(Instant::now(), &yes).len(), 1, "no settle time needed");
+        assert_eq!(
+            tr.poll(Instant::now(), &yes).len(),
+            1,
+            "no settle time needed"
+        );
     }
 }
