@@ -15,6 +15,11 @@ if PYTHONPATH="$AIOSMTPD_DIR" python3 -c 'import aiosmtpd, sys; sys.exit(aiosmtp
 else
     echo "test-deps: installing aiosmtpd $AIOSMTPD_VERSION into $AIOSMTPD_DIR"
     rm -rf "$AIOSMTPD_DIR"
+    extra=()
+    # Debian marks its Python externally managed; --target never touches it.
+    if python3 -m pip install --help 2>/dev/null | grep -q -- --break-system-packages; then
+        extra+=(--break-system-packages)
+    fi
     python3 -m pip install --quiet --disable-pip-version-check --no-warn-script-location \
-        --target "$AIOSMTPD_DIR" "aiosmtpd==$AIOSMTPD_VERSION"
+        "${extra[@]}" --target "$AIOSMTPD_DIR" "aiosmtpd==$AIOSMTPD_VERSION"
 fi
