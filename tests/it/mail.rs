@@ -662,7 +662,7 @@ fn html_is_well_formed_and_carries_the_summary_numbers() {
     for (label, name) in crate::report::CLASSES {
         let d = &json["mean"][label.to_string()]["Dice"];
         let shown = d.as_f64().map_or("n/a".to_string(), |d| format!("{d:.3}"));
-        assert!(text.contains(&format!("{name}")), "{name}");
+        assert!(text.contains(name), "{name}");
         assert!(
             m.text
                 .lines()
@@ -741,4 +741,41 @@ fn demo_prints_an_email_line_whose_eml_carries_the_report() {
     assert_eq!(got.attachments["report.xlsx"], report);
     assert!(got.inline.contains_key("dice-plot"));
     assert!(got.html.contains("thyroid") && got.text.contains("nodule"));
+}
+
+#[test]
+fn the_plot_is_a_png_of_the_documented_size_with_every_class_drawn() {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = file_settings(dir.path());
+    let (eval, report, m) = composed(dir.path(), &settings);
+    let png = m.plot_png.clone().expect("plot drawn");
+    let dec = png::Decoder::new(std::io::Cursor::new(&png));
+    let mut reader = dec.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    assert_eq!((info.width, info.height), evald::plot::SIZE);
+    // Each class with a defined Dice has its points in the picture: its colour at 75%
+    // opacity over the white background.
+    let px = info.line_size / info.width as usize;
+    for (i, _) in eval.spec.classes.iter().enumerate().take(7) {
+        let c = evald::plot::class_color(i);
+        let want = [c.0, c.1, c.2].map(|v| (0.75 * f64::from(v) + 0.25 * 255.0) as i32);
+        let found = buf[..info.buffer_size()]
+            .chunks(px)
+            .any(|p| (0..3).all(|k| (i32::from(p[k]) - want[k]).abs() <= 3));
+        assert!(found, "class {i} not drawn");
+    }
+    // For a person to look at: EVALD_LOOK_DIR=/some/dir cargo test --test it the_plot
+    if let Some(look) = std::env::var_os("EVALD_LOOK_DIR") {
+        let look = PathBuf::from(look);
+        std::fs::create_dir_all(&look).unwrap();
+        std::fs::write(look.join("dice-plot.png"), &png).unwrap();
+        std::fs::write(
+            look.join("mail.html"),
+            m.html.replace("cid:dice-plot", "dice-plot.png"),
+        )
+        .unwrap();
+        std::fs::write(look.join("mail.txt"), &m.text).unwrap();
+        std::fs::copy(&report, look.join("report.xlsx")).unwrap();
+    }
 }
