@@ -779,3 +779,59 @@ fn the_plot_is_a_png_of_the_documented_size_with_every_class_drawn() {
         std::fs::copy(&report, look.join("report.xlsx")).unwrap();
     }
 }
+
+#[test]
+fn the_daemon_loop_delivers_retries_after_a_reload_and_stops_on_shutdown() {
+    use std::sync::Arc;
+    use tokio::sync::{watch, Notify};
+    use tokio_util::sync::CancellationToken;
+
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("state/evald.db");
+    // Start with an SMTP server that is down.
+    let down = smtp_settings(free_port(), dir.path(), None);
+    let (_, _, m) = composed(dir.path(), &down);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (tx, rx) = watch::channel(down);
+    let wake = Arc::new(Notify::new());
+    let stop = CancellationToken::new();
+    let task = rt.spawn(mail::run_outbox(
+        Outbox::open(&db).unwrap(),
+        rx,
+        wake.clone(),
+        stop.clone(),
+    ));
+    // Another handle on the same database queues (as the pipeline would) and wakes it.
+    let producer = Outbox::open(&db).unwrap();
+    let id = producer.enqueue(&m.message, &m.label, Some("k1")).unwrap();
+    wake.notify_one();
+    wait_for("a failed first attempt", || {
+        producer.entry(id).unwrap().unwrap().attempts == 1
+    });
+    let e = producer.entry(id).unwrap().unwrap();
+    assert_eq!(e.state, State::Queued);
+    assert!(e.next_attempt_at > Utc::now(), "backing off");
+    // The admin switches to the file transport (SIGHUP): the held message goes at once,
+    // not after its backoff.
+    let file = file_settings(dir.path());
+    tx.send(file.clone()).unwrap();
+    wait_for("delivery after the reload", || {
+        producer.entry(id).unwrap().unwrap().state == State::Sent
+    });
+    let e = producer.entry(id).unwrap().unwrap();
+    assert_eq!(e.attempts, 2);
+    assert!(Path::new(e.delivered_to.as_deref().unwrap()).is_file());
+    stop.cancel();
+    rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("the loop stops on shutdown")
+            .unwrap()
+            .unwrap();
+    });
+    assert_eq!(std::fs::read_dir(&file.outbox_dir).unwrap().count(), 1);
+}
