@@ -1164,6 +1164,31 @@ mod tests {
     }
 
     #[test]
+    fn the_previous_submission_is_the_newest_sibling_with_a_summary() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let vendor = root.path().join("thyroid-ca/acme");
+        let doc = |d: f64| serde_json::json!({"mean": {"1": {"Dice": d}}}).to_string();
+        let t0 = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        for (i, (name, d)) in [("v2", 0.7), ("v1", 0.5)].into_iter().enumerate() {
+            std::fs::create_dir_all(vendor.join(name)).expect("mkdir");
+            let f = vendor.join(name).join("summary.json");
+            std::fs::write(&f, doc(d)).expect("write");
+            // v2 written after v1 (whatever the order of creation here).
+            let t = t0 - std::time::Duration::from_secs(60 * i as u64);
+            std::fs::File::options()
+                .write(true)
+                .open(&f)
+                .and_then(|f| f.set_modified(t))
+                .expect("set mtime");
+        }
+        std::fs::create_dir_all(vendor.join("v3")).expect("mkdir");
+        std::fs::write(vendor.join("v3/summary.json"), doc(0.9)).expect("write");
+        let p = Previous::find_sibling(&vendor.join("v3")).expect("a previous submission");
+        assert_eq!((p.submission.as_str(), p.mean(1, "Dice")), ("v2", 0.7));
+        assert!(Previous::find_sibling(&root.path().join("lonely")).is_none());
+    }
+
+    #[test]
     fn previous_reads_null_as_undefined() {
         let doc = serde_json::json!({
             "mean": {"1": {"Dice": 0.5, "HD95": null}},

@@ -692,3 +692,64 @@ fn lesion_rows_equal_summary_json() {
         Some(0.6)
     );
 }
+
+#[test]
+fn a_run_where_every_case_failed_still_gets_a_report_and_an_email() {
+    let dir = tempfile::tempdir().unwrap();
+    let labels = data("conformance/openkbp10/labelsTs");
+    let spec = EvalSpec::for_classes(&CLASSES[..2]);
+    let failures: Vec<Failure> = ["pt_13", "pt_17"]
+        .iter()
+        .map(|case| {
+            let e = metrics::evaluate_files(
+                case,
+                &labels.join(format!("{case}.nii.gz")),
+                &dir.path().join(format!("missing/{case}.nii.gz")),
+                &spec,
+            )
+            .unwrap_err();
+            Failure {
+                case: case.to_string(),
+                stage: "read".into(),
+                reason: e.to_string(),
+                attempts: 3,
+            }
+        })
+        .collect();
+    let meta = RunMeta {
+        task: "head-neck".into(),
+        vendor: Some("acme".into()),
+        submission: Some("broken".into()),
+        ..RunMeta::default()
+    };
+    let eval = Evaluation::new(spec, Vec::new(), failures, meta);
+    let (json, report) = write_both(&eval, dir.path());
+    assert_eq!(json["evald"]["cases_failed"], 2);
+    let mut wb: Xlsx<_> = open_workbook(&report).unwrap();
+    let fails = sheet(&mut wb, "Failures");
+    assert_eq!(
+        (text(&fails, 1, 0), text(&fails, 2, 0)),
+        ("pt_13".into(), "pt_17".into())
+    );
+    let charts = sheet(&mut wb, "Charts");
+    assert!(text(&charts, 3, 0).starts_with("No case has a defined Dice"));
+    let m = evald::mail::compose(
+        &eval,
+        &["ai-eval@example.org".into()],
+        None,
+        Some(&report),
+        &evald::config::MailSettings {
+            transport: evald::config::MailTransport::File,
+            outbox_dir: dir.path().join("outbox"),
+            from: "evald <evald@localhost>".into(),
+            attach_max_bytes: 1 << 20,
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        m.subject,
+        "[evald] head-neck / acme / broken: no case scored, 0/2 cases"
+    );
+    assert!(m.text.contains("Failed cases (2):"));
+    assert!(m.plot_png.is_some());
+}
