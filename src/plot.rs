@@ -102,6 +102,9 @@ pub fn dice_png(eval: &Evaluation) -> Result<Vec<u8>, PlotError> {
     Ok(out)
 }
 
+/// The Dice axis, with a little room so points at 0 and 1 are not cut by the frame.
+const Y_RANGE: std::ops::Range<f64> = -0.02..1.02;
+
 type DrawResult = Result<(), Box<dyn std::error::Error>>;
 
 fn draw(eval: &Evaluation, rgb: &mut [u8], size: (u32, u32)) -> DrawResult {
@@ -127,9 +130,9 @@ fn draw(eval: &Evaluation, rgb: &mut [u8], size: (u32, u32)) -> DrawResult {
         .caption(caption, (FAMILY, 30).into_font())
         .margin(24)
         .margin_bottom(8)
-        .x_label_area_size(84)
+        .x_label_area_size(100)
         .y_label_area_size(80)
-        .build_cartesian_2d(-0.5f64..(n as f64 - 0.5), 0f64..1.0f64)?;
+        .build_cartesian_2d(-0.5f64..(n as f64 - 0.5), Y_RANGE)?;
     chart
         .configure_mesh()
         .disable_x_mesh()
@@ -139,8 +142,8 @@ fn draw(eval: &Evaluation, rgb: &mut [u8], size: (u32, u32)) -> DrawResult {
         .y_label_formatter(&|v| format!("{v:.1}"))
         .label_style((FAMILY, 22).into_font())
         .axis_desc_style((FAMILY, 24).into_font())
-        .light_line_style(RGBColor(238, 238, 238))
-        .bold_line_style(RGBColor(215, 215, 215))
+        .light_line_style(WHITE)
+        .bold_line_style(RGBColor(225, 225, 225))
         .draw()?;
     let name_style = TextStyle::from((FAMILY, 24).into_font())
         .color(&BLACK)
@@ -155,23 +158,28 @@ fn draw(eval: &Evaluation, rgb: &mut [u8], size: (u32, u32)) -> DrawResult {
         let mut v: Vec<f64> = all.iter().copied().filter(|d| !d.is_nan()).collect();
         v.sort_by(f64::total_cmp);
         let undefined = all.len() - v.len();
-        let (px, py) = chart.backend_coord(&(x, 0.0));
+        let (px, py) = chart.backend_coord(&(x, Y_RANGE.start));
         root.draw(&Text::new(
             class.name.clone(),
             (px, py + 12),
             name_style.clone(),
         ))?;
-        let note = if v.is_empty() {
-            format!("no defined Dice ({undefined} undefined)")
+        // Two short lines under the name, so eight or more classes still fit side by side.
+        let (line1, line2) = if v.is_empty() {
+            (
+                "no defined Dice".to_string(),
+                format!("{undefined} undefined"),
+            )
         } else {
             let mean = v.iter().sum::<f64>() / v.len() as f64;
-            let mut s = format!("n={} · mean {mean:.3}", v.len());
+            let mut n = format!("n={}", v.len());
             if undefined > 0 {
-                s.push_str(&format!(" · {undefined} undefined"));
+                n.push_str(&format!(", {undefined} undefined"));
             }
-            s
+            (format!("mean {mean:.3}"), n)
         };
-        root.draw(&Text::new(note, (px, py + 42), note_style.clone()))?;
+        root.draw(&Text::new(line1, (px, py + 42), note_style.clone()))?;
+        root.draw(&Text::new(line2, (px, py + 66), note_style.clone()))?;
         if v.is_empty() {
             continue;
         }

@@ -404,6 +404,24 @@ fn change(now: f64, before: f64, key: &str, d: usize) -> (String, Option<bool>) 
     (text, Some((delta > 0.0) == higher_is_better(key)))
 }
 
+/// A 95% CI as `low<sep>high`, or "n/a" when undefined.
+fn ci((lo, hi): (f64, f64), sep: &str) -> String {
+    if lo.is_finite() && hi.is_finite() {
+        format!("{lo:.3}{sep}{hi:.3}")
+    } else {
+        "n/a".into()
+    }
+}
+
+/// "present (any voxel)" or "present with at least N mm³".
+fn presence(min_mm3: f64, cube: &str) -> String {
+    if min_mm3 > 0.0 {
+        format!("at least {min_mm3} mm{cube}")
+    } else {
+        "any voxel".into()
+    }
+}
+
 /// The numbers both bodies show, computed once.
 struct Facts {
     who: String,
@@ -478,15 +496,23 @@ fn report_sentence(r: &ReportInMail) -> Option<String> {
 }
 
 fn conventions_line(eval: &Evaluation) -> String {
-    let tol: Vec<String> = eval
-        .spec
-        .classes
-        .iter()
-        .map(|c| format!("{} {} mm", c.name, c.nsd_tolerance_mm))
-        .collect();
+    let classes = &eval.spec.classes;
+    let tol = match classes.first() {
+        Some(c0)
+            if classes
+                .iter()
+                .all(|c| c.nsd_tolerance_mm == c0.nsd_tolerance_mm) =>
+        {
+            format!("{} mm", c0.nsd_tolerance_mm)
+        }
+        _ => classes
+            .iter()
+            .map(|c| format!("{} {} mm", c.name, c.nsd_tolerance_mm))
+            .collect::<Vec<_>>()
+            .join(", "),
+    };
     format!(
-        "Conventions: Dice/IoU as nnU-Net (undefined when both masks are empty, excluded from means); HD95 as MONAI (max of the two directed 95th percentiles); NSD as DeepMind at {}; 95% CIs by percentile bootstrap (2000 resamples, fixed seed).",
-        tol.join(", ")
+        "Conventions: Dice/IoU as nnU-Net (undefined when both masks are empty, excluded from means); HD95 as MONAI (max of the two directed 95th percentiles); NSD as DeepMind at {tol}; 95% CIs by percentile bootstrap (2000 resamples, fixed seed)."
     )
 }
 
@@ -530,7 +556,7 @@ fn text_body(
         table.push([
             r.name.clone(),
             f(r.means[0], 3),
-            format!("{}-{}", f(r.dice_ci.0, 3), f(r.dice_ci.1, 3)),
+            ci(r.dice_ci, "-"),
             f(r.means[1], 3),
             f(r.means[2], 2),
             f(r.means[3], 3),
@@ -576,9 +602,9 @@ fn text_body(
     if let Some(p) = &eval.summary.patient {
         let _ = writeln!(
             t,
-            "Patient-level diagnosis ({} present, at least {} mm3), {} patients:",
+            "Patient-level diagnosis ({} present, {}), {} patients:",
             eval.class_name(p.positive_class),
-            p.min_positive_mm3,
+            presence(p.min_positive_mm3, "3"),
             p.tp + p.fp + p.fn_ + p.tn
         );
         let _ = writeln!(
@@ -709,16 +735,16 @@ fn html_body(
 ) -> String {
     let m = &eval.meta;
     let mut h = String::new();
-    let _ = write!(
+    let _ = writeln!(
         h,
-        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\"/>\n<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"/>\n<title>{}</title>\n</head>\n",
+        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\"/>\n<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"/>\n<title>{}</title>\n</head>",
         escape(subject)
     );
     h.push_str("<body style=\"margin:0;padding:0;background:#f3f5f8;\">\n");
     h.push_str("<div style=\"max-width:780px;margin:0 auto;padding:28px 32px;background:#ffffff;font-family:-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;font-size:14px;line-height:1.45;color:#1f2328;\">\n");
-    let _ = write!(
+    let _ = writeln!(
         h,
-        "<p style=\"margin:0 0 4px;font-size:12px;letter-spacing:.06em;text-transform:uppercase;{MUTED}\">evald evaluation</p>\n<h1 style=\"margin:0 0 6px;font-size:22px;\">{}</h1>\n",
+        "<p style=\"margin:0 0 4px;font-size:12px;letter-spacing:.06em;text-transform:uppercase;{MUTED}\">evald evaluation</p>\n<h1 style=\"margin:0 0 6px;font-size:22px;\">{}</h1>",
         escape(&fx.who)
     );
     let failed_style = if eval.failures.is_empty() {
@@ -746,9 +772,9 @@ fn html_body(
     // Headline tiles.
     h.push_str("<table role=\"presentation\" cellspacing=\"0\" cellpadding=\"0\" style=\"border-collapse:separate;border-spacing:0 0;margin:0 0 8px;\"><tr>\n");
     let tile = |h: &mut String, label: &str, value: &str, sub: &str| {
-        let _ = write!(
+        let _ = writeln!(
             h,
-            "<td style=\"padding:12px 18px;background:#f0f4f9;border-radius:6px;\"><div style=\"font-size:12px;{MUTED}\">{}</div><div style=\"font-size:26px;font-weight:700;\">{}</div><div style=\"font-size:12px;{MUTED}\">{}</div></td><td style=\"width:12px;\"></td>\n",
+            "<td style=\"padding:12px 18px;background:#f0f4f9;border-radius:6px;\"><div style=\"font-size:12px;{MUTED}\">{}</div><div style=\"font-size:26px;font-weight:700;\">{}</div><div style=\"font-size:12px;{MUTED}\">{}</div></td><td style=\"width:12px;\"></td>",
             escape(label),
             escape(value),
             escape(sub)
@@ -780,7 +806,7 @@ fn html_body(
     h.push_str("</tr></table>\n");
 
     // Per-class table.
-    let _ = write!(h, "<h2 style=\"{H2}\">Per class</h2>\n");
+    let _ = writeln!(h, "<h2 style=\"{H2}\">Per class</h2>");
     h.push_str("<table cellspacing=\"0\" cellpadding=\"0\" style=\"border-collapse:collapse;width:100%;\">\n<thead><tr>");
     let _ = write!(h, "<th style=\"{TH_L}\">Class</th>");
     for name in ["Dice", "95% CI", "IoU", "HD95 (mm)", "NSD", "Cases"] {
@@ -805,12 +831,11 @@ fn html_body(
         };
         let _ = write!(
             h,
-            "<tr><td style=\"{TD_L}\"><strong>{}</strong> <span style=\"{MUTED}font-size:12px;\">label {}</span></td><td style=\"{TD}font-weight:700;\">{}</td><td style=\"{TD}{MUTED}\">{}&#8211;{}</td><td style=\"{TD}\">{}</td><td style=\"{TD}\">{}</td><td style=\"{TD}\">{}</td><td style=\"{TD}\">{cases}</td>",
+            "<tr><td style=\"{TD_L}\"><strong>{}</strong> <span style=\"{MUTED}font-size:12px;\">label {}</span></td><td style=\"{TD}font-weight:700;\">{}</td><td style=\"{TD}{MUTED}\">{}</td><td style=\"{TD}\">{}</td><td style=\"{TD}\">{}</td><td style=\"{TD}\">{}</td><td style=\"{TD}\">{cases}</td>",
             escape(&r.name),
             r.label,
             f(r.means[0], 3),
-            f(r.dice_ci.0, 3),
-            f(r.dice_ci.1, 3),
+            ci(r.dice_ci, "&#8211;"),
             f(r.means[1], 3),
             f(r.means[2], 2),
             f(r.means[3], 3),
@@ -850,32 +875,32 @@ fn html_body(
     h.push_str("</tbody>\n</table>\n");
 
     if with_plot {
-        let _ = write!(
+        let _ = writeln!(
             h,
-            "<p style=\"margin:18px 0 0;\"><img src=\"cid:{PLOT_CID}\" width=\"600\" alt=\"Dice per case: box and strip plot per class\" style=\"display:block;width:100%;max-width:600px;height:auto;border:1px solid #e4e8ee;\"/></p>\n<p style=\"margin:4px 0 0;font-size:12px;{MUTED}\">Each dot is a case; box = quartiles, bar = median, cross = mean, whiskers = 1.5 IQR.</p>\n"
+            "<p style=\"margin:18px 0 0;\"><img src=\"cid:{PLOT_CID}\" width=\"600\" alt=\"Dice per case: box and strip plot per class\" style=\"display:block;width:100%;max-width:600px;height:auto;border:1px solid #e4e8ee;\"/></p>\n<p style=\"margin:4px 0 0;font-size:12px;{MUTED}\">Each dot is a case; box = quartiles, bar = median, cross = mean, whiskers = 1.5 IQR.</p>"
         );
     }
 
     // Patient level.
     if let Some(p) = &eval.summary.patient {
-        let _ = write!(
+        let _ = writeln!(
             h,
-            "<h2 style=\"{H2}\">Patient-level diagnosis</h2>\n<p style=\"margin:0 0 8px;{MUTED}\">A patient is positive when {} is present (at least {} mm&#179;); {} patients.</p>\n",
+            "<h2 style=\"{H2}\">Patient-level diagnosis</h2>\n<p style=\"margin:0 0 8px;{MUTED}\">A patient is positive when {} is present ({}); {} patients.</p>",
             escape(&eval.class_name(p.positive_class)),
-            p.min_positive_mm3,
+            presence(p.min_positive_mm3, "&#179;"),
             p.tp + p.fp + p.fn_ + p.tn
         );
         h.push_str(
             "<table cellspacing=\"0\" cellpadding=\"0\" style=\"border-collapse:collapse;\">\n",
         );
-        let _ = write!(
+        let _ = writeln!(
             h,
-            "<thead><tr><th style=\"{TH_L}\"></th><th style=\"{TH}\">predicted positive</th><th style=\"{TH}\">predicted negative</th></tr></thead>\n<tbody>\n<tr><td style=\"{TD_L}\">reference positive</td><td style=\"{TD}\">{} <span style=\"{MUTED}\">TP</span></td><td style=\"{TD}\">{} <span style=\"{MUTED}\">FN</span></td></tr>\n<tr><td style=\"{TD_L}\">reference negative</td><td style=\"{TD}\">{} <span style=\"{MUTED}\">FP</span></td><td style=\"{TD}\">{} <span style=\"{MUTED}\">TN</span></td></tr>\n</tbody>\n</table>\n",
+            "<thead><tr><th style=\"{TH_L}\"></th><th style=\"{TH}\">predicted positive</th><th style=\"{TH}\">predicted negative</th></tr></thead>\n<tbody>\n<tr><td style=\"{TD_L}\">reference positive</td><td style=\"{TD}\">{} <span style=\"{MUTED}\">TP</span></td><td style=\"{TD}\">{} <span style=\"{MUTED}\">FN</span></td></tr>\n<tr><td style=\"{TD_L}\">reference negative</td><td style=\"{TD}\">{} <span style=\"{MUTED}\">FP</span></td><td style=\"{TD}\">{} <span style=\"{MUTED}\">TN</span></td></tr>\n</tbody>\n</table>",
             p.tp, p.fn_, p.fp, p.tn
         );
-        let _ = write!(
+        let _ = writeln!(
             h,
-            "<p style=\"margin:8px 0 0;\">Sensitivity <strong>{}</strong> &#183; specificity <strong>{}</strong> &#183; PPV {} &#183; NPV {} &#183; accuracy {}</p>\n",
+            "<p style=\"margin:8px 0 0;\">Sensitivity <strong>{}</strong> &#183; specificity <strong>{}</strong> &#183; PPV {} &#183; NPV {} &#183; accuracy {}</p>",
             f(p.sensitivity, 3),
             f(p.specificity, 3),
             f(p.ppv, 3),
@@ -886,17 +911,17 @@ fn html_body(
 
     // Change against the previous submission.
     if let Some(prev) = prev {
-        let _ = write!(
+        let _ = writeln!(
             h,
-            "<h2 style=\"{H2}\">Change against {}</h2>\n<p style=\"margin:0 0 8px;{MUTED}\">The vendor's previous submission for this task ({} cases scored, {} failed).</p>\n",
+            "<h2 style=\"{H2}\">Change against {}</h2>\n<p style=\"margin:0 0 8px;{MUTED}\">The vendor's previous submission for this task ({} cases scored, {} failed).</p>",
             escape(&prev.submission),
             prev.cases_scored,
             prev.cases_failed
         );
         h.push_str("<table cellspacing=\"0\" cellpadding=\"0\" style=\"border-collapse:collapse;\">\n<thead><tr>");
-        let _ = write!(
+        let _ = writeln!(
             h,
-            "<th style=\"{TH_L}\">Class</th><th style=\"{TH_L}\">Metric</th><th style=\"{TH}\">{}</th><th style=\"{TH}\">{}</th><th style=\"{TH}\">Change</th></tr></thead>\n<tbody>\n",
+            "<th style=\"{TH_L}\">Class</th><th style=\"{TH_L}\">Metric</th><th style=\"{TH}\">{}</th><th style=\"{TH}\">{}</th><th style=\"{TH}\">Change</th></tr></thead>\n<tbody>",
             escape(&prev.submission),
             escape(m.submission.as_deref().unwrap_or("this run"))
         );
@@ -904,9 +929,9 @@ fn html_body(
             for (i, key) in HEAD_KEYS.iter().enumerate() {
                 let before = prev.mean(r.label, key);
                 let unit = if *key == "HD95" { " (mm)" } else { "" };
-                let _ = write!(
+                let _ = writeln!(
                     h,
-                    "<tr><td style=\"{TD_L}\">{}</td><td style=\"{TD_L}\">{key}{unit}</td><td style=\"{TD}\">{}</td><td style=\"{TD}\">{}</td><td style=\"{TD}\">{}</td></tr>\n",
+                    "<tr><td style=\"{TD_L}\">{}</td><td style=\"{TD_L}\">{key}{unit}</td><td style=\"{TD}\">{}</td><td style=\"{TD}\">{}</td><td style=\"{TD}\">{}</td></tr>",
                     if i == 0 { escape(&r.name) } else { String::new() },
                     f(before, HEAD_DECIMALS[i]),
                     f(r.means[i], HEAD_DECIMALS[i]),
@@ -919,9 +944,9 @@ fn html_body(
                 ("sensitivity", s0, p.sensitivity),
                 ("specificity", p0, p.specificity),
             ] {
-                let _ = write!(
+                let _ = writeln!(
                     h,
-                    "<tr><td style=\"{TD_L}\">patient level</td><td style=\"{TD_L}\">{name}</td><td style=\"{TD}\">{}</td><td style=\"{TD}\">{}</td><td style=\"{TD}\">{}</td></tr>\n",
+                    "<tr><td style=\"{TD_L}\">patient level</td><td style=\"{TD_L}\">{name}</td><td style=\"{TD}\">{}</td><td style=\"{TD}\">{}</td><td style=\"{TD}\">{}</td></tr>",
                     f(before, 3),
                     f(now, 3),
                     delta_html(now, before, name, 3)
@@ -932,19 +957,19 @@ fn html_body(
     }
 
     // Failures.
-    let _ = write!(h, "<h2 style=\"{H2}\">Failures</h2>\n");
+    let _ = writeln!(h, "<h2 style=\"{H2}\">Failures</h2>");
     if eval.failures.is_empty() {
-        let _ = write!(h, "<p style=\"margin:0;{MUTED}\">No case failed.</p>\n");
+        let _ = writeln!(h, "<p style=\"margin:0;{MUTED}\">No case failed.</p>");
     } else {
         h.push_str("<table cellspacing=\"0\" cellpadding=\"0\" style=\"border-collapse:collapse;width:100%;\">\n<thead><tr>");
-        let _ = write!(
+        let _ = writeln!(
             h,
-            "<th style=\"{TH_L}\">Case</th><th style=\"{TH_L}\">Stage</th><th style=\"{TH}\">Attempts</th><th style=\"{TH_L}\">Reason</th></tr></thead>\n<tbody>\n"
+            "<th style=\"{TH_L}\">Case</th><th style=\"{TH_L}\">Stage</th><th style=\"{TH}\">Attempts</th><th style=\"{TH_L}\">Reason</th></tr></thead>\n<tbody>"
         );
         for fl in eval.failures.iter().take(MAX_FAILURES_LISTED) {
-            let _ = write!(
+            let _ = writeln!(
                 h,
-                "<tr><td style=\"{TD_L}white-space:nowrap;\">{}</td><td style=\"{TD_L}\">{}</td><td style=\"{TD}\">{}</td><td style=\"{TD_L}font-size:13px;\">{}</td></tr>\n",
+                "<tr><td style=\"{TD_L}white-space:nowrap;\">{}</td><td style=\"{TD_L}\">{}</td><td style=\"{TD}\">{}</td><td style=\"{TD_L}font-size:13px;\">{}</td></tr>",
                 escape(&fl.case),
                 escape(&fl.stage),
                 fl.attempts,
@@ -953,24 +978,24 @@ fn html_body(
         }
         h.push_str("</tbody>\n</table>\n");
         if eval.failures.len() > MAX_FAILURES_LISTED {
-            let _ = write!(
+            let _ = writeln!(
                 h,
-                "<p style=\"margin:6px 0 0;{MUTED}\">&#8230; and {} more: see the Failures sheet.</p>\n",
+                "<p style=\"margin:6px 0 0;{MUTED}\">&#8230; and {} more: see the Failures sheet.</p>",
                 eval.failures.len() - MAX_FAILURES_LISTED
             );
         }
     }
 
     if let Some(s) = report_sentence(report) {
-        let _ = write!(
+        let _ = writeln!(
             h,
-            "<p style=\"margin:24px 0 0;padding:10px 14px;background:#f0f4f9;border-radius:6px;\">{}</p>\n",
+            "<p style=\"margin:24px 0 0;padding:10px 14px;background:#f0f4f9;border-radius:6px;\">{}</p>",
             escape(&s)
         );
     }
-    let _ = write!(
+    let _ = writeln!(
         h,
-        "<p style=\"margin:24px 0 0;font-size:12px;{MUTED}\">evald {} &#183; test set <code>{}</code> &#183; finished {}<br/>{}</p>\n",
+        "<p style=\"margin:24px 0 0;font-size:12px;{MUTED}\">evald {} &#183; test set <code>{}</code> &#183; finished {}<br/>{}</p>",
         escape(&m.evald_version),
         escape(&short(&m.dataset_hash)),
         escape(&m.finished),
@@ -1136,6 +1161,31 @@ mod tests {
         assert_eq!(change(3.0, 2.0, "HD95", 2), ("+1.00".into(), Some(false)));
         assert_eq!(change(0.8, 0.8, "Dice", 3).1, None);
         assert_eq!(change(f64::NAN, 0.8, "Dice", 3).0, "n/a");
+    }
+
+    #[test]
+    fn the_previous_submission_is_the_newest_sibling_with_a_summary() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let vendor = root.path().join("thyroid-ca/acme");
+        let doc = |d: f64| serde_json::json!({"mean": {"1": {"Dice": d}}}).to_string();
+        let t0 = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        for (i, (name, d)) in [("v2", 0.7), ("v1", 0.5)].into_iter().enumerate() {
+            std::fs::create_dir_all(vendor.join(name)).expect("mkdir");
+            let f = vendor.join(name).join("summary.json");
+            std::fs::write(&f, doc(d)).expect("write");
+            // v2 written after v1 (whatever the order of creation here).
+            let t = t0 - std::time::Duration::from_secs(60 * i as u64);
+            std::fs::File::options()
+                .write(true)
+                .open(&f)
+                .and_then(|f| f.set_modified(t))
+                .expect("set mtime");
+        }
+        std::fs::create_dir_all(vendor.join("v3")).expect("mkdir");
+        std::fs::write(vendor.join("v3/summary.json"), doc(0.9)).expect("write");
+        let p = Previous::find_sibling(&vendor.join("v3")).expect("a previous submission");
+        assert_eq!((p.submission.as_str(), p.mean(1, "Dice")), ("v2", 0.7));
+        assert!(Previous::find_sibling(&root.path().join("lonely")).is_none());
     }
 
     #[test]

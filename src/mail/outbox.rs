@@ -269,7 +269,9 @@ impl Outbox {
         conn.busy_timeout(Duration::from_secs(10)).map_err(err)?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(err)?;
-        conn.pragma_update(None, "synchronous", "NORMAL")
+        // FULL: a queued message must survive a power cut too, not only a crash (emails are
+        // few; one fsync per commit costs nothing here).
+        conn.pragma_update(None, "synchronous", "FULL")
             .map_err(err)?;
         conn.execute_batch(SCHEMA).map_err(err)?;
         Ok(Outbox {

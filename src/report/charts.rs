@@ -131,8 +131,8 @@ pub(crate) fn charts(
     for b in 0..BINS {
         let (lo, hi) = (b as f64 / BINS as f64, (b + 1) as f64 / BINS as f64);
         let r = 1 + b as u32;
-        let close = if b + 1 == BINS { ']' } else { ')' };
-        ws.write_string(r, hist_col, format!("[{lo:.2}, {hi:.2}{close}"))?;
+        // Bins are [lo, hi), the last one [0.95, 1.00] (see `bin_of`).
+        ws.write_string(r, hist_col, format!("{lo:.2}\u{2013}{hi:.2}"))?;
         ws.write_number_with_format(r, hist_col + 1, lo, &st.frac)?;
         ws.write_number_with_format(r, hist_col + 2, hi, &st.frac)?;
         for (i, c) in counts.iter().enumerate() {

@@ -86,6 +86,8 @@ pub(crate) fn summary(
     for c in 1..16 {
         ws.set_column_width(c, 12.5)?;
     }
+    ws.set_landscape();
+    ws.set_print_fit_to_pages(1, 0);
     ws.write_string_with_format(0, 0, format!("evald report: {}", who(eval)), &st.title)?;
     let na = || "n/a".to_string();
     let rows: Vec<(&str, String)> = vec![

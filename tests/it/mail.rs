@@ -662,7 +662,7 @@ fn html_is_well_formed_and_carries_the_summary_numbers() {
     for (label, name) in crate::report::CLASSES {
         let d = &json["mean"][label.to_string()]["Dice"];
         let shown = d.as_f64().map_or("n/a".to_string(), |d| format!("{d:.3}"));
-        assert!(text.contains(&format!("{name}")), "{name}");
+        assert!(text.contains(name), "{name}");
         assert!(
             m.text
                 .lines()
@@ -741,4 +741,97 @@ fn demo_prints_an_email_line_whose_eml_carries_the_report() {
     assert_eq!(got.attachments["report.xlsx"], report);
     assert!(got.inline.contains_key("dice-plot"));
     assert!(got.html.contains("thyroid") && got.text.contains("nodule"));
+}
+
+#[test]
+fn the_plot_is_a_png_of_the_documented_size_with_every_class_drawn() {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = file_settings(dir.path());
+    let (eval, report, m) = composed(dir.path(), &settings);
+    let png = m.plot_png.clone().expect("plot drawn");
+    let dec = png::Decoder::new(std::io::Cursor::new(&png));
+    let mut reader = dec.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    assert_eq!((info.width, info.height), evald::plot::SIZE);
+    // Each class with a defined Dice has its points in the picture: its colour at 75%
+    // opacity over the white background.
+    let px = info.line_size / info.width as usize;
+    for (i, _) in eval.spec.classes.iter().enumerate().take(7) {
+        let c = evald::plot::class_color(i);
+        let want = [c.0, c.1, c.2].map(|v| (0.75 * f64::from(v) + 0.25 * 255.0) as i32);
+        let found = buf[..info.buffer_size()]
+            .chunks(px)
+            .any(|p| (0..3).all(|k| (i32::from(p[k]) - want[k]).abs() <= 3));
+        assert!(found, "class {i} not drawn");
+    }
+    // For a person to look at: EVALD_LOOK_DIR=/some/dir cargo test --test it the_plot
+    if let Some(look) = std::env::var_os("EVALD_LOOK_DIR") {
+        let look = PathBuf::from(look);
+        std::fs::create_dir_all(&look).unwrap();
+        std::fs::write(look.join("dice-plot.png"), &png).unwrap();
+        std::fs::write(
+            look.join("mail.html"),
+            m.html.replace("cid:dice-plot", "dice-plot.png"),
+        )
+        .unwrap();
+        std::fs::write(look.join("mail.txt"), &m.text).unwrap();
+        std::fs::copy(&report, look.join("report.xlsx")).unwrap();
+    }
+}
+
+#[test]
+fn the_daemon_loop_delivers_retries_after_a_reload_and_stops_on_shutdown() {
+    use std::sync::Arc;
+    use tokio::sync::{watch, Notify};
+    use tokio_util::sync::CancellationToken;
+
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("state/evald.db");
+    // Start with an SMTP server that is down.
+    let down = smtp_settings(free_port(), dir.path(), None);
+    let (_, _, m) = composed(dir.path(), &down);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (tx, rx) = watch::channel(down);
+    let wake = Arc::new(Notify::new());
+    let stop = CancellationToken::new();
+    let task = rt.spawn(mail::run_outbox(
+        Outbox::open(&db).unwrap(),
+        rx,
+        wake.clone(),
+        stop.clone(),
+    ));
+    // Another handle on the same database queues (as the pipeline would) and wakes it.
+    let producer = Outbox::open(&db).unwrap();
+    let id = producer.enqueue(&m.message, &m.label, Some("k1")).unwrap();
+    wake.notify_one();
+    wait_for("a failed first attempt", || {
+        producer.entry(id).unwrap().unwrap().attempts == 1
+    });
+    let e = producer.entry(id).unwrap().unwrap();
+    assert_eq!(e.state, State::Queued);
+    assert!(e.next_attempt_at > Utc::now(), "backing off");
+    // The admin switches to the file transport (SIGHUP): the held message goes at once,
+    // not after its backoff.
+    let file = file_settings(dir.path());
+    tx.send(file.clone()).unwrap();
+    wait_for("delivery after the reload", || {
+        producer.entry(id).unwrap().unwrap().state == State::Sent
+    });
+    let e = producer.entry(id).unwrap().unwrap();
+    assert_eq!(e.attempts, 2);
+    assert!(Path::new(e.delivered_to.as_deref().unwrap()).is_file());
+    stop.cancel();
+    rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("the loop stops on shutdown")
+            .unwrap()
+            .unwrap();
+    });
+    assert_eq!(std::fs::read_dir(&file.outbox_dir).unwrap().count(), 1);
 }
