@@ -234,6 +234,9 @@ pub struct ReportedOutcome {
     pub report_path: PathBuf,
 }
 
+/// Message counts per state of the mail outbox: `(table, [(state, count)])`.
+pub type OutboxCounts = (String, Vec<(String, u64)>);
+
 /// One recorded state change.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Transition {
@@ -992,7 +995,7 @@ impl Store {
     ///
     /// # Errors
     /// SQLite errors.
-    pub fn outbox_counts(&self) -> Result<Option<(String, Vec<(String, u64)>)>, StoreError> {
+    pub fn outbox_counts(&self) -> Result<Option<OutboxCounts>, StoreError> {
         let what = "reading the outbox";
         let table: Option<String> = self
             .conn

@@ -109,7 +109,7 @@ pub struct SubmissionDir {
 pub struct Fingerprint {
     /// sha256 over the sorted entry list, hex.
     pub digest: String,
-    /// Regular, non-hidden files (anything to evaluate at all?).
+    /// Non-hidden files and links (anything to look at, at all?).
     pub files: usize,
     /// Files whose names say an upload is in progress.
     pub partial: Vec<String>,
@@ -154,6 +154,9 @@ pub fn fingerprint(dir: &Path) -> Result<Fingerprint, WatchError> {
             let rel = path.strip_prefix(dir).unwrap_or(&path).to_path_buf();
             let ft = meta.file_type();
             let line = if ft.is_symlink() {
+                if !name.starts_with('.') {
+                    fp.files += 1;
+                }
                 let target = std::fs::read_link(&path).map_err(io(&path))?;
                 let l = format!("l\0{}\0{}", rel.display(), target.display());
                 fp.symlinks.push((path.clone(), target));
@@ -334,6 +337,13 @@ impl Tracker {
             self.next_full = now;
             return;
         }
+        match ev.kind {
+            // Reads change nothing, and our own scans (opening folders to list them), hashing
+            // and model loading cause them: reacting would make scans feed themselves.
+            EventKind::Access(AccessKind::Close(AccessMode::Write)) => {}
+            EventKind::Access(_) => return,
+            _ => {}
+        }
         for path in &ev.paths {
             match locate(&self.drop_dir, path) {
                 Located::Ignored => {}
@@ -349,11 +359,10 @@ impl Tracker {
                         continue;
                     }
                     match ev.kind {
-                        // Reads (our own hashing and model loading among them) change nothing.
-                        EventKind::Access(AccessKind::Close(AccessMode::Write)) => {
+                        EventKind::Access(_) => {
+                            // close(write): the writer is done with this file.
                             self.writers.remove(path);
                         }
-                        EventKind::Access(_) => continue,
                         EventKind::Modify(ModifyKind::Data(_))
                         | EventKind::Modify(ModifyKind::Any)
                             if self.track_writers =>
@@ -745,6 +754,37 @@ mod tests {
         tr.rescan_now();
         assert!(tr.poll(t0 + settle * 6, &no).is_empty(), "not settled yet");
         assert_eq!(tr.poll(t0 + settle * 8, &no).len(), 1);
+    }
+
+    #[test]
+    fn reads_and_folder_listings_never_trigger_scans() {
+        let d = tempfile::tempdir().unwrap();
+        let mut tr = Tracker::new(
+            d.path(),
+            Duration::from_secs(1),
+            Duration::from_secs(3600),
+            WatchMode::Native,
+        );
+        let t0 = Instant::now();
+        let _ = tr.poll(t0, &|_: &str| false);
+        let later = t0 + Duration::from_secs(5);
+        for p in [
+            d.path().to_path_buf(),
+            d.path().join("t"),
+            d.path().join("t/v/n/model.pt"),
+        ] {
+            for kind in [
+                EventKind::Access(AccessKind::Open(notify::event::AccessMode::Any)),
+                EventKind::Access(AccessKind::Close(AccessMode::Read)),
+            ] {
+                tr.on_event(&ev(kind, &p), t0);
+            }
+        }
+        assert!(
+            tr.next_wake(t0) >= t0 + Duration::from_secs(3600),
+            "a read woke the tracker"
+        );
+        assert!(tr.poll(later, &|_: &str| false).is_empty());
     }
 
     #[test]

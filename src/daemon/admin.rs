@@ -159,7 +159,7 @@ struct StatusReport {
     running: Vec<Submission>,
     queue: Vec<Submission>,
     recent: Vec<Submission>,
-    outbox: Option<(String, Vec<(String, u64)>)>,
+    outbox: Option<crate::store::OutboxCounts>,
 }
 
 fn who(s: &Submission) -> String {
@@ -208,11 +208,9 @@ pub fn status(a: &StatusArgs) -> Result<()> {
         println!("running: nothing");
     }
     for s in &r.running {
-        let pct = if s.progress_total > 0 {
-            format!(" ({}%)", s.progress_done * 100 / s.progress_total)
-        } else {
-            String::new()
-        };
+        let pct = (s.progress_done * 100)
+            .checked_div(s.progress_total)
+            .map_or(String::new(), |p| format!(" ({p}%)"));
         println!(
             "running: {}  {}/{} cases{pct}, started {}, attempt {}",
             who(s),

@@ -257,6 +257,13 @@ pub(crate) fn reject(
     model: Option<(String, u64)>,
     write_file: bool,
 ) -> Result<Ingested, StoreError> {
+    // The file first: once the store says `rejected`, the vendor can read why. (A crash in
+    // between leaves the row `seen`, and the next look writes the file again.)
+    if write_file {
+        if let Err(e) = write_rejected(row, rej) {
+            tracing::error!(id = row.id, dir = %row.path.display(), "cannot write {REJECTED_TXT}: {e}");
+        }
+    }
     let (id, code, text) = (row.id, rej.code, rej.problem.clone());
     let rejected = store.call_blocking(move |s| {
         s.reject(
@@ -266,11 +273,6 @@ pub(crate) fn reject(
             model.as_ref().map(|(sha, n)| (sha.as_str(), *n)),
         )
     })?;
-    if write_file {
-        if let Err(e) = write_rejected(&rejected, rej) {
-            tracing::error!(id, dir = %rejected.path.display(), "cannot write {REJECTED_TXT}: {e}");
-        }
-    }
     Ok(Ingested::Rejected(Finished {
         id,
         dir: rejected.path.clone(),

@@ -20,7 +20,6 @@ mod ingest;
 mod runner;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -356,20 +355,11 @@ fn start_tasks(
             what: "installing signal handlers",
             source,
         })?;
-        let armed = Arc::new(AtomicBool::new(false));
-        for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-            // A second SIGTERM/SIGINT during shutdown ends the process at once (exit 1).
-            signal_hook::flag::register_conditional_shutdown(sig, 1, Arc::clone(&armed)).map_err(
-                |source| DaemonError::Os {
-                    what: "installing signal handlers",
-                    source,
-                },
-            )?;
-        }
-        tasks.spawn(signal_loop(
+        // Not in the task tracker: it keeps listening during shutdown (a second
+        // SIGTERM/SIGINT stops at once) and ends with the runtime.
+        tokio::spawn(signal_loop(
             shared.clone(),
             signals,
-            armed,
             opts.config_path.clone(),
             settings_tx,
         ));
@@ -494,34 +484,37 @@ async fn watch_loop(
 async fn signal_loop(
     shared: Shared,
     mut signals: signal_hook_tokio::Signals,
-    armed: Arc<AtomicBool>,
     config_path: Option<PathBuf>,
     settings_tx: tokio_watch::Sender<Arc<Settings>>,
 ) {
-    let handle = signals.handle();
-    loop {
-        tokio::select! {
-            _ = shared.cancel.cancelled() => break,
-            sig = signals.next() => match sig {
-                Some(signal_hook::consts::SIGHUP) => match &config_path {
-                    Some(p) => reload(&shared, p, &settings_tx).await,
-                    None => tracing::info!("SIGHUP: no configuration file to re-read"),
-                },
-                Some(sig) => {
-                    let name = if sig == signal_hook::consts::SIGINT { "SIGINT" } else { "SIGTERM" };
-                    tracing::info!(
-                        "{name}: shutting down (cases in flight may finish within {} s; send it again to stop at once)",
-                        shared.settings.borrow().daemon.shutdown_grace.as_secs()
-                    );
-                    armed.store(true, Ordering::SeqCst);
-                    shared.cancel.cancel();
-                    break;
+    while let Some(sig) = signals.next().await {
+        match sig {
+            signal_hook::consts::SIGHUP if !shared.cancel.is_cancelled() => match &config_path {
+                Some(p) => reload(&shared, p, &settings_tx).await,
+                None => tracing::info!("SIGHUP: no configuration file to re-read"),
+            },
+            signal_hook::consts::SIGHUP => {}
+            sig => {
+                let name = if sig == signal_hook::consts::SIGINT {
+                    "SIGINT"
+                } else {
+                    "SIGTERM"
+                };
+                if shared.cancel.is_cancelled() {
+                    tracing::error!("{name} again: stopping at once; the evaluation in flight is queued again at the next start");
+                    // Bypass destructors: a thread may be inside libtorch. The store is
+                    // consistent at every commit; `running` rows are re-queued at start.
+                    // SAFETY: _exit ends the process; nothing runs afterwards.
+                    unsafe { libc::_exit(1) }
                 }
-                None => break,
+                tracing::info!(
+                    "{name}: shutting down (cases in flight may finish within {} s; send it again to stop at once)",
+                    shared.settings.borrow().daemon.shutdown_grace.as_secs()
+                );
+                shared.cancel.cancel();
             }
         }
     }
-    handle.close();
 }
 
 /// Fields that only take effect at the next start.

@@ -193,7 +193,7 @@ fn evaluate(
         };
         let t = total.load(Ordering::SeqCst);
         store.send(move |s| s.progress(id, done as u64, t as u64));
-        let d = if t == 0 { 10 } else { done * 10 / t };
+        let d = (done * 10).checked_div(t).unwrap_or(10);
         if d > decile.swap(d, Ordering::SeqCst) {
             tracing::info!(
                 id,

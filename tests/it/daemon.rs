@@ -30,6 +30,7 @@ struct Env {
 #[derive(Clone, Copy)]
 struct Opts {
     cases: usize,
+    dims: [usize; 3],
     rescan_secs: u64,
     grace_secs: u64,
     log_format: &'static str,
@@ -39,6 +40,7 @@ impl Default for Opts {
     fn default() -> Self {
         Opts {
             cases: 2,
+            dims: [32, 32, 8],
             rescan_secs: 3600,
             grace_secs: 20,
             log_format: "text",
@@ -59,9 +61,8 @@ impl Env {
     fn new(o: Opts) -> Env {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().to_path_buf();
-        let set =
-            evald::phantom::generate(&root.join("data"), o.cases, [32, 32, 8], [0.8, 0.8, 2.5], 7)
-                .unwrap();
+        let set = evald::phantom::generate(&root.join("data"), o.cases, o.dims, [0.8, 0.8, 2.5], 7)
+            .unwrap();
         let env = Env {
             drop: root.join("drop"),
             state: root.join("state"),
@@ -594,27 +595,54 @@ fn sigterm_exits_0_within_the_grace_period_and_leaves_the_store_consistent() {
 #[test]
 fn a_case_longer_than_the_grace_period_is_abandoned_and_queued_again() {
     let env = Env::new(Opts {
-        cases: 2,
+        cases: 1,
+        dims: [32, 32, 2],
         grace_secs: 1,
         ..Opts::default()
     });
+    // A second case with many slices (one slow forward each): while it is in flight, the
+    // first case is done, so the stop must wait for it and the grace period runs out.
+    let big =
+        evald::phantom::generate(&env.path("big"), 2, [32, 32, 48], [0.8, 0.8, 2.5], 7).unwrap();
+    std::fs::copy(
+        big.images.join("case_001_0000.nii.gz"),
+        env.images.join("case_001_0000.nii.gz"),
+    )
+    .unwrap();
+    std::fs::copy(
+        big.labels.join("case_001.nii.gz"),
+        env.labels.join("case_001.nii.gz"),
+    )
+    .unwrap();
     let mut d = Daemon::start(&env);
     let dir = env.sub("t/acme/long");
     write_files(
         &dir,
         &[
             ("submission.toml", ONE_SLICE),
-            ("model.pt", &slow_model(400)),
+            ("model.pt", &slow_model(150)),
         ],
     );
-    wait_state(&env, &d, &dir, &[State::Running]);
+    wait_until("the small first case", &d, || {
+        env.for_path(&dir)
+            .pop()
+            .filter(|s| s.state == State::Running && s.progress_done >= 1)
+    });
     d.signal(libc::SIGTERM);
     let (st, took) = d.wait_exit(Duration::from_secs(30));
     assert!(st.success(), "exit status {st:?}\n{}", d.log());
     assert!(took < Duration::from_secs(10), "took {took:?}");
     let s = env.for_path(&dir).pop().unwrap();
     assert_eq!(s.state, State::Queued, "{s:?}\n{}", d.log());
-    assert!(s.error.unwrap_or_default().contains("grace period"));
+    assert!(
+        s.error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("grace period"),
+        "{s:?}\n{}",
+        d.log()
+    );
+    assert!(d.log().contains("evald stopped"), "{}", d.log());
 }
 
 #[test]
