@@ -271,8 +271,8 @@ fn library_dirs(gpu: bool) -> Vec<PathBuf> {
 
 fn apply_landlock(plan: &Plan) -> Result<(Layer, bool), SandboxError> {
     use landlock::{
-        Access, AccessFs, AccessNet, BitFlags, PathBeneath, PathFd, RestrictSelfAttr, Ruleset,
-        RulesetAttr, RulesetCreatedAttr, RulesetStatus, Scope, ABI,
+        Access, AccessFs, AccessNet, BitFlags, PathBeneath, PathFd, Ruleset, RulesetAttr,
+        RulesetCreatedAttr, RulesetStatus, Scope, ABI,
     };
     let abi = ABI::V6;
     let err = |e: &dyn std::fmt::Display| SandboxError::Apply {
@@ -338,11 +338,9 @@ fn apply_landlock(plan: &Plan) -> Result<(Layer, bool), SandboxError> {
             .map_err(|e| err(&format!("{}: {e}", path.display())))?;
         granted += 1;
     }
-    let status = created
-        .all_threads(true)
-        .map_err(|e| err(&e))?
-        .restrict_self()
-        .map_err(|e| err(&e))?;
+    // Not `all_threads`: that needs ABI 8 and would make every older kernel "partial";
+    // the worker applies this while it is single-threaded (see `threads_at_apply`).
+    let status = created.restrict_self().map_err(|e| err(&e))?;
     let kernel = match status.landlock {
         landlock::LandlockStatus::Available {
             effective_abi,
@@ -353,14 +351,7 @@ fn apply_landlock(plan: &Plan) -> Result<(Layer, bool), SandboxError> {
         ),
         other => format!("{other:?}"),
     };
-    let detail = format!(
-        "{kernel}, {granted} path rules, exec denied, TCP denied, scoped{}",
-        if status.all_threads {
-            ", all threads"
-        } else {
-            ""
-        }
-    );
+    let detail = format!("{kernel}, {granted} path rules, exec denied, TCP denied, scoped");
     let layer = match status.ruleset {
         RulesetStatus::FullyEnforced => Layer::Enforced(detail),
         RulesetStatus::PartiallyEnforced => Layer::Partial(detail),

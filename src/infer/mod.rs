@@ -153,8 +153,7 @@ pub fn first_line(e: &tch::TchError) -> String {
     let first = lines.next().unwrap_or("");
     // An exception raised by the model's own TorchScript code: the first line is the
     // interpreter's preamble; the model's message is the traceback's exception line.
-    let line = if first.starts_with("The following operation failed in the TorchScript interpreter")
-    {
+    let line = if first.contains("The following operation failed in the TorchScript interpreter") {
         let rest: Vec<&str> = lines.collect();
         rest.iter()
             .find(|l| {

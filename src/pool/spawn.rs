@@ -204,11 +204,14 @@ fn spawn(exe: &PathBuf, spec: &SpawnSpec) -> std::io::Result<Spawned> {
 
 /// Forward a worker's stderr to the log line by line, keeping the last lines for failure
 /// messages. Ends when the worker (and everything it forked) has closed stderr.
+///
+/// # Errors
+/// When the thread cannot be created.
 pub fn forward_stderr(
     slot: usize,
     pid: u32,
     stderr: ChildStderr,
-) -> (Arc<Mutex<Vec<String>>>, std::thread::JoinHandle<()>) {
+) -> std::io::Result<(Arc<Mutex<Vec<String>>>, std::thread::JoinHandle<()>)> {
     let tail = Arc::new(Mutex::new(Vec::new()));
     let t = Arc::clone(&tail);
     let h = std::thread::Builder::new()
@@ -237,9 +240,8 @@ pub fn forward_stderr(
                 }
                 t.push(line);
             }
-        })
-        .expect("spawn stderr thread");
-    (tail, h)
+        })?;
+    Ok((tail, h))
 }
 
 /// Kill a worker's process group (the worker and anything it forked).

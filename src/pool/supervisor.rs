@@ -335,7 +335,15 @@ fn start_worker(
         })?;
     let pid = spawned.child.id();
     set_info(sh, slot, |i| i.pid = Some(pid));
-    let (tail, err_thread) = spawn::forward_stderr(slot, pid, spawned.stderr);
+    let mut child = spawned.child;
+    let (tail, err_thread) = match spawn::forward_stderr(slot, pid, spawned.stderr) {
+        Ok(x) => x,
+        Err(e) => {
+            spawn::kill_group(pid);
+            let _ = spawn::reap(&mut child, Duration::ZERO);
+            return Err(StartError::Transient(format!("log thread: {e}")));
+        }
+    };
     let tx = sh.slots[slot].tx.lock().expect("slot tx lock").clone();
     let mut stdout = BufReader::new(spawned.stdout);
     let reader = std::thread::Builder::new()
@@ -352,13 +360,20 @@ fn start_worker(
                     break;
                 }
             }
-        })
-        .map_err(|e| StartError::Transient(e.to_string()))?;
+        });
+    let reader = match reader {
+        Ok(r) => r,
+        Err(e) => {
+            spawn::kill_group(pid);
+            let _ = spawn::reap(&mut child, Duration::ZERO);
+            return Err(StartError::Transient(format!("frame reader thread: {e}")));
+        }
+    };
     let mut live = Live {
         gen,
         pid,
         device: device.clone(),
-        child: spawned.child,
+        child,
         stdin: Some(spawned.stdin),
         tail,
         threads: vec![reader, err_thread],
