@@ -626,17 +626,28 @@ fn text_body(
             prev.submission
         );
         for r in &fx.rows {
-            for (i, key) in HEAD_KEYS.iter().enumerate() {
-                let before = prev.mean(r.label, key);
-                let (delta, _) = change(r.means[i], before, key, HEAD_DECIMALS[i]);
-                let _ = writeln!(
-                    t,
-                    "  {} {key}: {} -> {} ({delta})",
-                    r.name,
-                    f(before, HEAD_DECIMALS[i]),
-                    f(r.means[i], HEAD_DECIMALS[i])
-                );
-            }
+            let parts: Vec<String> = HEAD_KEYS
+                .iter()
+                .enumerate()
+                .filter_map(|(i, key)| {
+                    let before = prev.mean(r.label, key);
+                    if !(before.is_finite() || r.means[i].is_finite()) {
+                        return None;
+                    }
+                    let (delta, _) = change(r.means[i], before, key, HEAD_DECIMALS[i]);
+                    Some(format!(
+                        "{key} {} -> {} ({delta})",
+                        f(before, HEAD_DECIMALS[i]),
+                        f(r.means[i], HEAD_DECIMALS[i])
+                    ))
+                })
+                .collect();
+            let what = if parts.is_empty() {
+                "undefined in both".to_string()
+            } else {
+                parts.join(", ")
+            };
+            let _ = writeln!(t, "  {}: {what}", r.name);
         }
         if let (Some((s0, p0)), Some(p)) = (prev.patient, &eval.summary.patient) {
             let _ = writeln!(
@@ -918,42 +929,55 @@ fn html_body(
             prev.cases_scored,
             prev.cases_failed
         );
+        // One row per class: each metric as "now" over its change; a metric undefined in
+        // both submissions for every class (e.g. surface distances off) is left out.
+        let keys: Vec<usize> = (0..HEAD_KEYS.len())
+            .filter(|&i| {
+                fx.rows
+                    .iter()
+                    .any(|r| r.means[i].is_finite() || prev.mean(r.label, HEAD_KEYS[i]).is_finite())
+            })
+            .collect();
         h.push_str("<table cellspacing=\"0\" cellpadding=\"0\" style=\"border-collapse:collapse;\">\n<thead><tr>");
-        let _ = writeln!(
-            h,
-            "<th style=\"{TH_L}\">Class</th><th style=\"{TH_L}\">Metric</th><th style=\"{TH}\">{}</th><th style=\"{TH}\">{}</th><th style=\"{TH}\">Change</th></tr></thead>\n<tbody>",
-            escape(&prev.submission),
-            escape(m.submission.as_deref().unwrap_or("this run"))
-        );
+        let _ = write!(h, "<th style=\"{TH_L}\">Class</th>");
+        for &i in &keys {
+            let unit = if HEAD_KEYS[i] == "HD95" { " (mm)" } else { "" };
+            let _ = write!(
+                h,
+                "<th style=\"{TH}\">{}{unit}<br/><span style=\"font-weight:400;{MUTED}font-size:12px;\">{} &#8594; {}</span></th>",
+                HEAD_KEYS[i],
+                escape(&prev.submission),
+                escape(m.submission.as_deref().unwrap_or("this run"))
+            );
+        }
+        h.push_str("</tr></thead>\n<tbody>\n");
         for r in &fx.rows {
-            for (i, key) in HEAD_KEYS.iter().enumerate() {
-                let before = prev.mean(r.label, key);
-                let unit = if *key == "HD95" { " (mm)" } else { "" };
-                let _ = writeln!(
+            let _ = write!(h, "<tr><td style=\"{TD_L}\">{}</td>", escape(&r.name));
+            for &i in &keys {
+                let before = prev.mean(r.label, HEAD_KEYS[i]);
+                let _ = write!(
                     h,
-                    "<tr><td style=\"{TD_L}\">{}</td><td style=\"{TD_L}\">{key}{unit}</td><td style=\"{TD}\">{}</td><td style=\"{TD}\">{}</td><td style=\"{TD}\">{}</td></tr>",
-                    if i == 0 { escape(&r.name) } else { String::new() },
+                    "<td style=\"{TD}\"><span style=\"{MUTED}\">{}</span> &#8594; {}<br/><span style=\"font-size:12px;\">{}</span></td>",
                     f(before, HEAD_DECIMALS[i]),
                     f(r.means[i], HEAD_DECIMALS[i]),
-                    delta_html(r.means[i], before, key, HEAD_DECIMALS[i])
+                    delta_html(r.means[i], before, HEAD_KEYS[i], HEAD_DECIMALS[i])
                 );
             }
-        }
-        if let (Some((s0, p0)), Some(p)) = (prev.patient, &eval.summary.patient) {
-            for (name, before, now) in [
-                ("sensitivity", s0, p.sensitivity),
-                ("specificity", p0, p.specificity),
-            ] {
-                let _ = writeln!(
-                    h,
-                    "<tr><td style=\"{TD_L}\">patient level</td><td style=\"{TD_L}\">{name}</td><td style=\"{TD}\">{}</td><td style=\"{TD}\">{}</td><td style=\"{TD}\">{}</td></tr>",
-                    f(before, 3),
-                    f(now, 3),
-                    delta_html(now, before, name, 3)
-                );
-            }
+            h.push_str("</tr>\n");
         }
         h.push_str("</tbody>\n</table>\n");
+        if let (Some((s0, p0)), Some(p)) = (prev.patient, &eval.summary.patient) {
+            let _ = writeln!(
+                h,
+                "<p style=\"margin:8px 0 0;\">Patient level: sensitivity {} &#8594; {} ({}) &#183; specificity {} &#8594; {} ({})</p>",
+                f(s0, 3),
+                f(p.sensitivity, 3),
+                delta_html(p.sensitivity, s0, "sensitivity", 3),
+                f(p0, 3),
+                f(p.specificity, 3),
+                delta_html(p.specificity, p0, "specificity", 3)
+            );
+        }
     }
 
     // Failures.
@@ -1020,7 +1044,8 @@ fn mailbox(address: &str, role: &'static str) -> Result<Mailbox, ComposeError> {
 /// `previous` is the same vendor's previous submission for the task (the body shows the
 /// change against it); `report` is the workbook to attach (read now; over
 /// `settings.attach_max_bytes` the body gives its path instead). The Dice plot is drawn
-/// here; if drawing fails the email goes without it.
+/// here; if drawing fails the email goes without it. Blocking (reads the report, draws):
+/// from async code, call it in `spawn_blocking`.
 ///
 /// # Errors
 /// [`ComposeError`] for missing or malformed addresses, or a message lettre refuses.

@@ -74,6 +74,9 @@ pub enum ReportError {
 /// `<stem>-<its modification time, UTC>.xlsx` beside it (hard link, so `path` never
 /// disappears in between).
 ///
+/// Blocking and CPU-bound (seconds for a 300-case test set): from async code, call it in
+/// `spawn_blocking`.
+///
 /// # Errors
 /// [`ReportError`] naming the file; on error `path` is untouched.
 pub fn write(eval: &Evaluation, path: &Path) -> Result<(), ReportError> {
