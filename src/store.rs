@@ -404,6 +404,13 @@ impl Store {
         &self.path
     }
 
+    /// The connection, for another component's own tables in the same file (the mail
+    /// outbox): run through [`StoreHandle::call`] it shares this thread, so an email can
+    /// be queued in the same transaction as a state change. Leave `submissions*` alone.
+    pub fn connection(&mut self) -> &mut Connection {
+        &mut self.conn
+    }
+
     fn sql(&self, what: &'static str) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
         move |source| StoreError::Sql {
             path: self.path.clone(),

@@ -82,14 +82,18 @@ pub(crate) fn notify_team(
         .get(&sub.task)
         .map(|t| t.recipients.join(", "))
         .unwrap_or_default();
-    tracing::info!(
-        id = sub.id,
-        task = %sub.task,
-        vendor = %sub.vendor,
-        recipients,
-        in_memory = eval.is_some(),
-        "mail is not wired yet: no email queued (the submission stays reported)"
-    );
+    if eval.is_some() {
+        tracing::info!(
+            id = sub.id,
+            task = %sub.task,
+            vendor = %sub.vendor,
+            recipients,
+            "mail is not wired yet: no email queued (the submission stays reported)"
+        );
+    } else {
+        // The backlog at start: once per reported submission, so keep it quiet.
+        tracing::debug!(id = sub.id, "mail is not wired yet: still reported");
+    }
     Ok(None)
 }
 

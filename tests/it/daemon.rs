@@ -34,6 +34,7 @@ struct Opts {
     rescan_secs: u64,
     grace_secs: u64,
     log_format: &'static str,
+    watch: &'static str,
 }
 
 impl Default for Opts {
@@ -44,6 +45,7 @@ impl Default for Opts {
             rescan_secs: 3600,
             grace_secs: 20,
             log_format: "text",
+            watch: "native",
         }
     }
 }
@@ -80,7 +82,7 @@ impl Env {
     fn config_text(&self, o: Opts, tasks: &[&str]) -> String {
         let mut s = format!(
             "[daemon]\ndrop_dir = \"{}\"\nstate_dir = \"{}\"\nlog_dir = \"{}\"\nsettle_secs = 1\n\
-             rescan_secs = {}\nshutdown_grace_secs = {}\nlog_format = \"{}\"\n\n\
+             rescan_secs = {}\nshutdown_grace_secs = {}\nlog_format = \"{}\"\nwatch = \"{}\"\n\n\
              [pool]\nworkers = 1\ndevices = [\"cpu\"]\nmax_attempts = 3\n\n\
              [mail]\ntransport = \"file\"\noutbox_dir = \"{}\"\n\n",
             self.drop.display(),
@@ -89,6 +91,7 @@ impl Env {
             o.rescan_secs,
             o.grace_secs,
             o.log_format,
+            o.watch,
             self.dir.path().join("outbox").display(),
         );
         for t in tasks {
@@ -140,12 +143,17 @@ struct Daemon {
 
 impl Daemon {
     fn start(env: &Env) -> Daemon {
+        Daemon::start_with(env, &[])
+    }
+
+    fn start_with(env: &Env, vars: &[(&str, &str)]) -> Daemon {
         let n = std::fs::read_dir(env.dir.path()).unwrap().count();
         let stderr = env.path(&format!("serve-{n}.stderr"));
         let child = evald()
             .args(["serve", "--config"])
             .arg(&env.cfg)
             .env("EVALD_LOG", "info")
+            .envs(vars.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&stderr).unwrap())
@@ -385,6 +393,63 @@ fn a_nested_folder_copy_and_a_rename_into_the_drop_folder_are_both_picked_up() {
         assert!(dir.join("summary.json").is_file());
         assert_eq!(env.for_path(dir).len(), 1);
     }
+}
+
+#[test]
+fn poll_mode_picks_up_submissions_without_inotify() {
+    let env = Env::new(Opts {
+        watch: "poll",
+        ..Opts::default()
+    });
+    let d = Daemon::start(&env);
+    let dir = env.sub("t/nfs/v1");
+    write_files(&dir, &[("model.pt", &demo_model())]);
+    wait_state(&env, &d, &dir, &[State::Reported]);
+    assert_eq!(env.for_path(&dir).len(), 1);
+}
+
+#[test]
+fn systemd_hears_ready_status_watchdog_reloading_and_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let env = Env::new(Opts::default());
+    let sock_path = env.path("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut d = Daemon::start_with(
+        &env,
+        &[
+            ("NOTIFY_SOCKET", sock_path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "1000000"),
+        ],
+    );
+    let mut heard = String::new();
+    let mut listen_until = |d: &Daemon, what: &str, heard: &mut String| {
+        wait_until(&format!("sd_notify {what} (heard: {heard})"), d, || {
+            let mut buf = [0u8; 4096];
+            if let Ok(n) = sock.recv(&mut buf) {
+                heard.push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+            heard.contains(what).then_some(())
+        })
+    };
+    listen_until(&d, "READY=1", &mut heard);
+    assert!(heard.contains("STATUS="), "{heard}");
+    // At half of WATCHDOG_USEC, while the store answers.
+    heard.clear();
+    listen_until(&d, "WATCHDOG=1", &mut heard);
+    heard.clear();
+    listen_until(&d, "WATCHDOG=1", &mut heard);
+    d.signal(libc::SIGHUP);
+    heard.clear();
+    listen_until(&d, "RELOADING=1", &mut heard);
+    listen_until(&d, "READY=1", &mut heard);
+    assert!(heard.contains("MONOTONIC_USEC="), "{heard}");
+    d.signal(libc::SIGTERM);
+    heard.clear();
+    listen_until(&d, "STOPPING=1", &mut heard);
+    let (st, _) = d.wait_exit(Duration::from_secs(30));
+    assert!(st.success());
 }
 
 #[test]
@@ -798,7 +863,7 @@ fn check_config_lists_every_problem_with_its_key_and_never_the_password() {
         &bad,
         env.config_text(Opts::default(), &["t"])
             .replace("workers = 1", "workers = 0")
-            .replace("settle_secs = 1", "settle_secs = 1\nwatch = \"inotify\"")
+            .replace("watch = \"native\"", "watch = \"inotify\"")
             .replace("[mail]", "[mail]\nsmtp_user = \"evald\"")
             .replace(&env.drop.display().to_string(), "/nonexistent/drop"),
     )
