@@ -154,7 +154,7 @@ pub enum SandboxError {
         /// Missing layers.
         missing: String,
         /// Everything found.
-        report: Report,
+        report: Box<Report>,
     },
     /// A layer failed in a way that is not "unsupported" (bad rule, syscall error).
     #[error("sandbox layer {layer}: {message}")]
@@ -204,7 +204,7 @@ pub fn apply(plan: &Plan) -> Result<Report, SandboxError> {
     if plan.policy == Policy::Required && !report.meets_required() {
         return Err(SandboxError::Missing {
             missing: report.missing().join("; "),
-            report,
+            report: Box::new(report),
         });
     }
     Ok(report)

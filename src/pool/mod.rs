@@ -433,10 +433,13 @@ impl PoolPredictor {
 
     /// Devices in use (for the report's Run sheet).
     pub fn devices(&self) -> Vec<String> {
-        let mut d: Vec<String> = (0..self.shared.slots.len())
-            .map(|s| self.shared.device(s))
-            .collect();
-        d.dedup();
+        let mut d: Vec<String> = Vec::new();
+        for s in 0..self.shared.slots.len() {
+            let dev = self.shared.device(s);
+            if !d.contains(&dev) {
+                d.push(dev);
+            }
+        }
         d
     }
 

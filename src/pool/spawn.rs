@@ -36,6 +36,9 @@ const PASS_ENV: &[&str] = &[
 /// Lines of a worker's stderr kept for failure messages.
 const STDERR_KEEP: usize = 20;
 
+/// The last lines a worker wrote to stderr (shared with its forwarding thread).
+pub type StderrTail = Arc<Mutex<Vec<String>>>;
+
 /// How to start one worker.
 #[derive(Debug)]
 pub struct SpawnSpec {
@@ -211,7 +214,7 @@ pub fn forward_stderr(
     slot: usize,
     pid: u32,
     stderr: ChildStderr,
-) -> std::io::Result<(Arc<Mutex<Vec<String>>>, std::thread::JoinHandle<()>)> {
+) -> std::io::Result<(StderrTail, std::thread::JoinHandle<()>)> {
     let tail = Arc::new(Mutex::new(Vec::new()));
     let t = Arc::clone(&tail);
     let h = std::thread::Builder::new()

@@ -8,7 +8,7 @@
 use std::io::BufReader;
 use std::process::{Child, ChildStdin};
 use std::sync::atomic::Ordering;
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use super::protocol::{
@@ -63,7 +63,7 @@ struct Live {
     device: String,
     child: Child,
     stdin: Option<ChildStdin>,
-    tail: Arc<Mutex<Vec<String>>>,
+    tail: spawn::StderrTail,
     threads: Vec<std::thread::JoinHandle<()>>,
     sandbox: crate::sandbox::Report,
 }

@@ -399,3 +399,37 @@ fn a_torchscript_exception_is_reported_by_its_message() {
         "builtins.ValueError: fixture model refuses bright input: mean intensity above 0.9"
     );
 }
+
+/// `evald run` through the pool and `evald run --in-process` write the same numbers.
+#[test]
+fn the_pool_and_in_process_inference_give_the_same_summary() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let data = phantoms(root, 3, &[]);
+    let images = data.cases[0].input.parent().unwrap();
+    let labels = data.cases[0].label.parent().unwrap();
+    let cfg = root.join("evald.toml");
+    std::fs::write(&cfg, evald::cli::demo_config(root, images, labels)).unwrap();
+    let mut summaries = Vec::new();
+    for (name, extra) in [("pool", None), ("local", Some("--in-process"))] {
+        let sub = root.join(format!("drop/thyroid-ca/v/{name}"));
+        std::fs::create_dir_all(&sub).unwrap();
+        evald::phantom::write_demo_model(&sub.join("model.pt")).unwrap();
+        let mut cmd = evald();
+        cmd.arg("run").arg(&sub).arg("--config").arg(&cfg);
+        cmd.args(extra);
+        run_ok(&mut cmd);
+        let s = crate::util::read_json(&sub.join("summary.json"));
+        assert_eq!(s["evald"]["cases_scored"], 3, "{name}");
+        summaries.push(s);
+    }
+    for key in ["mean", "foreground_mean", "metric_per_case"] {
+        assert_eq!(summaries[0][key], summaries[1][key], "{key}");
+    }
+    for key in ["confusion_matrix", "patient_level", "statistics"] {
+        assert_eq!(
+            summaries[0]["evald"][key], summaries[1]["evald"][key],
+            "{key}"
+        );
+    }
+}
