@@ -378,6 +378,7 @@ fn start_tasks(
         s.daemon.watch,
     );
     tasks.spawn(watch_loop(shared.clone(), tracker, ev_rx));
+    tasks.spawn(mail_loop(shared.clone()));
     let runner = tasks.spawn(runner::run(shared.clone()));
     if opts.systemd {
         if let Some(period) = sd_notify::watchdog_enabled() {
@@ -385,6 +386,41 @@ fn start_tasks(
         }
     }
     Ok((tasks, watcher, runner))
+}
+
+/// The mail outbox: delivers and retries (across restarts) what `runner::notify_team`
+/// queued, following `[mail]` through SIGHUP reloads, until shutdown.
+async fn mail_loop(shared: Shared) {
+    let first = shared.settings.borrow().clone();
+    let db = crate::mail::db_path(&first);
+    let outbox = match tokio::task::spawn_blocking(move || crate::mail::Outbox::open(&db)).await {
+        Ok(Ok(o)) => o,
+        Ok(Err(e)) => {
+            tracing::error!("mail outbox unavailable, emails stay queued until restart: {e}");
+            return;
+        }
+        Err(e) => {
+            tracing::error!("mail outbox task failed: {e}");
+            return;
+        }
+    };
+    let (mail_tx, mail_rx) = tokio_watch::channel(first.mail.clone());
+    let mut settings = shared.settings.clone();
+    let cancel = shared.cancel.clone();
+    let follow = async move {
+        while settings.changed().await.is_ok() {
+            let m = settings.borrow_and_update().mail.clone();
+            if mail_tx.send(m).is_err() {
+                break;
+            }
+        }
+    };
+    let deliver = crate::mail::run_outbox(outbox, mail_rx, Arc::new(Notify::new()), cancel.clone());
+    tokio::select! {
+        r = deliver => if let Err(e) = r { tracing::error!("mail outbox stopped: {e}") },
+        () = follow => {}
+        () = cancel.cancelled() => {}
+    }
 }
 
 /// How long to gather a burst of events (a large copy) before looking.

@@ -15,8 +15,10 @@ use std::time::{Duration, Instant};
 
 use crate::config::Settings;
 use crate::evaluation::Evaluation;
-use crate::infer::{InferError, Model};
-use crate::pipeline::{LocalPredictor, Predictor, Progress};
+
+use crate::mail;
+use crate::pipeline::{Predictor, Progress};
+use crate::pool::{PoolError, PoolPredictor};
 use crate::store::{ReportedOutcome, State, Submission};
 use crate::submission::{self, Prepared};
 
@@ -43,32 +45,25 @@ enum Outcome {
     Failed(String),
 }
 
-/// The one place that decides what runs the model.
-///
-/// Today: in this process, on the first configured device. The worker pool (issue 6)
-/// provides a [`Predictor`] too; swapping it in is a change to this function only.
+/// The one place that decides what runs the model: the supervised worker pool
+/// (`pool.workers` sandboxed `evald worker` processes on `pool.devices`).
 fn make_predictor(
     settings: &Settings,
     sub: &Prepared,
-) -> Result<(Box<dyn Predictor>, Vec<String>), InferError> {
-    let device = settings
-        .pool
-        .devices
-        .first()
-        .cloned()
-        .unwrap_or_else(|| "cpu".into());
-    let model = Model::load(&sub.model_path, &device, sub.infer.clone())?;
-    Ok((Box::new(LocalPredictor::new(model, &device)), vec![device]))
+    task: &crate::config::TaskSettings,
+) -> Result<(Box<dyn Predictor>, Vec<String>), PoolError> {
+    let scratch = settings.daemon.state_dir.join("scratch");
+    let pool = PoolPredictor::for_submission(&settings.pool, sub, task, &scratch)?;
+    Ok((Box::new(pool), settings.pool.devices.clone()))
 }
 
-/// MAIL HOOK: the single place a finished evaluation is handed to the team's email.
+/// The single place a finished evaluation is handed to the team's email: compose it,
+/// record it in the durable outbox keyed by the submission (a re-run after a crash never
+/// mails twice) and try to deliver it once now; the outbox loop retries what did not go.
+/// Returns a note for the store (the `.eml` path for the file transport).
 ///
-/// The mail module (issue 4: compose + durable outbox in the same database) is not merged
-/// yet, so this only logs and returns `Ok(None)`: the submission stays `reported`.
-/// When wiring it: compose from `eval` (or from `sub.summary_path` when `eval` is `None`,
-/// i.e. after a restart), enqueue in the outbox keyed by `sub.id` so that a re-run after
-/// a crash never mails twice, and return `Ok(Some(note))` (e.g. the .eml path for the
-/// file transport): the submission then becomes `mailed`.
+/// After a restart the evaluation is no longer in memory (`eval` is `None`): if the
+/// message was already queued, the submission is simply marked mailed.
 ///
 /// # Errors
 /// A message for the log; the submission stays `reported` and is retried at the next start.
@@ -77,24 +72,54 @@ pub(crate) fn notify_team(
     sub: &Submission,
     eval: Option<&Evaluation>,
 ) -> Result<Option<String>, String> {
+    let key = format!("submission-{}", sub.id);
+    let outbox = mail::Outbox::open(&mail::db_path(settings)).map_err(|e| e.to_string())?;
+    let Some(eval) = eval else {
+        let queued = outbox
+            .entries()
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .find(|e| e.key.as_deref() == Some(key.as_str()));
+        return Ok(queued.map(|e| format!("outbox #{}", e.id)));
+    };
     let recipients = settings
         .tasks
         .get(&sub.task)
-        .map(|t| t.recipients.join(", "))
+        .map(|t| t.recipients.clone())
         .unwrap_or_default();
-    if eval.is_some() {
-        tracing::info!(
-            id = sub.id,
-            task = %sub.task,
-            vendor = %sub.vendor,
-            recipients,
-            "mail is not wired yet: no email queued (the submission stays reported)"
-        );
-    } else {
-        // The backlog at start: once per reported submission, so keep it quiet.
-        tracing::debug!(id = sub.id, "mail is not wired yet: still reported");
+    if recipients.is_empty() {
+        tracing::info!(id = sub.id, task = %sub.task, "task has no recipients: no email");
+        return Ok(Some("no recipients configured".into()));
     }
-    Ok(None)
+    let previous = eval
+        .meta
+        .submission_dir
+        .as_deref()
+        .and_then(mail::Previous::find_sibling);
+    let report = sub.path.join(crate::submission::REPORT_XLSX);
+    let composed = mail::compose(
+        eval,
+        &recipients,
+        previous.as_ref(),
+        report.is_file().then_some(report.as_path()),
+        &settings.mail,
+    )
+    .map_err(|e| e.to_string())?;
+    let id = outbox
+        .enqueue(&composed.message, &composed.subject, Some(&key))
+        .map_err(|e| e.to_string())?;
+    // Called on a blocking thread of the daemon's runtime: Handle::block_on is allowed here.
+    let delivery = tokio::runtime::Handle::current()
+        .block_on(outbox.deliver_one(id, &settings.mail))
+        .map_err(|e| e.to_string())?;
+    Ok(Some(match delivery.map(|d| d.outcome) {
+        Some(mail::Outcome::Sent(to)) => to,
+        Some(mail::Outcome::Retry { at, error }) => {
+            format!("outbox #{id}: queued, next attempt {at} ({error})")
+        }
+        Some(mail::Outcome::Failed(error)) => format!("outbox #{id}: refused ({error})"),
+        None => format!("outbox #{id}"),
+    }))
 }
 
 /// One line for logs, `evald status` and systemd's STATUS.
@@ -156,9 +181,9 @@ fn evaluate(
                 .into(),
         );
     }
-    let (predictor, devices) = match make_predictor(settings, &prepared) {
+    let (predictor, devices) = match make_predictor(settings, &prepared, task) {
         Ok(p) => p,
-        Err(e @ InferError::Load { .. }) => {
+        Err(e @ PoolError::Fatal { .. }) if e.to_string().contains("cannot load as TorchScript") => {
             return Outcome::Rejected(Rejection::new(
                 "not-torchscript",
                 e.to_string(),

@@ -96,7 +96,8 @@ pub fn counts_of<T: Copy + Into<u64>>(h: &[T], k: usize, ci: usize) -> Counts {
         tp,
         fp: col - tp,
         fn_: row - tp,
-        tn: total - col - row + tp,
+        // (total + tp) - (col + row): never underflows, unlike total - col - row + tp.
+        tn: total + tp - col - row,
     }
 }
 
@@ -203,6 +204,24 @@ mod tests {
         let s1 = counts_of(&t.hist[1], t.k, 1);
         let tp1 = (10..20).filter(|&i| r[i] == 1 && p[i] == 1).count() as u64;
         assert_eq!(s1.tp, tp1);
+    }
+
+    #[test]
+    fn a_class_covering_most_of_the_volume_does_not_underflow() {
+        let r = vec![1u8; 100];
+        let mut p = vec![1u8; 100];
+        p[0] = 0;
+        let t = tally(&r, &p, 10, &[1]);
+        let c = counts_of(&t.volume(), t.k, 1);
+        assert_eq!(
+            c,
+            Counts {
+                tp: 99,
+                fp: 0,
+                fn_: 1,
+                tn: 0
+            }
+        );
     }
 
     #[test]
