@@ -102,14 +102,21 @@ pub fn write(eval: &Evaluation, path: &Path) -> Result<(), ReportError> {
         .suffix(".xlsx.tmp")
         .tempfile_in(dir)
         .map_err(io("creating a temporary file", dir))?;
-    wb.save_to_writer(std::io::BufWriter::new(tmp.as_file_mut()))
-        .map_err(|source| ReportError::Xlsx {
-            path: tmp.path().to_path_buf(),
-            source,
-        })?;
+    let tmp_path = tmp.path().to_path_buf();
+    {
+        let mut out = std::io::BufWriter::new(tmp.as_file_mut());
+        wb.save_to_writer(&mut out)
+            .map_err(|source| ReportError::Xlsx {
+                path: tmp_path.clone(),
+                source,
+            })?;
+        // Explicitly: a BufWriter dropped with an error (disk full) would hide it, and a
+        // truncated workbook would be renamed into place.
+        std::io::Write::flush(&mut out).map_err(io("writing", &tmp_path))?;
+    }
     tmp.as_file()
         .sync_all()
-        .map_err(io("flushing", tmp.path()))?;
+        .map_err(io("flushing", &tmp_path))?;
     if let Some(kept) = keep_previous(path)? {
         tracing::info!(report = %path.display(), previous = %kept.display(), "kept the previous report");
     }
