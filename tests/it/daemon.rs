@@ -424,7 +424,7 @@ fn systemd_hears_ready_status_watchdog_reloading_and_stopping() {
         ],
     );
     let mut heard = String::new();
-    let mut listen_until = |d: &Daemon, what: &str, heard: &mut String| {
+    let listen_until = |d: &Daemon, what: &str, heard: &mut String| {
         wait_until(&format!("sd_notify {what} (heard: {heard})"), d, || {
             let mut buf = [0u8; 4096];
             if let Ok(n) = sock.recv(&mut buf) {
