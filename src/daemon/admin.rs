@@ -220,7 +220,7 @@ pub fn status(a: &StatusArgs) -> Result<()> {
             s.attempts
         );
     }
-    println!("queue: {}", if r.queue.is_empty() { "empty" } else { "" });
+    println!("queue:{}", if r.queue.is_empty() { " empty" } else { "" });
     for (i, s) in r.queue.iter().enumerate() {
         println!(
             "  {}. {}  since {}{}",
