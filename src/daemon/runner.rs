@@ -106,7 +106,7 @@ pub(crate) fn notify_team(
     )
     .map_err(|e| e.to_string())?;
     let id = outbox
-        .enqueue(&composed.message, &composed.subject, Some(&key))
+        .enqueue(&composed.message, &composed.label, Some(&key))
         .map_err(|e| e.to_string())?;
     // Called on a blocking thread of the daemon's runtime: Handle::block_on is allowed here.
     let delivery = tokio::runtime::Handle::current()

@@ -335,13 +335,19 @@ fn a_slow_copy_is_evaluated_once_after_it_completes() {
         }
     }
     let closed = chrono::Utc::now();
-    let s = wait_state(&env, &d, &dir, &[State::Reported]);
+    let s = wait_state(&env, &d, &dir, &[State::Mailed]);
     let rows = env.for_path(&dir);
     assert_eq!(rows.len(), 1, "one submission for one upload: {rows:#?}");
     let h = env.history(s.id);
     assert_eq!(
         states(&h),
-        [State::Seen, State::Queued, State::Running, State::Reported]
+        [
+            State::Seen,
+            State::Queued,
+            State::Running,
+            State::Reported,
+            State::Mailed
+        ]
     );
     assert!(
         at(&h, State::Seen) >= closed - chrono::Duration::milliseconds(50),
@@ -389,7 +395,7 @@ fn a_nested_folder_copy_and_a_rename_into_the_drop_folder_are_both_picked_up() {
     let renamed = env.sub("t/acme/v2");
     std::fs::rename(&staged, &renamed).unwrap();
     for dir in [&nested, &renamed] {
-        wait_state(&env, &d, dir, &[State::Reported]);
+        wait_state(&env, &d, dir, &[State::Mailed]);
         assert!(dir.join("summary.json").is_file());
         assert_eq!(env.for_path(dir).len(), 1);
     }
@@ -404,7 +410,7 @@ fn poll_mode_picks_up_submissions_without_inotify() {
     let d = Daemon::start(&env);
     let dir = env.sub("t/nfs/v1");
     write_files(&dir, &[("model.pt", &demo_model())]);
-    wait_state(&env, &d, &dir, &[State::Reported]);
+    wait_state(&env, &d, &dir, &[State::Mailed]);
     assert_eq!(env.for_path(&dir).len(), 1);
 }
 
@@ -468,7 +474,12 @@ fn two_submissions_queue_in_order_and_requeue_runs_one_again() {
         ],
     );
     // B arrives while A is being evaluated.
-    wait_state(&env, &d, &a, &[State::Running, State::Reported]);
+    wait_state(
+        &env,
+        &d,
+        &a,
+        &[State::Running, State::Reported, State::Mailed],
+    );
     write_files(
         &b,
         &[
@@ -476,8 +487,8 @@ fn two_submissions_queue_in_order_and_requeue_runs_one_again() {
             ("model.pt", &slow_model(11)),
         ],
     );
-    let sa = wait_state(&env, &d, &a, &[State::Reported]);
-    let sb = wait_state(&env, &d, &b, &[State::Reported]);
+    let sa = wait_state(&env, &d, &a, &[State::Mailed]);
+    let sb = wait_state(&env, &d, &b, &[State::Mailed]);
     let (ha, hb) = (env.history(sa.id), env.history(sb.id));
     assert!(at(&ha, State::Queued) < at(&hb, State::Queued));
     assert!(
@@ -503,7 +514,7 @@ fn two_submissions_queue_in_order_and_requeue_runs_one_again() {
     );
     wait_until("the requeued evaluation", &d, || {
         let h = env.history(sa.id);
-        (count(&h, State::Reported) == 2).then_some(())
+        (count(&h, State::Mailed) == 2).then_some(())
     });
     let again = evald()
         .args(["requeue", "999", "--config"])
@@ -543,7 +554,7 @@ fn kill_9_during_an_evaluation_then_restart_gives_exactly_one_report() {
     );
 
     let d = Daemon::start(&env);
-    let s = wait_state(&env, &d, &dir, &[State::Reported]);
+    let s = wait_state(&env, &d, &dir, &[State::Mailed]);
     assert_eq!(env.for_path(&dir).len(), 1);
     assert_eq!(s.attempts, 2);
     let h = env.history(s.id);
@@ -555,7 +566,8 @@ fn kill_9_during_an_evaluation_then_restart_gives_exactly_one_report() {
             State::Running,
             State::Queued,
             State::Running,
-            State::Reported
+            State::Reported,
+            State::Mailed
         ]
     );
     let outputs: Vec<String> = std::fs::read_dir(&dir)
@@ -589,7 +601,7 @@ fn sighup_keeps_the_old_config_when_the_new_one_is_broken_and_applies_a_good_one
     d.wait_log("configuration reload failed; keeping the previous configuration");
     let first = env.sub("t/acme/v1");
     write_files(&first, &[("model.pt", &model)]);
-    wait_state(&env, &d, &first, &[State::Reported]);
+    wait_state(&env, &d, &first, &[State::Mailed]);
 
     // A task that does not exist yet: refused.
     let later = env.sub("t2/acme/v1");
@@ -601,7 +613,7 @@ fn sighup_keeps_the_old_config_when_the_new_one_is_broken_and_applies_a_good_one
     env.write_config(o, &["t", "t2"]);
     d.signal(libc::SIGHUP);
     d.wait_log("configuration reloaded");
-    wait_state(&env, &d, &later, &[State::Reported]);
+    wait_state(&env, &d, &later, &[State::Mailed]);
     assert!(
         !later.join("REJECTED.txt").exists(),
         "stale rejection removed"
@@ -653,7 +665,7 @@ fn sigterm_exits_0_within_the_grace_period_and_leaves_the_store_consistent() {
 
     // The next start finishes it.
     let d = Daemon::start(&env);
-    wait_state(&env, &d, &dir, &[State::Reported]);
+    wait_state(&env, &d, &dir, &[State::Mailed]);
     assert_eq!(env.for_path(&dir).len(), 1);
 }
 
@@ -720,7 +732,7 @@ fn every_rejection_writes_its_rejected_txt_and_the_service_keeps_serving() {
     let model = demo_model();
     let good = env.sub("t/acme/good");
     write_files(&good, &[("model.pt", &model)]);
-    wait_state(&env, &d, &good, &[State::Reported]);
+    wait_state(&env, &d, &good, &[State::Mailed]);
 
     let outside = env.path("outside.pt");
     std::fs::write(&outside, &model).unwrap();
@@ -780,7 +792,7 @@ fn every_rejection_writes_its_rejected_txt_and_the_service_keeps_serving() {
             &env,
             &d,
             dir,
-            &[State::Rejected, State::Reported, State::Failed],
+            &[State::Rejected, State::Mailed, State::Failed],
         );
         assert_eq!(s.state, State::Rejected, "{}: {s:?}", dir.display());
         assert_eq!(s.reject_code.as_deref(), Some(*code), "{}", dir.display());
@@ -798,7 +810,7 @@ fn every_rejection_writes_its_rejected_txt_and_the_service_keeps_serving() {
     // Still serving: a good submission after all that.
     let after = env.sub("t/acme/after");
     write_files(&after, &[("model.pt", &slow_model(3))]);
-    wait_state(&env, &d, &after, &[State::Reported]);
+    wait_state(&env, &d, &after, &[State::Mailed]);
     // Each refusal was recorded once (REJECTED.txt does not make the folder new).
     for (_, dir, _) in &cases {
         assert_eq!(env.for_path(dir).len(), 1, "{}", dir.display());
