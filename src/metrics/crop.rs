@@ -61,9 +61,9 @@ impl Acc {
     fn add(&mut self, label: u8, x: usize, y: usize, z: usize) {
         let l = label as usize;
         let p = [x as u32, y as u32, z as u32];
-        for a in 0..3 {
-            self.lo[l][a] = self.lo[l][a].min(p[a]);
-            self.hi[l][a] = self.hi[l][a].max(p[a]);
+        for (a, &v) in p.iter().enumerate() {
+            self.lo[l][a] = self.lo[l][a].min(v);
+            self.hi[l][a] = self.hi[l][a].max(v);
         }
     }
 

@@ -113,6 +113,8 @@ fn ts_abdomen_40_labels_equal_nnunet() {
 /// A prediction saved with permuted and flipped axes (same world grid) scores exactly like
 /// the aligned one: reorientation is index arithmetic, never resampling.
 #[test]
+// Affine columns are rebuilt row by row: index loops read best here.
+#[allow(clippy::needless_range_loop)]
 fn reoriented_predictions_score_like_aligned_ones() {
     use evald::volume::{self, Volume};
     let dir = tempfile::tempdir().unwrap();
