@@ -50,8 +50,8 @@ if [ "$INSTALL" = 1 ]; then
     case " $PEERS " in *" nnunet "*)
         # nnunetv2 pulls a training stack; the evaluation needs only these (bench/VERSIONS.txt)
         have nnunetv2 || {
-            pipi --no-deps nnunetv2 batchgenerators dynamic-network-architectures &&
-            pipi acvl-utils scikit-image blosc2 SimpleITK tifffile pandas
+            pipi --no-deps --no-warn-conflicts nnunetv2 batchgenerators dynamic-network-architectures &&
+            pipi --no-warn-conflicts acvl-utils scikit-image blosc2 SimpleITK tifffile pandas
         } || echo "WARN: nnunetv2 install failed" >&2 ;;
     esac
     case " $PEERS " in *" medpy "*) have medpy || pipi MedPy || echo "WARN: MedPy install failed" >&2 ;; esac
@@ -104,9 +104,10 @@ for p in $PEERS; do
 done
 
 # --- 5. report ------------------------------------------------------------------------
-"$PY" - "$OUT" "$N" "$PEERS" <<'EOF'
+"$PY" - "$OUT" "$N" "$PEERS" "$(cut -d' ' -f1-3 /proc/loadavg)" <<'EOF'
 import json, math, os, re, sys
-out, n, peers = sys.argv[1], int(sys.argv[2]), sys.argv[3].split()
+out, n, peers, load = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(), sys.argv[4]
+nan = float("nan")
 
 def rd(name, ext):
     p = os.path.join(out, f"{name}.{ext}")
@@ -114,12 +115,26 @@ def rd(name, ext):
 
 def wall(name):
     w = rd(name, "wall")
-    return float(w) if w else None
+    return float(w) if w else nan
+
+def tv(name, key):
+    t = rd(name, "time")
+    m = t and re.search(re.escape(key) + r": ([0-9.]+)", t)
+    return float(m.group(1)) if m else nan
 
 def rss_mb(name):
-    t = rd(name, "time")
-    m = t and re.search(r"Maximum resident set size \(kbytes\): (\d+)", t)
-    return int(m.group(1)) / 1024 if m else None
+    return tv(name, "Maximum resident set size (kbytes)") / 1024
+
+def cpu(name):
+    return tv(name, "User time (seconds)") + tv(name, "System time (seconds)")
+
+def scoring_wall(summary_path):
+    # evald's own wall time for the evaluation (read, score, aggregate) without the process
+    # start (loading libtorch): the counterpart of the peers' per-case loop timers.
+    try:
+        return dict(json.load(open(summary_path))["evald"]["run"]["timings"])["total_wall"]
+    except (OSError, KeyError, ValueError):
+        return nan
 
 def peer(p):
     f = os.path.join(out, f"peer-{p}.json")
@@ -127,33 +142,38 @@ def peer(p):
 
 ev = json.load(open(os.path.join(out, "evald.json")))
 cases = sorted(os.path.basename(c["reference_file"])[:-7] for c in ev["metric_per_case"])
-startup = wall("evald_startup") or 0.0
-w_all, w_nos = wall("evald"), wall("evald_nosurface")
-print(f"\n{n} cases; evald process start {startup:.3f} s (included in every evald number)")
-hdr = f"{'case':<10} {'evald 1 case':>13}" + "".join(f" {p:>10}" for p in peers)
-print(hdr)
 P = {p: peer(p) for p in peers}
+print(f"\n{n} cases; load average at the end {load} (2 cores: other work on the machine inflates every number)")
+print("per-case seconds (evald: scoring wall time of a one-case run, process start excluded; peers: their per-case timer)")
+print(f"{'case':<10} {'evald':>8}" + "".join(f" {p:>9}" for p in peers))
 for c in cases:
-    row = f"{c:<10} {wall('evald_case_' + c) or float('nan'):>13.3f}"
+    row = f"{c:<10} {scoring_wall(os.path.join(out, 'single', c, 'summary.json')):>8.3f}"
     for p in peers:
         pc = (P[p] or {}).get("timing", {}).get("per_case_s") or {}
-        row += f" {pc.get(c, float('nan')):>10.3f}"
+        row += f" {pc.get(c, nan):>9.3f}"
     print(row)
-per_case = w_all / n
-print(f"\nevald, all metrics (overlap, per-slice, HD/HD95/ASSD/NSD, lesions, patient level):"
-      f" {w_all:.3f} s for {n} cases = {per_case:.3f} s/case, peak RSS {rss_mb('evald'):.0f} MB")
-print(f"evald --no-surface: {w_nos:.3f} s = {w_nos / n:.3f} s/case, peak RSS {rss_mb('evald_nosurface'):.0f} MB")
+
+e_in, e_wall, e_cpu = scoring_wall(os.path.join(out, "evald.json")), wall("evald"), cpu("evald")
+s_in, s_wall, s_cpu = scoring_wall(os.path.join(out, "evald-nosurface.json")), wall("evald_nosurface"), cpu("evald_nosurface")
+print(f"\nevald process start alone (loads libtorch): {wall('evald_startup'):.2f} s")
+print("evald all metrics (overlap, per-slice, HD/HD95/HD95_pooled/ASSD/NSD/NSD_voxel, lesions, patient level):")
+print(f"  scoring {e_in:.3f} s = {e_in / n:.3f} s/case; process {e_wall:.2f} s wall, {e_cpu:.2f} s CPU; peak RSS {rss_mb('evald'):.0f} MB")
+print(f"evald --no-surface: scoring {s_in:.3f} s = {s_in / n:.3f} s/case; process {s_wall:.2f} s wall, {s_cpu:.2f} s CPU; peak RSS {rss_mb('evald_nosurface'):.0f} MB")
+print("\nratios peer/evald: per case = peer's per-case loop vs evald's scoring wall; end to end = process wall"
+      " (start and imports included); CPU = user+sys of the whole process")
 for p in peers:
     d = P[p]
     if not d:
-        print(f"{p}: no result (see {out}/{p}.log)")
+        print(f"  {p}: no result (see {out}/{p}.log)")
         continue
     t = d["timing"]
-    base = w_nos / n if p == "nnunet" else per_case
-    what = "evald --no-surface" if p == "nnunet" else "evald all metrics"
-    print(f"{p:<9} {t['per_case_mean_s']:.3f} s/case (run {t['run_s']:.1f} s + import {t['import_s']:.1f} s), "
-          f"peak RSS {rss_mb(p) or float('nan'):.0f} MB -> {what} is {t['per_case_mean_s'] / base:.1f}x faster per case"
-          f" ({t['total_s'] / (w_nos if p == 'nnunet' else w_all):.1f}x end to end)")
+    if p == "nnunet":
+        b_in, b_wall, b_cpu, b_rss, what = s_in, s_wall, s_cpu, rss_mb("evald_nosurface"), "evald --no-surface"
+    else:
+        b_in, b_wall, b_cpu, b_rss, what = e_in, e_wall, e_cpu, rss_mb("evald"), "evald all metrics"
+    print(f"  {p:<9} {t['per_case_mean_s']:.3f} s/case, process {wall(p):.1f} s wall {cpu(p):.1f} s CPU, peak RSS {rss_mb(p):.0f} MB"
+          f" | vs {what}: per case {t['per_case_mean_s'] / (b_in / n):.1f}x, end to end {wall(p) / b_wall:.1f}x,"
+          f" CPU {cpu(p) / b_cpu:.1f}x, peak RSS {rss_mb(p) / b_rss:.1f}x")
 
 # agreement on these files (the conformance tests check real data; this is a sanity check)
 def ours(c, l, k):
@@ -162,7 +182,8 @@ def ours(c, l, k):
             return m["metrics"][str(l)].get(k)
 
 for p, pairs in [("monai", [("hd95_mm", "HD95"), ("assd_mm", "ASSD"), ("nsd_1mm", "NSD_voxel")]),
-                 ("deepmind", [("nsd_1mm", "NSD")]), ("medpy", [("hd95_mm", "HD95_pooled"), ("assd_mm", "ASSD")])]:
+                 ("deepmind", [("nsd_1mm", "NSD")]), ("medpy", [("hd95_mm", "HD95_pooled"), ("assd_mm", "ASSD")]),
+                 ("nnunet", [("dice", "Dice")])]:
     d = P.get(p)
     if not d:
         continue

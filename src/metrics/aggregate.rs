@@ -240,6 +240,9 @@ pub struct Summary {
     pub per_class: BTreeMap<u8, BTreeMap<String, Stats>>,
     /// nnU-Net `foreground_mean`: plain mean over classes of the per-class means.
     pub foreground_mean: BTreeMap<String, f64>,
+    /// Statistics over cases of each case's mean over classes (NaN classes excluded), for
+    /// the keys of `foreground_mean`.
+    pub foreground: BTreeMap<String, Stats>,
     /// Summed voxel confusion matrix over `[0] + labels` (row = reference).
     pub confusion: Vec<u64>,
     /// Per class label: per-slice tallies.
@@ -304,6 +307,28 @@ pub fn summarize(cases: &[CaseMetrics], spec: &EvalSpec) -> Summary {
             foreground_mean.insert(key.clone(), means.iter().sum::<f64>() / means.len() as f64);
         }
     }
+    // Foreground statistics over cases: per case, the mean over classes of the defined
+    // values (NaN classes excluded, NaN when none is defined), then the usual statistics.
+    let mut foreground = BTreeMap::new();
+    for key in foreground_mean.keys() {
+        let per_case: Vec<f64> = cases
+            .iter()
+            .map(|cm| {
+                let v: Vec<f64> = cm
+                    .classes
+                    .iter()
+                    .filter_map(|m| class_value(m, key))
+                    .filter(|v| !v.is_nan())
+                    .collect();
+                if v.is_empty() {
+                    f64::NAN
+                } else {
+                    v.iter().sum::<f64>() / v.len() as f64
+                }
+            })
+            .collect();
+        foreground.insert(key.clone(), stats(&per_case));
+    }
     let mut confusion = vec![0u64; k * k];
     for cm in cases {
         for (a, b) in confusion.iter_mut().zip(&cm.confusion) {
@@ -348,6 +373,7 @@ pub fn summarize(cases: &[CaseMetrics], spec: &EvalSpec) -> Summary {
     Summary {
         per_class,
         foreground_mean,
+        foreground,
         confusion,
         slices,
         patient,

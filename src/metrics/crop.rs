@@ -61,9 +61,9 @@ impl Acc {
     fn add(&mut self, label: u8, x: usize, y: usize, z: usize) {
         let l = label as usize;
         let p = [x as u32, y as u32, z as u32];
-        for (a, &v) in p.iter().enumerate() {
-            self.lo[l][a] = self.lo[l][a].min(v);
-            self.hi[l][a] = self.hi[l][a].max(v);
+        for ((lo, hi), v) in self.lo[l].iter_mut().zip(&mut self.hi[l]).zip(p) {
+            *lo = (*lo).min(v);
+            *hi = (*hi).max(v);
         }
     }
 
@@ -81,6 +81,16 @@ impl Acc {
 /// Box of every label value (index = label; entry 0, background, is computed too but
 /// never used). `None` where the label does not occur.
 pub fn label_boxes(vol: &LabelVolume) -> Vec<Option<BBox>> {
+    label_boxes_on(vol, |_| true)
+}
+
+/// [`label_boxes`] scanning only the z-slices for which `slice` is true: exact for every
+/// label that occurs on no other slice (the caller knows, e.g. from the per-slice overlap
+/// tally, which slices hold the labels it cares about).
+pub fn label_boxes_on(
+    vol: &LabelVolume,
+    slice: impl Fn(usize) -> bool + Sync,
+) -> Vec<Option<BBox>> {
     let [nx, ny, _] = vol.geom.dims;
     let plane = nx * ny;
     if plane == 0 {
@@ -90,6 +100,7 @@ pub fn label_boxes(vol: &LabelVolume) -> Vec<Option<BBox>> {
         .data
         .par_chunks(plane)
         .enumerate()
+        .filter(|(z, _)| slice(*z))
         .fold(Acc::new, |mut acc, (z, slice)| {
             for (y, row) in slice.chunks_exact(nx).enumerate() {
                 scan_row(row, |x, v| acc.add(v, x, y, z));
@@ -139,6 +150,13 @@ pub fn label_box(vol: &LabelVolume, label: u8) -> Option<BBox> {
 #[inline]
 fn scan_row(row: &[u8], mut f: impl FnMut(usize, u8)) {
     let (words, tail) = row.split_at(row.len() / 8 * 8);
+    // Most rows of a CT label map are background: one vectorisable OR decides.
+    let any = words.chunks_exact(8).fold(0u64, |a, w| {
+        a | u64::from_ne_bytes(w.try_into().expect("8 bytes"))
+    }) | tail.iter().fold(0u64, |a, &v| a | u64::from(v));
+    if any == 0 {
+        return;
+    }
     for (c, w) in words.chunks_exact(8).enumerate() {
         if u64::from_ne_bytes(w.try_into().expect("8 bytes")) == 0 {
             continue;

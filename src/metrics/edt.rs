@@ -21,8 +21,8 @@
 pub fn distances_at(
     dims: [usize; 3],
     spacing: [f64; 3],
-    features: &[u32],
-    queries: &[u32],
+    features: &[usize],
+    queries: &[usize],
 ) -> Vec<f64> {
     let [nx, ny, nz] = dims;
     let plane = nx * ny;
@@ -37,7 +37,6 @@ pub fn distances_at(
     let mut g = vec![f64::INFINITY; nx * ny * nz];
     let mut slice_has = vec![false; nz];
     for &f in features {
-        let f = f as usize;
         g[f] = 0.0;
         slice_has[f / plane] = true;
     }
@@ -64,23 +63,23 @@ pub fn distances_at(
     }
     // Pass 3 (z), only on columns with queries: group queries by column (stable counting
     // sort keeps each column's queries in increasing z).
-    let mut start = vec![0u32; plane + 1];
+    let mut start = vec![0usize; plane + 1];
     for &q in queries {
-        start[q as usize % plane + 1] += 1;
+        start[q % plane + 1] += 1;
     }
     for i in 0..plane {
         start[i + 1] += start[i];
     }
     let mut fill = start.clone();
-    let mut order = vec![0u32; queries.len()];
+    let mut order = vec![0usize; queries.len()];
     for (qi, &q) in queries.iter().enumerate() {
-        let c = q as usize % plane;
-        order[fill[c] as usize] = qi as u32;
+        let c = q % plane;
+        order[fill[c]] = qi;
         fill[c] += 1;
     }
     let mut out = vec![0.0f64; queries.len()];
     for c in 0..plane {
-        let (a, b) = (start[c] as usize, start[c + 1] as usize);
+        let (a, b) = (start[c], start[c + 1]);
         if a == b {
             continue;
         }
@@ -90,8 +89,8 @@ pub fn distances_at(
         env.build(&line[..nz], spacing[2]);
         let mut k = 0usize;
         for &qi in &order[a..b] {
-            let z = queries[qi as usize] as usize / plane;
-            out[qi as usize] = env.eval_at(&line[..nz], spacing[2], z, &mut k).sqrt();
+            let z = queries[qi] / plane;
+            out[qi] = env.eval_at(&line[..nz], spacing[2], z, &mut k).sqrt();
         }
     }
     out
@@ -99,31 +98,28 @@ pub fn distances_at(
 
 /// Pass 1 on one row: `row` holds 0 at features and +inf elsewhere; afterwards each entry is
 /// the squared distance (mm^2) to the nearest feature of the row (+inf without one).
-// Two scans that look back at the last feature read best with an index.
-#[allow(clippy::needless_range_loop)]
 fn scan_row(row: &mut [f64], s: f64) {
-    let n = row.len();
     let mut last: Option<usize> = None;
-    for i in 0..n {
-        if row[i] == 0.0 {
+    for (i, v) in row.iter_mut().enumerate() {
+        if *v == 0.0 {
             last = Some(i);
         } else if let Some(l) = last {
             let d = (i - l) as f64 * s;
-            row[i] = d * d;
+            *v = d * d;
         }
     }
     if last.is_none() {
         return;
     }
     let mut next: Option<usize> = None;
-    for i in (0..n).rev() {
-        if row[i] == 0.0 {
+    for (i, v) in row.iter_mut().enumerate().rev() {
+        if *v == 0.0 {
             next = Some(i);
         } else if let Some(nf) = next {
             let d = (nf - i) as f64 * s;
             let d2 = d * d;
-            if d2 < row[i] {
-                row[i] = d2;
+            if d2 < *v {
+                *v = d2;
             }
         }
     }
@@ -207,12 +203,9 @@ mod tests {
     use super::*;
 
     /// Brute force: min over features of the anisotropic Euclidean distance.
-    fn brute(dims: [usize; 3], sp: [f64; 3], features: &[u32], queries: &[u32]) -> Vec<f64> {
+    fn brute(dims: [usize; 3], sp: [f64; 3], features: &[usize], queries: &[usize]) -> Vec<f64> {
         let [nx, ny, _] = dims;
-        let co = |i: u32| {
-            let i = i as usize;
-            [i % nx, (i / nx) % ny, i / (nx * ny)]
-        };
+        let co = |i: usize| [i % nx, (i / nx) % ny, i / (nx * ny)];
         queries
             .iter()
             .map(|&q| {
@@ -258,15 +251,12 @@ mod tests {
                 3.0 - (trial % 2) as f64,
             ];
             let n = dims.iter().product::<usize>();
-            let mut features: Vec<u32> = (0..n as u32)
-                .filter(|_| rng.next().is_multiple_of(17))
-                .collect();
+            let mut features: Vec<usize> =
+                (0..n).filter(|_| rng.next().is_multiple_of(17)).collect();
             if features.is_empty() {
-                features.push((rng.next() as usize % n) as u32);
+                features.push(rng.next() as usize % n);
             }
-            let queries: Vec<u32> = (0..n as u32)
-                .filter(|_| rng.next().is_multiple_of(3))
-                .collect();
+            let queries: Vec<usize> = (0..n).filter(|_| rng.next().is_multiple_of(3)).collect();
             let got = distances_at(dims, sp, &features, &queries);
             let want = brute(dims, sp, &features, &queries);
             for (g, w) in got.iter().zip(&want) {
@@ -289,7 +279,7 @@ mod tests {
         // feature at (0,0,0), query at (1,2,3) with spacing (0.5, 2, 3): sqrt(0.25+16+81)
         let dims = [2, 3, 4];
         let q = 1 + 2 * (2 + 3 * 3);
-        let d = distances_at(dims, [0.5, 2.0, 3.0], &[0], &[q as u32]);
+        let d = distances_at(dims, [0.5, 2.0, 3.0], &[0], &[q]);
         assert!((d[0] - 97.25f64.sqrt()).abs() < 1e-12);
     }
 }

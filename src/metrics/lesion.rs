@@ -103,7 +103,7 @@ pub fn compute_boxed(
             qualifies.then_some((a, b, iou))
         })
         .collect();
-    edges.sort_by_key(|x| (x.0, x.1));
+    edges.sort_by_key(|e| (e.0, e.1));
     let pairs: Vec<(u32, u32, f64)> = match_blocks(nr, np, &edges)
         .into_iter()
         .map(|(a, b, _)| {
@@ -295,7 +295,7 @@ fn match_blocks(nr: usize, np: usize, edges: &[(u32, u32, f64)]) -> Vec<(u32, u3
             }
         }
     }
-    pairs.sort_by_key(|x| (x.0, x.1));
+    pairs.sort_by_key(|e| (e.0, e.1));
     pairs
 }
 

@@ -290,9 +290,15 @@ pub fn evaluate_case(
     let needs_boxes = spec.surface || spec.classes.iter().any(|c| c.lesion);
     // One scan per volume finds every label's box; surface and lesion work stays inside.
     let (ref_boxes, pred_boxes) = if needs_boxes {
+        // Only slices where an evaluated class occurs in either map (the tally's
+        // background-background cell is not the whole slice) can hold a box's voxels.
+        // (A class 0, background, is not in the tally: then every slice is scanned.)
+        let slice_len = reference.slice_len() as u32;
+        let all = labels.contains(&0);
+        let busy = |z: usize| all || tally.hist[z][0] != slice_len;
         rayon::join(
-            || crop::label_boxes(reference),
-            || crop::label_boxes(&prediction),
+            || crop::label_boxes_on(reference, busy),
+            || crop::label_boxes_on(&prediction, busy),
         )
     } else {
         (Vec::new(), Vec::new())

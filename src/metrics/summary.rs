@@ -34,7 +34,7 @@ pub fn conventions(eval: &Evaluation) -> Value {
                     "iou_threshold": eval.spec.lesion_iou_threshold,
                     "f1": "2TP/(2TP+FP+FN) (panoptica RQ); null without lesions in both maps"},
         "patient_level": {"positive_class": eval.spec.positive_class, "min_positive_mm3": eval.spec.min_positive_mm3},
-        "aggregation": "mean over cases excluding null; std with n-1; 95% percentile bootstrap CI of the mean, 2000 resamples, fixed seed",
+        "aggregation": "mean over cases excluding null; std with n-1; 95% percentile bootstrap CI of the mean, 2000 resamples, fixed seed; foreground_mean = plain mean of the per-class means (nnU-Net), keys every class has; statistics.foreground = statistics over cases of each case's mean over classes (null classes excluded)",
         "unlisted_labels": "labels not in the task's classes count as background in the confusion matrix",
     })
 }
@@ -57,6 +57,23 @@ fn int_or_num(key: &str, v: f64) -> Value {
     } else {
         num(v)
     }
+}
+
+/// `{metric: {n, n_nan, mean, std, median, p25, p75, min, max, ci95}}`.
+fn stats_json(by_key: &std::collections::BTreeMap<String, super::aggregate::Stats>) -> Value {
+    let m: Map<String, Value> = by_key
+        .iter()
+        .map(|(k, s)| {
+            (
+                k.clone(),
+                json!({"n": s.n, "n_nan": s.n_nan, "mean": num(s.mean), "std": num(s.std),
+                       "median": num(s.median), "p25": num(s.p25), "p75": num(s.p75),
+                       "min": num(s.min), "max": num(s.max),
+                       "ci95": [num(s.ci95_low), num(s.ci95_high)]}),
+            )
+        })
+        .collect();
+    Value::Object(m)
 }
 
 /// Build the whole document.
@@ -87,20 +104,13 @@ pub fn to_json(eval: &Evaluation) -> Value {
             .map(|(k, s)| (k.clone(), num(s.mean)))
             .collect();
         mean.insert(label.to_string(), Value::Object(m));
-        let s: Map<String, Value> = by_key
-            .iter()
-            .map(|(k, s)| {
-                (
-                    k.clone(),
-                    json!({"n": s.n, "n_nan": s.n_nan, "mean": num(s.mean), "std": num(s.std),
-                           "median": num(s.median), "p25": num(s.p25), "p75": num(s.p75),
-                           "min": num(s.min), "max": num(s.max),
-                           "ci95": [num(s.ci95_low), num(s.ci95_high)]}),
-                )
-            })
-            .collect();
-        stats.insert(label.to_string(), Value::Object(s));
+        stats.insert(label.to_string(), stats_json(by_key));
     }
+    // "foreground": statistics of each case's mean over classes (not a label).
+    stats.insert(
+        "foreground".to_string(),
+        stats_json(&eval.summary.foreground),
+    );
     let fg: Map<String, Value> = eval
         .summary
         .foreground_mean

@@ -174,7 +174,7 @@ pub fn percentile(v: &mut [f64], q: f64) -> f64 {
 /// Edge voxels of a padded mask (see [`crop::padded_mask`]): set voxels with at least one
 /// unset face neighbour. Returned as linear indices into the unpadded box `dims`, in scan
 /// order.
-fn edge_voxels(m: &[u8], dims: [usize; 3]) -> Vec<u32> {
+fn edge_voxels(m: &[u8], dims: [usize; 3]) -> Vec<usize> {
     let [bx, by, bz] = dims;
     let (px, py) = (bx + 2, by + 2);
     let pxy = px * py;
@@ -182,7 +182,7 @@ fn edge_voxels(m: &[u8], dims: [usize; 3]) -> Vec<u32> {
     for z in 1..=bz {
         for y in 1..=by {
             let row = px * (y + py * z);
-            let base = (bx * ((y - 1) + by * (z - 1))) as u32;
+            let base = bx * ((y - 1) + by * (z - 1));
             for x in 1..=bx {
                 let i = row + x;
                 if m[i] == 0 {
@@ -191,7 +191,7 @@ fn edge_voxels(m: &[u8], dims: [usize; 3]) -> Vec<u32> {
                 let interior =
                     m[i - 1] & m[i + 1] & m[i - px] & m[i + px] & m[i - pxy] & m[i + pxy];
                 if interior == 0 {
-                    out.push(base + (x - 1) as u32);
+                    out.push(base + x - 1);
                 }
             }
         }
@@ -205,7 +205,7 @@ fn edge_voxels(m: &[u8], dims: [usize; 3]) -> Vec<u32> {
 /// The 2x2x2 code follows DeepMind's kernel `[[[128, 64], [32, 16]], [[8, 4], [2, 1]]]`
 /// correlated over the array `(x, y, z)`: voxel `(c + a - 1, ...)` for offsets `(a, b, c)` in
 /// `{0, 1}^3` sets bit `7 - (4a + 2b + c)`.
-fn surfels(m: &[u8], dims: [usize; 3], areas: &[f64; 256]) -> (Vec<u32>, Vec<f64>) {
+fn surfels(m: &[u8], dims: [usize; 3], areas: &[f64; 256]) -> (Vec<usize>, Vec<f64>) {
     let [bx, by, bz] = dims;
     let (px, py) = (bx + 2, by + 2);
     let (cx, cy) = (bx + 1, by + 1);
@@ -231,7 +231,7 @@ fn surfels(m: &[u8], dims: [usize; 3], areas: &[f64; 256]) -> (Vec<u32>, Vec<f64
             for i in 0..=bx {
                 let code = (q[i] << 4) | q[i + 1];
                 if code != 0 && code != 255 {
-                    idx.push((base + i) as u32);
+                    idx.push(base + i);
                     area.push(areas[code as usize]);
                 }
             }

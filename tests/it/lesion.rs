@@ -252,6 +252,11 @@ fn empty_mask_conventions_end_to_end() {
     assert_eq!((st["n"].as_u64(), st["n_nan"].as_u64()), (Some(4), Some(1)));
     assert_eq!(s["mean"]["2"]["NSD"].as_f64(), Some(1.0 / 3.0));
     assert!(s["foreground_mean"]["HD95"].as_f64().is_some());
+    // lesion keys exist for label 2 only: not averaged into the foreground
+    assert!(s["foreground_mean"].get("LesionF1").is_none());
+    // foreground statistics: each case's mean over its defined classes (label 1 always is)
+    let fg = &s["evald"]["statistics"]["foreground"]["Dice"];
+    assert_eq!((fg["n"].as_u64(), fg["n_nan"].as_u64()), (Some(4), Some(0)));
 
     // patient level on label 2: hit = TP, pure_fp = FP, pure_fn = FN, both_empty = TN
     let pl = &s["evald"]["patient_level"];
