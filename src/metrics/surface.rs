@@ -257,3 +257,38 @@ pub fn surfel_areas(spacing: [f64; 3]) -> [f64; 256] {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentile_matches_numpy_linear() {
+        // numpy.percentile([4, 1, 10, 3, 2], [0, 25, 50, 95, 100]) = [1, 2, 3, 8.8, 10]
+        for (q, want) in [
+            (0.0, 1.0),
+            (25.0, 2.0),
+            (50.0, 3.0),
+            (95.0, 8.8),
+            (100.0, 10.0),
+        ] {
+            let mut v = [4.0, 1.0, 10.0, 3.0, 2.0];
+            assert!((percentile(&mut v, q) - want).abs() < 1e-12, "q {q}");
+        }
+        assert!(percentile(&mut [], 95.0).is_nan());
+    }
+
+    #[test]
+    fn surfel_areas_are_geometric() {
+        let a = surfel_areas([0.5, 2.0, 3.0]);
+        assert_eq!((a[0], a[255]), (0.0, 0.0));
+        // code 15 = the four voxels with a = 1 (x = c): a flat face normal to x, area sy*sz
+        assert!((a[15] - 6.0).abs() < 1e-12, "{}", a[15]);
+        // code 0b1100_1100 = the four voxels with b = 0: a face normal to y, area sx*sz
+        assert!((a[0b1100_1100] - 1.5).abs() < 1e-12, "{}", a[0b1100_1100]);
+        // a configuration and its complement bound the same surface
+        for code in 0..256 {
+            assert!((a[code] - a[255 - code]).abs() < 1e-12, "code {code}");
+        }
+    }
+}
