@@ -95,6 +95,20 @@ impl Evaluation {
         self.cases.len() + self.failures.len()
     }
 
+    /// `task / vendor / submission`: what the evaluation is about, in one line (report and
+    /// email headers).
+    pub fn who(&self) -> String {
+        [
+            Some(self.meta.task.as_str()),
+            self.meta.vendor.as_deref(),
+            self.meta.submission.as_deref(),
+        ]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join(" / ")
+    }
+
     /// Class name of a label ("label 3" when unnamed).
     pub fn class_name(&self, label: u8) -> String {
         self.spec

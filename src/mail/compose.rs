@@ -243,18 +243,6 @@ pub struct Composed {
     pub label: String,
 }
 
-fn who(eval: &Evaluation) -> String {
-    [
-        Some(eval.meta.task.as_str()),
-        eval.meta.vendor.as_deref(),
-        eval.meta.submission.as_deref(),
-    ]
-    .into_iter()
-    .flatten()
-    .collect::<Vec<_>>()
-    .join(" / ")
-}
-
 fn stat<'a>(eval: &'a Evaluation, label: u8, key: &str) -> Option<&'a Stats> {
     eval.summary.per_class.get(&label)?.get(key)
 }
@@ -332,11 +320,11 @@ pub fn subject(eval: &Evaluation) -> String {
     let total = eval.total_cases();
     let scored = eval.cases.len();
     if scored == 0 {
-        return format!("[evald] {}: no case scored, 0/{total} cases", who(eval));
+        return format!("[evald] {}: no case scored, 0/{total} cases", eval.who());
     }
     let mut s = format!(
         "[evald] {}: Dice {}",
-        who(eval),
+        eval.who(),
         f(headline_dice(eval).0, 3)
     );
     if let Some((name, d)) = focus_class(eval) {
@@ -347,7 +335,7 @@ pub fn subject(eval: &Evaluation) -> String {
 }
 
 fn label_of(eval: &Evaluation) -> String {
-    let raw = who(eval).replace(" / ", "_");
+    let raw = eval.who().replace(" / ", "_");
     let safe: String = raw
         .chars()
         .map(|c| {
@@ -466,7 +454,7 @@ fn facts(eval: &Evaluation) -> Facts {
             .unwrap_or(f64::NAN)
     });
     Facts {
-        who: who(eval),
+        who: eval.who(),
         rows,
         foreground,
     }
@@ -1056,7 +1044,7 @@ pub fn compose(
     report: Option<&Path>,
     settings: &MailSettings,
 ) -> Result<Composed, ComposeError> {
-    let what = who(eval);
+    let what = eval.who();
     if recipients.is_empty() {
         return Err(ComposeError::NoRecipients { what });
     }

@@ -9,19 +9,6 @@ use super::style::{self, color_scale, header, key_values, num, Styles};
 use crate::evaluation::Evaluation;
 use crate::metrics::aggregate::{class_value, CLASS_KEYS};
 
-/// `task / vendor / submission` (what the report is about, in one line).
-pub(crate) fn who(eval: &Evaluation) -> String {
-    [
-        Some(eval.meta.task.as_str()),
-        eval.meta.vendor.as_deref(),
-        eval.meta.submission.as_deref(),
-    ]
-    .into_iter()
-    .flatten()
-    .collect::<Vec<_>>()
-    .join(" / ")
-}
-
 /// Per case x class values of every computed key, shared by Cases and Charts.
 pub(crate) struct CaseTable {
     /// Keys of [`CLASS_KEYS`] computed for at least one case and class, in that order.
@@ -88,7 +75,7 @@ pub(crate) fn summary(
     }
     ws.set_landscape();
     ws.set_print_fit_to_pages(1, 0);
-    ws.write_string_with_format(0, 0, format!("evald report: {}", who(eval)), &st.title)?;
+    ws.write_string_with_format(0, 0, format!("evald report: {}", eval.who()), &st.title)?;
     let na = || "n/a".to_string();
     let rows: Vec<(&str, String)> = vec![
         ("Task", m.task.clone()),
