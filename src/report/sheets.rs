@@ -7,7 +7,7 @@ use rust_xlsxwriter::{Image, Worksheet, XlsxError};
 
 use super::style::{self, color_scale, header, key_values, num, Styles};
 use crate::evaluation::Evaluation;
-use crate::metrics::aggregate::{class_value, CLASS_KEYS};
+use crate::metrics::aggregate::{class_value, Stats, CLASS_KEYS};
 
 /// Per case x class values of every computed key, shared by Cases and Charts.
 pub(crate) struct CaseTable {
@@ -205,29 +205,20 @@ pub(crate) fn summary(
         for key in CLASS_KEYS {
             let Some(s) = by_key.get(*key) else { continue };
             r += 1;
-            let f = st.for_key(key);
             ws.write_string(r, 0, &c.name)?;
             ws.write_number(r, 1, c.label)?;
-            ws.write_string(r, 2, *key)?;
-            ws.write_number_with_format(r, 3, s.n as f64, &st.int)?;
-            ws.write_number_with_format(r, 4, s.n_nan as f64, &st.int)?;
-            for (i, v) in [
-                s.mean,
-                s.std,
-                s.median,
-                s.p25,
-                s.p75,
-                s.min,
-                s.max,
-                s.ci95_low,
-                s.ci95_high,
-            ]
-            .into_iter()
-            .enumerate()
-            {
-                num(ws, r, 5 + i as u16, Some(v), f)?;
-            }
+            stats_row(ws, r, key, s, st)?;
         }
+    }
+    // Each case's mean over classes, then statistics over cases: the same block as
+    // summary.json's `statistics.foreground`. No label: it is not a class.
+    for key in CLASS_KEYS {
+        let Some(s) = eval.summary.foreground.get(*key) else {
+            continue;
+        };
+        r += 1;
+        ws.write_string_with_format(r, 0, "foreground", &st.key)?;
+        stats_row(ws, r, key, s, st)?;
     }
 
     // Patient level.
@@ -682,6 +673,38 @@ pub(crate) fn run(ws: &mut Worksheet, eval: &Evaluation, st: &Styles) -> Result<
         r += 1;
         ws.write_string(r, 0, stage)?;
         num(ws, r, 1, Some(*secs), &st.secs)?;
+    }
+    Ok(())
+}
+
+/// One row of the statistics table from column 2 on: metric key, counts, then the
+/// statistics in the key's number format.
+fn stats_row(
+    ws: &mut Worksheet,
+    r: u32,
+    key: &str,
+    s: &Stats,
+    st: &Styles,
+) -> Result<(), XlsxError> {
+    let f = st.for_key(key);
+    ws.write_string(r, 2, key)?;
+    ws.write_number_with_format(r, 3, s.n as f64, &st.int)?;
+    ws.write_number_with_format(r, 4, s.n_nan as f64, &st.int)?;
+    for (i, v) in [
+        s.mean,
+        s.std,
+        s.median,
+        s.p25,
+        s.p75,
+        s.min,
+        s.max,
+        s.ci95_low,
+        s.ci95_high,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        num(ws, r, 5 + i as u16, Some(v), f)?;
     }
     Ok(())
 }

@@ -222,8 +222,16 @@ fn workbook_numbers_equal_summary_json() {
         if metric.is_empty() {
             break;
         }
-        let label = number(cell(&summary, r, sh["Label"])).unwrap() as u8;
-        let s = &stats[label.to_string()][&metric];
+        // Class rows carry their label; the foreground rows (each case's mean over
+        // classes) have none and are summary.json's `statistics.foreground`.
+        let label = match number(cell(&summary, r, sh["Label"])) {
+            Some(l) => (l as u8).to_string(),
+            None => {
+                assert_eq!(text(&summary, r, sh["Class"]), "foreground");
+                "foreground".to_string()
+            }
+        };
+        let s = &stats[&label][&metric];
         assert!(
             s.is_object(),
             "{label} {metric} not in summary.json statistics"
