@@ -352,12 +352,7 @@ pub fn resolve_task<'a>(
         return settings.tasks.get(t).with_context(|| {
             format!(
                 "task '{t}' is not configured (known: {})",
-                settings
-                    .tasks
-                    .keys()
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                settings.task_names(", ")
             )
         });
     }

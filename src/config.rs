@@ -441,6 +441,11 @@ impl Settings {
         let json = serde_json::to_vec(self).unwrap_or_default();
         hex::encode(sha2::Sha256::digest(&json))
     }
+
+    /// The configured task names, joined with `sep` (for messages that say what exists).
+    pub fn task_names(&self, sep: &str) -> String {
+        self.tasks.keys().cloned().collect::<Vec<_>>().join(sep)
+    }
 }
 
 /// Load and validate a configuration file (+ `EVALD__SECTION__KEY` overrides).

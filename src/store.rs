@@ -347,6 +347,17 @@ fn raw_row(r: &Row<'_>) -> rusqlite::Result<RawRow> {
     ))
 }
 
+/// Maps a rusqlite error of one call (`what`) on the store at `path`. A free function, not
+/// a method: inside a transaction the connection is borrowed mutably.
+fn sql_error(path: &Path, what: &'static str) -> impl Fn(rusqlite::Error) -> StoreError {
+    let path = path.to_path_buf();
+    move |source| StoreError::Sql {
+        path: path.clone(),
+        what,
+        source,
+    }
+}
+
 fn path_str(p: &Path) -> String {
     p.to_string_lossy().into_owned()
 }
@@ -411,12 +422,8 @@ impl Store {
         &mut self.conn
     }
 
-    fn sql(&self, what: &'static str) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
-        move |source| StoreError::Sql {
-            path: self.path.clone(),
-            what,
-            source,
-        }
+    fn sql(&self, what: &'static str) -> impl Fn(rusqlite::Error) -> StoreError {
+        sql_error(&self.path, what)
     }
 
     fn configure(&mut self) -> Result<(), StoreError> {
@@ -443,14 +450,7 @@ impl Store {
 
     fn migrate(&mut self) -> Result<(), StoreError> {
         let path = self.path.clone();
-        let sql = |what: &'static str| {
-            let path = path.clone();
-            move |source| StoreError::Sql {
-                path: path.clone(),
-                what,
-                source,
-            }
-        };
+        let sql = |what: &'static str| sql_error(&path, what);
         let tx = self
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
@@ -672,14 +672,7 @@ impl Store {
     pub fn insert(&mut self, new: &NewSubmission) -> Result<Submission, StoreError> {
         let t = now();
         let path = self.path.clone();
-        let sql = move |what: &'static str| {
-            let path = path.clone();
-            move |source| StoreError::Sql {
-                path: path.clone(),
-                what,
-                source,
-            }
-        };
+        let sql = |what: &'static str| sql_error(&path, what);
         let tx = self
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
@@ -731,16 +724,11 @@ impl Store {
                 ),
             });
         }
-        let path = self.path.clone();
-        let err = |source| StoreError::Sql {
-            path: path.clone(),
-            what,
-            source,
-        };
+        let err = sql_error(&self.path, what);
         let tx = self
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-            .map_err(err)?;
+            .map_err(&err)?;
         let extra = if set.is_empty() {
             String::new()
         } else {
@@ -754,7 +742,7 @@ impl Store {
         all.extend_from_slice(values);
         let changed = tx
             .execute(&sql, rusqlite::params_from_iter(all))
-            .map_err(err)?;
+            .map_err(&err)?;
         if changed != 1 {
             // Another process changed it between our read and the update.
             drop(tx);
@@ -770,8 +758,8 @@ impl Store {
              VALUES (?1, ?2, ?3, ?4, ?5)",
             params![id, t, before.state.as_str(), to.as_str(), note],
         )
-        .map_err(err)?;
-        tx.commit().map_err(err)?;
+        .map_err(&err)?;
+        tx.commit().map_err(&err)?;
         let after = self.get(id)?;
         log_change(&after, Some(before.state), note);
         Ok(after)

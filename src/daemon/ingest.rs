@@ -93,7 +93,7 @@ fn examine(r: &Ready, settings: &Settings) -> Result<Prepared, Rejection> {
             ),
             format!(
                 "Put the submission under one of: {} (e.g. <drop>/{}/{}/{}/model.pt).",
-                settings.tasks.keys().cloned().collect::<Vec<_>>().join(", "),
+                settings.task_names(", "),
                 settings.tasks.keys().next().map_or("TASK", String::as_str),
                 r.sub.vendor,
                 r.sub.name

@@ -193,7 +193,7 @@ pub fn serve(config_path: &Path) -> anyhow::Result<()> {
         drop_dir = %settings.daemon.drop_dir.display(),
         state_dir = %settings.daemon.state_dir.display(),
         log_dir = %settings.daemon.log_dir.display(),
-        tasks = settings.tasks.keys().cloned().collect::<Vec<_>>().join(","),
+        tasks = settings.task_names(","),
         "evald starting"
     );
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -155,12 +155,7 @@ fn evaluate(
             format!("'{}' is no longer a task evaluated here", sub.task),
             format!(
                 "Put the submission under one of: {}.",
-                settings
-                    .tasks
-                    .keys()
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                settings.task_names(", ")
             ),
         ));
     };

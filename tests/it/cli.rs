@@ -1,28 +1,16 @@
 //! The real binary: demo end to end, score's reporting of missing/extra cases, run's errors.
 
-use crate::util::{data, evald, read_json, run_ok};
+use crate::util::{data, evald, read_json, run_ok, Demo};
 
 #[test]
 fn demo_runs_the_whole_pipeline_and_says_where_the_outputs_are() {
     let dir = tempfile::tempdir().unwrap();
-    let out = run_ok(
-        evald()
-            .args(["demo", "--cases", "4", "--size", "64,64,16", "--out"])
-            .arg(dir.path().join("d")),
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let path_of = |key: &str| {
-        stdout
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{key}: ")))
-            .unwrap_or_else(|| panic!("no '{key}:' line in\n{stdout}"))
-            .to_string()
-    };
-    let summary = read_json(path_of("summary").as_ref());
+    let demo = Demo::run(&dir.path().join("d"), 4, "64,64,16");
+    let summary = read_json(&demo.path("summary"));
     assert_eq!(summary["evald"]["cases_scored"], 4);
     let dice = summary["mean"]["1"]["Dice"].as_f64().unwrap();
     assert!(dice > 0.7, "demo thyroid Dice {dice}");
-    assert!(std::path::Path::new(&path_of("report")).is_file());
+    assert!(demo.path("report").is_file());
 }
 
 #[test]

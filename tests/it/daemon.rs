@@ -239,6 +239,25 @@ fn wait_state(env: &Env, d: &Daemon, dir: &Path, states: &[State]) -> Submission
     })
 }
 
+/// Drop a submission whose model does `work` rounds of busywork per forward into
+/// `sub`, and wait until its first case is scored: an evaluation in flight.
+fn evaluation_in_flight(env: &Env, d: &Daemon, sub: &str, work: usize) -> PathBuf {
+    let dir = env.sub(sub);
+    write_files(
+        &dir,
+        &[
+            ("submission.toml", ONE_SLICE),
+            ("model.pt", &slow_model(work)),
+        ],
+    );
+    wait_until("the first case of the evaluation", d, || {
+        env.for_path(&dir)
+            .pop()
+            .filter(|s| s.state == State::Running && s.progress_done >= 1)
+    });
+    dir
+}
+
 fn write_files(dir: &Path, files: &[(&str, &[u8])]) {
     std::fs::create_dir_all(dir).unwrap();
     for (name, bytes) in files {
@@ -532,19 +551,7 @@ fn kill_9_during_an_evaluation_then_restart_gives_exactly_one_report() {
         ..Opts::default()
     });
     let mut d = Daemon::start(&env);
-    let dir = env.sub("t/acme/k");
-    write_files(
-        &dir,
-        &[
-            ("submission.toml", ONE_SLICE),
-            ("model.pt", &slow_model(25)),
-        ],
-    );
-    wait_until("the first case of the evaluation", &d, || {
-        env.for_path(&dir)
-            .pop()
-            .filter(|s| s.state == State::Running && s.progress_done >= 1)
-    });
+    let dir = evaluation_in_flight(&env, &d, "t/acme/k", 25);
     d.kill9();
     assert!(!dir.join("summary.json").exists());
     assert_eq!(
@@ -628,19 +635,7 @@ fn sigterm_exits_0_within_the_grace_period_and_leaves_the_store_consistent() {
         ..Opts::default()
     });
     let mut d = Daemon::start(&env);
-    let dir = env.sub("t/acme/s");
-    write_files(
-        &dir,
-        &[
-            ("submission.toml", ONE_SLICE),
-            ("model.pt", &slow_model(25)),
-        ],
-    );
-    wait_until("the first case", &d, || {
-        env.for_path(&dir)
-            .pop()
-            .filter(|s| s.state == State::Running && s.progress_done >= 1)
-    });
+    let dir = evaluation_in_flight(&env, &d, "t/acme/s", 25);
     d.signal(libc::SIGTERM);
     let (st, took) = d.wait_exit(Duration::from_secs(20 + 10));
     assert!(st.success(), "exit status {st:?}\n{}", d.log());
@@ -692,19 +687,7 @@ fn a_case_longer_than_the_grace_period_is_abandoned_and_queued_again() {
     )
     .unwrap();
     let mut d = Daemon::start(&env);
-    let dir = env.sub("t/acme/long");
-    write_files(
-        &dir,
-        &[
-            ("submission.toml", ONE_SLICE),
-            ("model.pt", &slow_model(150)),
-        ],
-    );
-    wait_until("the small first case", &d, || {
-        env.for_path(&dir)
-            .pop()
-            .filter(|s| s.state == State::Running && s.progress_done >= 1)
-    });
+    let dir = evaluation_in_flight(&env, &d, "t/acme/long", 150);
     d.signal(libc::SIGTERM);
     let (st, took) = d.wait_exit(Duration::from_secs(30));
     assert!(st.success(), "exit status {st:?}\n{}", d.log());

@@ -19,7 +19,7 @@ use evald::config::{MailSettings, MailTransport, SmtpSecurity};
 use evald::mail::{self, Outbox, Outcome, Previous, RetryPolicy, State};
 
 use crate::report::{openkbp_eval, openkbp_predictions, write_both};
-use crate::util::{evald, run_ok};
+use crate::util::Demo;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -715,22 +715,10 @@ fn compose_refuses_bad_addresses_and_missing_recipients() {
 #[test]
 fn demo_prints_an_email_line_whose_eml_carries_the_report() {
     let dir = tempfile::tempdir().unwrap();
-    let out = run_ok(
-        evald()
-            .args(["demo", "--cases", "3", "--size", "48,48,12", "--out"])
-            .arg(dir.path().join("d")),
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let path_of = |key: &str| {
-        stdout
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{key}: ")))
-            .unwrap_or_else(|| panic!("no '{key}:' line in\n{stdout}"))
-            .to_string()
-    };
-    let eml = PathBuf::from(path_of("email"));
+    let demo = Demo::run(&dir.path().join("d"), 3, "48,48,12");
+    let eml = demo.path("email");
     assert!(eml.is_file(), "{}", eml.display());
-    let report = std::fs::read(path_of("report")).unwrap();
+    let report = std::fs::read(demo.path("report")).unwrap();
     let got = parse_eml(&eml, &dir.path().join("parsed"));
     let subject = got.headers["Subject"].as_str().unwrap();
     assert!(

@@ -28,6 +28,41 @@ pub fn run_ok(cmd: &mut Command) -> Output {
     out
 }
 
+/// A finished `evald demo` run: its standard output.
+pub struct Demo {
+    pub stdout: String,
+}
+
+impl Demo {
+    /// Run `evald demo --cases N --size X,Y,Z --out OUT` and require success.
+    pub fn run(out: &Path, cases: u32, size: &str) -> Self {
+        let o = run_ok(
+            evald()
+                .args([
+                    "demo",
+                    "--cases",
+                    &cases.to_string(),
+                    "--size",
+                    size,
+                    "--out",
+                ])
+                .arg(out),
+        );
+        Demo {
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+        }
+    }
+
+    /// The path of the demo's `key: PATH` line (`report`, `summary`, `email`).
+    pub fn path(&self, key: &str) -> PathBuf {
+        self.stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}: ")))
+            .map(PathBuf::from)
+            .unwrap_or_else(|| panic!("no '{key}:' line in\n{}", self.stdout))
+    }
+}
+
 /// Parse a JSON file.
 pub fn read_json(path: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).expect("read json")).expect("valid json")
