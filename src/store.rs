@@ -202,6 +202,10 @@ pub struct Submission {
     pub started_at: Option<String>,
     /// Reached a final state.
     pub finished_at: Option<String>,
+    /// Place in the queue: a new one each time the submission is queued (by the watcher or
+    /// `evald requeue`), kept when an interrupted evaluation is recovered. So it names one
+    /// requested evaluation, however many attempts that took.
+    pub queue_seq: Option<i64>,
 }
 
 /// A new submission to record (state `seen`).
@@ -309,7 +313,8 @@ CREATE INDEX submission_events_submission ON submission_events(submission, id);
 const COLUMNS: &str =
     "id, path, task, vendor, name, fingerprint, model_sha256, model_bytes, state, \
      attempts, error, reject_code, progress_done, progress_total, cases_scored, cases_failed, \
-     headline, summary_path, report_path, created_at, updated_at, started_at, finished_at";
+     headline, summary_path, report_path, created_at, updated_at, started_at, finished_at, \
+     queue_seq";
 
 /// A row as read, before its state string is checked.
 struct RawRow(Submission, String);
@@ -342,6 +347,7 @@ fn raw_row(r: &Row<'_>) -> rusqlite::Result<RawRow> {
             updated_at: r.get(20)?,
             started_at: r.get(21)?,
             finished_at: r.get(22)?,
+            queue_seq: r.get(23)?,
         },
         state,
     ))

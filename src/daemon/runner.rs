@@ -58,8 +58,9 @@ fn make_predictor(
 }
 
 /// The single place a finished evaluation is handed to the team's email: compose it,
-/// record it in the durable outbox keyed by the submission (a re-run after a crash never
-/// mails twice) and try to deliver it once now; the outbox loop retries what did not go.
+/// record it in the durable outbox keyed by the submission and its place in the queue (a
+/// re-run after a crash never mails twice; an `evald requeue` is a new evaluation and
+/// mails again) and try to deliver it once now; the outbox loop retries what did not go.
 /// Returns a note for the store (the `.eml` path for the file transport).
 ///
 /// After a restart the evaluation is no longer in memory (`eval` is `None`): if the
@@ -72,7 +73,7 @@ pub(crate) fn notify_team(
     sub: &Submission,
     eval: Option<&Evaluation>,
 ) -> Result<Option<String>, String> {
-    let key = format!("submission-{}", sub.id);
+    let key = format!("submission-{}-{}", sub.id, sub.queue_seq.unwrap_or(0));
     let outbox = mail::Outbox::open(&mail::db_path(settings)).map_err(|e| e.to_string())?;
     let Some(eval) = eval else {
         let queued = outbox

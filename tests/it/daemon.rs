@@ -126,6 +126,20 @@ impl Env {
             .collect()
     }
 
+    /// How many emails the file transport wrote for submission `t/acme/<name>`.
+    fn emails_for(&self, name: &str) -> usize {
+        let suffix = format!("_acme_{name}.eml");
+        std::fs::read_dir(self.dir.path().join("outbox"))
+            .map(|d| {
+                d.filter(|e| {
+                    e.as_ref()
+                        .is_ok_and(|e| e.file_name().to_string_lossy().ends_with(&suffix))
+                })
+                .count()
+            })
+            .unwrap_or(0)
+    }
+
     fn history(&self, id: i64) -> Vec<Transition> {
         Store::open_existing(&self.state)
             .unwrap()
@@ -531,10 +545,16 @@ fn two_submissions_queue_in_order_and_requeue_runs_one_again() {
             .args(["requeue", &sa.id.to_string(), "--config"])
             .arg(&env.cfg),
     );
+    assert_eq!((env.emails_for("a"), env.emails_for("b")), (1, 1));
     wait_until("the requeued evaluation", &d, || {
         let h = env.history(sa.id);
         (count(&h, State::Mailed) == 2).then_some(())
     });
+    assert_eq!(
+        (env.emails_for("a"), env.emails_for("b")),
+        (2, 1),
+        "a requeued evaluation is mailed again"
+    );
     let again = evald()
         .args(["requeue", "999", "--config"])
         .arg(&env.cfg)
@@ -585,6 +605,7 @@ fn kill_9_during_an_evaluation_then_restart_gives_exactly_one_report() {
     let mut outputs = outputs;
     outputs.sort();
     assert_eq!(outputs, ["report.xlsx", "summary.json"]);
+    assert_eq!(env.emails_for("k"), 1, "one email after the restart");
     assert_eq!(
         read_json(&dir.join("summary.json"))["evald"]["cases_scored"],
         6
