@@ -152,6 +152,9 @@ pub struct RawMail {
     pub smtp_user: Option<String>,
     /// File holding the SMTP password.
     pub smtp_password_file: Option<PathBuf>,
+    /// PEM file of extra CA certificates to trust for the SMTP server (a hospital's
+    /// internal CA), on top of the public roots.
+    pub smtp_ca_file: Option<PathBuf>,
     /// Seconds per SMTP command.
     pub smtp_timeout_secs: u64,
     /// Reports larger than this are not attached (the mail says where they are).
@@ -169,6 +172,7 @@ impl Default for RawMail {
             smtp_security: "starttls".into(),
             smtp_user: None,
             smtp_password_file: None,
+            smtp_ca_file: None,
             smtp_timeout_secs: 30,
             attach_max_mb: 15,
         }
@@ -372,6 +376,8 @@ pub enum MailTransport {
         security: SmtpSecurity,
         /// User and password file, together or not at all.
         auth: Option<(String, PathBuf)>,
+        /// Extra CA certificates (PEM) to trust, read at each delivery round.
+        ca_file: Option<PathBuf>,
         /// Per-command timeout.
         timeout: std::time::Duration,
     },
@@ -591,6 +597,19 @@ impl RawSettings {
                     );
                 }
             }
+            if let Some(ca) = &m.smtp_ca_file {
+                if m.smtp_security == "none" {
+                    bad(
+                        "mail.smtp_ca_file",
+                        "is used only with smtp_security = \"starttls\" or \"tls\"".into(),
+                    );
+                } else if m.transport == "smtp" && !ca.is_file() {
+                    bad(
+                        "mail.smtp_ca_file",
+                        format!("{} is not a readable file", ca.display()),
+                    );
+                }
+            }
             if m.from.parse::<lettre::message::Mailbox>().is_err() {
                 bad(
                     "mail.from",
@@ -667,6 +686,7 @@ impl RawSettings {
                 port: m.smtp_port,
                 security: security.expect("validated"),
                 auth: m.smtp_user.clone().zip(m.smtp_password_file.clone()),
+                ca_file: m.smtp_ca_file.clone(),
                 timeout: std::time::Duration::from_secs(m.smtp_timeout_secs.max(1)),
             }
         } else {
@@ -927,5 +947,28 @@ mod tests {
         for k in ["pool.workers", "pool.devices", "mail.smtp_user", "tasks"] {
             assert!(keys.contains(&k), "{k} missing from {keys:?}");
         }
+    }
+
+    #[test]
+    fn a_ca_file_must_exist_and_needs_tls() {
+        let dir = tempfile::tempdir().unwrap();
+        let problems_for = |mail: &str| -> Vec<Problem> {
+            let p = write(dir.path(), &format!("[mail]\n{mail}\n"));
+            match load(&p).unwrap_err() {
+                ConfigError::Invalid { problems, .. } => problems,
+                e => panic!("{e}"),
+            }
+        };
+        let missing = dir.path().join("no-such-ca.pem");
+        let ps = problems_for(&format!(
+            "transport = \"smtp\"\nsmtp_ca_file = \"{}\"",
+            missing.display()
+        ));
+        let p = ps.iter().find(|p| p.key == "mail.smtp_ca_file").unwrap();
+        assert!(p.message.contains("no-such-ca.pem"), "{p:?}");
+        let ps =
+            problems_for("transport = \"smtp\"\nsmtp_security = \"none\"\nsmtp_ca_file = \"/x\"");
+        let p = ps.iter().find(|p| p.key == "mail.smtp_ca_file").unwrap();
+        assert!(p.message.contains("starttls"), "{p:?}");
     }
 }

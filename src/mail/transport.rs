@@ -2,9 +2,10 @@
 //! - `file`: the message is written atomically (temp file + rename) as
 //!   `<outbox_dir>/<name>.eml`; the name is fixed when the message is queued, so a retry
 //!   rewrites the same file instead of adding a second one;
-//! - `smtp`: lettre's tokio transport with `none | starttls | tls`, optional AUTH with the
-//!   password read from its file now (so a changed password needs no restart; it is never
-//!   logged), and the configured per-command timeout.
+//! - `smtp`: lettre's tokio transport with `none | starttls | tls` (public roots plus the
+//!   optional `smtp_ca_file`), optional AUTH with the password read from its file now (so a
+//!   changed password or CA needs no restart; the password is never logged), and the
+//!   configured per-command timeout.
 //!
 //! Errors are classified for the outbox: a 5xx reply is permanent (the server read the
 //! message and refused it: retrying cannot help), a 4xx reply is transient for that message,
@@ -18,7 +19,7 @@ use std::path::{Path, PathBuf};
 
 use lettre::address::Envelope;
 use lettre::transport::smtp::authentication::Credentials;
-use lettre::transport::smtp::client::{Tls, TlsParameters};
+use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Tokio1Executor};
 
 use crate::config::{MailSettings, MailTransport, SmtpSecurity};
@@ -112,10 +113,16 @@ impl Sender {
                 port,
                 security,
                 auth,
+                ca_file,
                 timeout,
             } => {
+                let extra_ca = ca_file.as_deref().map(read_ca).transpose()?;
                 let tls = |h: &str| {
-                    TlsParameters::new(h.to_string())
+                    let mut p = TlsParameters::builder(h.to_string());
+                    if let Some(ca) = &extra_ca {
+                        p = p.add_root_certificate(ca.clone());
+                    }
+                    p.build()
                         .map_err(|e| SendError::unavailable(format!("TLS setup for {h}: {e}")))
                 };
                 let mut b = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(host.as_str())
@@ -174,6 +181,25 @@ fn read_password(file: &Path) -> Result<String, SendError> {
         SendError::unavailable(format!("SMTP password file {}: {e}", file.display()))
     })?;
     Ok(s.trim_end_matches(['\r', '\n']).to_string())
+}
+
+/// The admin's extra CA certificates. An unreadable or certificate-less file makes the
+/// server unusable until fixed (messages wait), like a wrong password.
+fn read_ca(file: &Path) -> Result<Certificate, SendError> {
+    let bad = |why: String| {
+        SendError::unavailable(format!(
+            "SMTP CA file {} (mail.smtp_ca_file): {why}",
+            file.display()
+        ))
+    };
+    let pem = std::fs::read(file).map_err(|e| bad(e.to_string()))?;
+    // from_pem accepts a file without any certificate: say so instead of trusting nothing.
+    if !pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") {
+        return Err(bad(
+            "no PEM certificate (-----BEGIN CERTIFICATE-----) in it".into(),
+        ));
+    }
+    Certificate::from_pem(&pem).map_err(|e| bad(e.to_string()))
 }
 
 /// Write `<dir>/<name>` atomically; rewriting the same name replaces it (idempotent).

@@ -36,7 +36,8 @@ struct Sink {
 }
 
 impl Sink {
-    fn start(port: u16, dir: &Path, mode: &str, auth: Option<(&str, &str)>) -> Sink {
+    /// `extra`: more `serve` options (`--user`, `--tls`, ... see smtp_sink.py).
+    fn start(port: u16, dir: &Path, mode: &str, extra: &[&str]) -> Sink {
         let lib = root().join(".venv-test/aiosmtpd");
         assert!(
             lib.join("aiosmtpd").is_dir(),
@@ -58,9 +59,7 @@ impl Sink {
             .env("PYTHONPATH", &lib)
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(dir.join("sink.log")).unwrap());
-        if let Some((u, p)) = auth {
-            cmd.args(["--user", u, "--password", p]);
-        }
+        cmd.args(extra);
         let mut child = cmd.spawn().expect("start python3");
         let out = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
@@ -130,12 +129,23 @@ fn free_port() -> u16 {
 }
 
 fn smtp_settings(port: u16, dir: &Path, auth: Option<(String, PathBuf)>) -> MailSettings {
+    smtp_settings_tls(port, dir, auth, SmtpSecurity::None, None)
+}
+
+fn smtp_settings_tls(
+    port: u16,
+    dir: &Path,
+    auth: Option<(String, PathBuf)>,
+    security: SmtpSecurity,
+    ca_file: Option<PathBuf>,
+) -> MailSettings {
     MailSettings {
         transport: MailTransport::Smtp {
             host: "127.0.0.1".into(),
             port,
-            security: SmtpSecurity::None,
+            security,
             auth,
+            ca_file,
             timeout: Duration::from_secs(10),
         },
         outbox_dir: dir.join("outbox"),
@@ -244,7 +254,7 @@ fn composed(
 fn email_arrives_over_smtp_with_subject_bodies_plot_and_exact_attachment() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let sink = Sink::start(port, &dir.path().join("sink"), "accept", None);
+    let sink = Sink::start(port, &dir.path().join("sink"), "accept", &[]);
     let settings = smtp_settings(port, dir.path(), None);
     let (eval, report, m) = composed(dir.path(), &settings);
     let outbox = Outbox::open(&dir.path().join("state/evald.db")).unwrap();
@@ -326,7 +336,7 @@ fn smtp_auth_uses_the_password_file_read_at_send_time() {
         port,
         &dir.path().join("sink"),
         "accept",
-        Some(("evald", "s3cret pass")),
+        &["--user", "evald", "--password", "s3cret pass"],
     );
     let pw = dir.path().join("smtp-password");
     std::fs::write(&pw, "wrong\n").unwrap();
@@ -358,6 +368,93 @@ fn smtp_auth_uses_the_password_file_read_at_send_time() {
     assert_eq!(sink.messages().len(), 1);
     let log = std::fs::read_to_string(sink.dir.join("auth.log")).unwrap();
     assert!(log.lines().last().unwrap().ends_with(" ok"), "{log}");
+}
+
+#[test]
+fn starttls_and_implicit_tls_deliver_with_the_admins_ca_and_wait_without_it() {
+    let tls = root().join("tests/data/tls");
+    let (cert, key, ca) = (
+        tls.join("server.pem"),
+        tls.join("server.key"),
+        tls.join("ca.pem"),
+    );
+    for (mode, security, expect) in [
+        ("starttls", SmtpSecurity::StartTls, "STARTTLS"),
+        ("implicit", SmtpSecurity::Tls, "TLS"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let sink = Sink::start(
+            port,
+            &dir.path().join("sink"),
+            "accept",
+            &[
+                "--tls",
+                mode,
+                "--cert",
+                cert.to_str().unwrap(),
+                "--key",
+                key.to_str().unwrap(),
+            ],
+        );
+        // The test CA is not a public root: without smtp_ca_file the server is not
+        // trusted, and the message waits for the admin instead of going out in clear.
+        let untrusted = smtp_settings_tls(port, dir.path(), None, security, None);
+        let (_, _, m) = composed(dir.path(), &untrusted);
+        let outbox = Outbox::open(&dir.path().join("evald.db")).unwrap();
+        let id = outbox.enqueue(&m.message, &m.label, None).unwrap();
+        let now = Utc::now();
+        let done = rt()
+            .block_on(outbox.deliver_due_at(&untrusted, now))
+            .unwrap();
+        assert!(
+            matches!(&done[0].outcome, Outcome::Retry { error, .. }
+                if error.to_lowercase().contains("certificate")),
+            "{expect}: {done:?}"
+        );
+        assert!(sink.messages().is_empty(), "{expect}");
+
+        let trusted = smtp_settings_tls(port, dir.path(), None, security, Some(ca.clone()));
+        let later = now + chrono::Duration::hours(2);
+        let done = rt()
+            .block_on(outbox.deliver_due_at(&trusted, later))
+            .unwrap();
+        assert!(
+            matches!(done[0].outcome, Outcome::Sent(_)),
+            "{expect}: {done:?}"
+        );
+        assert_eq!(outbox.entry(id).unwrap().unwrap().state, State::Sent);
+        let msgs = sink.messages();
+        assert_eq!(msgs.len(), 1, "{expect}");
+        let envelope: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(msgs[0].join("envelope.json")).unwrap())
+                .unwrap();
+        let version = envelope["tls"].as_str().unwrap_or_default();
+        assert!(
+            version.starts_with("TLSv1.2") || version.starts_with("TLSv1.3"),
+            "{expect}: the message came over {envelope}"
+        );
+        assert_eq!(read_msg(&msgs[0]).headers["Subject"], m.subject.as_str());
+    }
+}
+
+#[test]
+fn a_plain_server_never_gets_the_message_when_starttls_is_required() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let sink = Sink::start(port, &dir.path().join("sink"), "accept", &[]);
+    let ca = root().join("tests/data/tls/ca.pem");
+    let settings = smtp_settings_tls(port, dir.path(), None, SmtpSecurity::StartTls, Some(ca));
+    let (_, _, m) = composed(dir.path(), &settings);
+    let outbox = Outbox::open(&dir.path().join("evald.db")).unwrap();
+    let id = outbox.enqueue(&m.message, &m.label, None).unwrap();
+    let done = rt().block_on(outbox.deliver_due(&settings)).unwrap();
+    assert!(
+        matches!(&done[0].outcome, Outcome::Retry { .. }),
+        "{done:?}"
+    );
+    assert_eq!(outbox.entry(id).unwrap().unwrap().state, State::Queued);
+    assert_eq!(sink.attempts(), 0, "no DATA in clear");
 }
 
 trait OutcomeText {
@@ -407,7 +504,7 @@ fn server_down_then_up_delivers_exactly_once_across_a_restart() {
         (id, other)
     }; // the outbox is dropped: a restart
 
-    let sink = Sink::start(port, &dir.path().join("sink"), "accept", None);
+    let sink = Sink::start(port, &dir.path().join("sink"), "accept", &[]);
     let outbox = Outbox::open(&db).unwrap();
     // Not due yet: nothing is sent before its time.
     let t2 = now + chrono::Duration::seconds(41);
@@ -443,7 +540,7 @@ fn a_4xx_reply_is_retried_and_a_5xx_reply_is_not() {
     let now = Utc::now();
 
     let port = free_port();
-    let busy = Sink::start(port, &dir.path().join("busy"), "tempfail", None);
+    let busy = Sink::start(port, &dir.path().join("busy"), "tempfail", &[]);
     let id = outbox.enqueue_at(&m.message, &m.label, None, now).unwrap();
     let done = rt()
         .block_on(outbox.deliver_due_at(&settings_for(port), now))
@@ -456,7 +553,7 @@ fn a_4xx_reply_is_retried_and_a_5xx_reply_is_not() {
     drop(busy);
 
     let port = free_port();
-    let strict = Sink::start(port, &dir.path().join("strict"), "reject", None);
+    let strict = Sink::start(port, &dir.path().join("strict"), "reject", &[]);
     let settings = settings_for(port);
     let later = now + chrono::Duration::hours(1);
     let done = rt()

@@ -2,6 +2,7 @@
 """A real SMTP server for evald's mail tests (aiosmtpd), and a MIME dissector.
 
     smtp_sink.py serve --port N --out DIR [--mode accept|tempfail|reject] [--user U --password P]
+                       [--tls none|starttls|implicit --cert PEM --key PEM]
     smtp_sink.py parse FILE.eml OUTDIR
 
 `serve` listens on 127.0.0.1:N, prints "READY <port>" once it accepts connections and runs
@@ -9,9 +10,11 @@ until killed. Every DATA attempt appends a line to DIR/attempts.log; an accepted
 is dissected into DIR/msg-<n>/ (written under a temporary name, then renamed, so a
 reader never sees half a message). `--mode tempfail` answers 451, `--mode reject` 550.
 With --user/--password the server offers AUTH (PLAIN, LOGIN) on the plain connection and
-requires it before MAIL.
+requires it before MAIL. `--tls starttls` offers STARTTLS and requires it before MAIL;
+`--tls implicit` speaks TLS from the first byte (SMTPS); both with the given certificate.
 
-A dissected message (also what `parse` writes) holds: raw.eml, envelope.json (serve only),
+A dissected message (also what `parse` writes) holds: raw.eml, envelope.json (serve only:
+envelope, whether AUTH was used, the TLS version of the connection or null),
 headers.json (Subject decoded, From, To, Message-ID), structure.txt (the MIME tree, one
 part per line, indented), text.txt and html.html (the decoded bodies), attachments/<name>
 and inline/<content-id> (decoded bytes).
@@ -75,6 +78,12 @@ def dissect(raw: bytes, out: str) -> None:
         f.write("\n".join(lines) + "\n")
 
 
+def tls_version(server):
+    """The TLS version of the connection the message came on (None: plain text)."""
+    ssl_object = server.transport.get_extra_info("ssl_object")
+    return ssl_object.version() if ssl_object is not None else None
+
+
 class Handler:
     def __init__(self, out: str, mode: str):
         self.out = out
@@ -100,6 +109,7 @@ class Handler:
                         "mail_from": envelope.mail_from,
                         "rcpt_tos": envelope.rcpt_tos,
                         "auth": getattr(session, "login_data", None) and True,
+                        "tls": tls_version(server),
                     },
                     f,
                 )
@@ -130,6 +140,15 @@ def serve(args) -> None:
             "auth_require_tls": False,
             "auth_required": True,
         }
+    if args.tls != "none":
+        import ssl
+
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(args.cert, args.key)
+        if args.tls == "starttls":
+            kwargs.update({"tls_context": ctx, "require_starttls": True})
+        else:
+            kwargs["ssl_context"] = ctx
     controller = Controller(
         Handler(args.out, args.mode),
         hostname="127.0.0.1",
@@ -154,6 +173,9 @@ def main() -> int:
     s.add_argument("--mode", choices=["accept", "tempfail", "reject"], default="accept")
     s.add_argument("--user")
     s.add_argument("--password")
+    s.add_argument("--tls", choices=["none", "starttls", "implicit"], default="none")
+    s.add_argument("--cert")
+    s.add_argument("--key")
     q = sub.add_parser("parse")
     q.add_argument("eml")
     q.add_argument("out")
