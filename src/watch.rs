@@ -68,7 +68,8 @@ pub enum WatchError {
 /// next to them): such files never make a folder new.
 pub fn is_evald_output(name: &str) -> bool {
     name == SUMMARY_JSON
-        || name == REJECTED_TXT
+        // `<name>.REJECTED.txt` beside a submission folder that is a link.
+        || name.strip_suffix(REJECTED_TXT).is_some_and(|n| n.is_empty() || n.ends_with('.'))
         || (name.starts_with("report") && name.ends_with(".xlsx"))
         || name.ends_with(".tmp")
         || name.starts_with(".tmp")

@@ -205,7 +205,7 @@ pub(crate) fn ingest(
     };
     let prepared = match verdict {
         Ok(p) => p,
-        Err(rej) => return reject(store, &row, &rej, None, r.symlinked_to.is_none()),
+        Err(rej) => return reject(store, &row, &rej, None),
     };
     let (sha, bytes) = model.expect("computed for a valid folder");
     let dup = {
@@ -234,7 +234,7 @@ pub(crate) fn ingest(
                 row.id
             ),
         );
-        return reject(store, &row, &rej, Some((sha, bytes)), true);
+        return reject(store, &row, &rej, Some((sha, bytes)));
     }
     if let Some(l) = latest.filter(|l| l.state == State::Queued) {
         let note = format!(
@@ -255,14 +255,11 @@ pub(crate) fn reject(
     row: &Submission,
     rej: &Rejection,
     model: Option<(String, u64)>,
-    write_file: bool,
 ) -> Result<Ingested, StoreError> {
     // The file first: once the store says `rejected`, the vendor can read why. (A crash in
     // between leaves the row `seen`, and the next look writes the file again.)
-    if write_file {
-        if let Err(e) = write_rejected(row, rej) {
-            tracing::error!(id = row.id, dir = %row.path.display(), "cannot write {REJECTED_TXT}: {e}");
-        }
+    if let Err(e) = write_rejected(row, rej) {
+        tracing::error!(id = row.id, dir = %row.path.display(), "cannot write {REJECTED_TXT}: {e}");
     }
     let (id, code, text) = (row.id, rej.code, rej.problem.clone());
     let rejected = store.call_blocking(move |s| {
@@ -314,15 +311,33 @@ pub(crate) fn rejected_text(sub: &Submission, rej: &Rejection) -> String {
     )
 }
 
-/// Write `REJECTED.txt` atomically (a `.tmp*` file the watcher ignores, then rename).
+/// Where the rejection of the submission folder `dir` is written: `dir/REJECTED.txt`, or,
+/// when `dir` is a symbolic link, `<name>.REJECTED.txt` beside the link in the vendor
+/// folder: writing through the link would write outside the drop folder.
+pub(crate) fn rejection_path(dir: &Path) -> PathBuf {
+    let is_link = std::fs::symlink_metadata(dir).is_ok_and(|m| m.file_type().is_symlink());
+    match (is_link, dir.parent(), dir.file_name()) {
+        (true, Some(parent), Some(name)) => {
+            parent.join(format!("{}.{REJECTED_TXT}", name.to_string_lossy()))
+        }
+        _ => dir.join(REJECTED_TXT),
+    }
+}
+
+/// Write the rejection atomically (a `.tmp*` file the watcher ignores, then rename) at
+/// [`rejection_path`].
 pub(crate) fn write_rejected(sub: &Submission, rej: &Rejection) -> std::io::Result<PathBuf> {
     use std::io::Write;
-    let dir = &sub.path;
-    let meta = std::fs::symlink_metadata(dir)?;
-    if !meta.is_dir() {
-        return Err(std::io::Error::other(
-            "not a folder (a link?); not writing into it",
-        ));
+    let path = rejection_path(&sub.path);
+    let Some(dir) = path.parent() else {
+        return Err(std::io::Error::other("no folder to write into"));
+    };
+    // Never through a link: only into a real folder of the drop tree.
+    if !std::fs::symlink_metadata(dir)?.is_dir() {
+        return Err(std::io::Error::other(format!(
+            "{} is not a folder (a link?); not writing into it",
+            dir.display()
+        )));
     }
     let mut tmp = tempfile::Builder::new()
         .prefix(".tmp")
@@ -330,17 +345,24 @@ pub(crate) fn write_rejected(sub: &Submission, rej: &Rejection) -> std::io::Resu
         .tempfile_in(dir)?;
     tmp.write_all(rejected_text(sub, rej).as_bytes())?;
     tmp.as_file().sync_all()?;
-    let path = dir.join(REJECTED_TXT);
     tmp.persist(&path).map_err(|e| e.error)?;
     Ok(path)
 }
 
-/// A new evaluation of a folder makes an earlier `REJECTED.txt` wrong.
+/// A new evaluation of a folder makes an earlier rejection wrong (inside it, or beside it
+/// from when it was a link).
 pub(crate) fn remove_stale_rejection(dir: &Path) {
-    let p = dir.join(REJECTED_TXT);
-    match std::fs::remove_file(&p) {
-        Ok(()) => tracing::debug!(path = %p.display(), "removed an earlier rejection"),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => tracing::warn!(path = %p.display(), "cannot remove an earlier rejection: {e}"),
+    let beside = dir
+        .file_name()
+        .zip(dir.parent())
+        .map(|(n, parent)| parent.join(format!("{}.{REJECTED_TXT}", n.to_string_lossy())));
+    for p in std::iter::once(dir.join(REJECTED_TXT)).chain(beside) {
+        match std::fs::remove_file(&p) {
+            Ok(()) => tracing::debug!(path = %p.display(), "removed an earlier rejection"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(path = %p.display(), "cannot remove an earlier rejection: {e}")
+            }
+        }
     }
 }

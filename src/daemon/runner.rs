@@ -484,7 +484,7 @@ async fn finish(
             let sub = sub.clone();
             let r = tokio::task::spawn_blocking({
                 let store = store.clone();
-                move || ingest::reject(&store, &sub, &rej, None, true)
+                move || ingest::reject(&store, &sub, &rej, None)
             })
             .await;
             match r {

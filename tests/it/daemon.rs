@@ -753,6 +753,7 @@ fn every_rejection_writes_its_rejected_txt_and_the_service_keeps_serving() {
         ("manifest", env.sub("t/acme/unknownkey"), "inptu"),
         ("manifest", env.sub("t/acme/badvalue"), "volume2d"),
         ("symlink", env.sub("t/acme/link"), "outside the drop folder"),
+        ("symlink", env.sub("t/acme/linkdir"), "is a symbolic link"),
         (
             "not-torchscript",
             env.sub("t/acme/garbage"),
@@ -785,11 +786,16 @@ fn every_rejection_writes_its_rejected_txt_and_the_service_keeps_serving() {
     );
     std::fs::create_dir_all(&cases[7].1).unwrap();
     std::os::unix::fs::symlink(&outside, cases[7].1.join("model.pt")).unwrap();
+    // The whole submission folder is a link out of the drop folder: the rejection goes
+    // beside the link, never through it.
+    let linked = env.path("linked-folder");
+    write_files(&linked, &[("model.pt", &model)]);
+    std::os::unix::fs::symlink(&linked, &cases[8].1).unwrap();
     write_files(
-        &cases[8].1,
+        &cases[9].1,
         &[("model.pt", b"this is not a TorchScript archive")],
     );
-    write_files(&cases[9].1, &[("model.pt", &model)]);
+    write_files(&cases[10].1, &[("model.pt", &model)]);
 
     for (code, dir, says) in &cases {
         let s = wait_state(
@@ -800,8 +806,16 @@ fn every_rejection_writes_its_rejected_txt_and_the_service_keeps_serving() {
         );
         assert_eq!(s.state, State::Rejected, "{}: {s:?}", dir.display());
         assert_eq!(s.reject_code.as_deref(), Some(*code), "{}", dir.display());
-        let txt = std::fs::read_to_string(dir.join("REJECTED.txt"))
-            .unwrap_or_else(|e| panic!("{}: REJECTED.txt: {e}", dir.display()));
+        let file = if dir.is_symlink() {
+            dir.with_file_name(format!(
+                "{}.REJECTED.txt",
+                dir.file_name().unwrap().to_string_lossy()
+            ))
+        } else {
+            dir.join("REJECTED.txt")
+        };
+        let txt =
+            std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
         assert!(
             txt.contains(says),
             "{}: expected '{says}' in\n{txt}",
@@ -810,6 +824,10 @@ fn every_rejection_writes_its_rejected_txt_and_the_service_keeps_serving() {
         assert!(txt.contains("How to fix it:"), "{txt}");
     }
     assert!(d.alive(), "the service keeps running");
+    assert!(
+        !linked.join("REJECTED.txt").exists(),
+        "nothing written outside the drop folder"
+    );
 
     // Still serving: a good submission after all that.
     let after = env.sub("t/acme/after");
