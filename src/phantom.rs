@@ -272,7 +272,10 @@ pub fn generate(
 /// Trace the demo "vendor model" and save it as TorchScript: `[N,1,H,W]` windowed CT
 /// (level 40, width 400) -> `[N,3,H,W]` logits. It smooths with a 3x3 mean and scores each
 /// class by how close the intensity is to that class's HU, i.e. a vendor model that is
-/// good inside organs and unsure at their borders.
+/// good inside organs and unsure at their borders. Two context gates stand in for what a
+/// trained model learns: where a 5x5 neighbourhood holds bone it is not thyroid (the
+/// bone/tissue edge passes through thyroid HU), and where it holds fat or air it is not a
+/// nodule (so do the fat/tissue and air/tissue edges).
 ///
 /// # Errors
 /// libtorch errors while tracing or saving.
@@ -287,8 +290,11 @@ pub fn write_demo_model(path: &Path) -> Result<(), tch::TchError> {
             let d: Tensor = (&s - f64::from(window(centre))) / f64::from(half / 400.0);
             1.0 - &d * &d
         };
-        let thyroid = score(hu::THYROID, 45.0);
-        let nodule = score(hu::NODULE, 28.0);
+        let max5 = s.max_pool2d([5, 5], [1, 1], [2, 2], [1, 1], false);
+        let min5 = -(-&s).max_pool2d([5, 5], [1, 1], [2, 2], [1, 1], false);
+        let gate = |violation: Tensor| -> Tensor { violation.clamp_min(0.0) * 100.0 };
+        let thyroid = score(hu::THYROID, 45.0) - gate(max5 - f64::from(window(200.0)));
+        let nodule = score(hu::NODULE, 28.0) - gate(f64::from(window(-60.0)) - min5);
         let background = s.zeros_like();
         vec![Tensor::cat(&[background, thyroid, nodule], 1)]
     };
