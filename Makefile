@@ -3,7 +3,7 @@
 CARGO ?= cargo
 LIBTORCH_STAMP := .libtorch/installed
 
-.PHONY: all setup build demo test lint fmt bench clean
+.PHONY: all setup build demo test lint fmt bench install clean
 
 all: build
 
@@ -31,6 +31,10 @@ fmt:
 
 bench: build
 	bash scripts/bench.sh
+
+# After `make build` as yourself: `sudo make install` (README, "Administration").
+install:
+	bash scripts/install.sh
 
 clean:
 	$(CARGO) clean

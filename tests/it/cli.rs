@@ -66,3 +66,53 @@ fn run_with_a_missing_config_says_what_to_do() {
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(e.contains("nope.toml") && e.contains("no such file"), "{e}");
 }
+
+/// The layout `scripts/install.sh` makes (`<prefix>/bin/evald`, libtorch in
+/// `<prefix>/lib/evald/torch/lib`): the binary loads libtorch from beside itself, so the
+/// service never reads the build checkout (hidden by `ProtectHome=yes` when under /home).
+#[test]
+fn an_installed_binary_loads_libtorch_from_beside_itself() {
+    let prefix = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let bin = prefix.path().join("bin/evald");
+    std::fs::create_dir_all(bin.parent().unwrap()).unwrap();
+    // A hard link where possible ($ORIGIN is the binary's real folder, so not a symlink).
+    if std::fs::hard_link(env!("CARGO_BIN_EXE_evald"), &bin).is_err() {
+        std::fs::copy(env!("CARGO_BIN_EXE_evald"), &bin).unwrap();
+    }
+    let lib = prefix.path().join("lib/evald");
+    std::fs::create_dir_all(&lib).unwrap();
+    // Links to the checkout's copies stand in for the copies install.sh makes.
+    let site = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".libtorch/site");
+    for dir in ["torch", "nvidia"] {
+        std::os::unix::fs::symlink(site.join(dir), lib.join(dir)).unwrap();
+    }
+    let out = std::process::Command::new(&bin)
+        .arg("--version")
+        .env_remove("LD_LIBRARY_PATH")
+        .env("LD_DEBUG", "libs")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let debug = String::from_utf8_lossy(&out.stderr);
+    // ld.so names them by the RUNPATH it expanded: $ORIGIN/../lib/evald/torch/lib, then
+    // libtorch's own $ORIGIN/../../nvidia/cu13/lib.
+    let torch_lib = prefix.path().join("bin/../lib/evald/torch/lib");
+    for (name, path) in [
+        ("libtorch_cpu.so", torch_lib.join("libtorch_cpu.so")),
+        (
+            "libcudart.so.13",
+            torch_lib.join("../../nvidia/cu13/lib/libcudart.so.13"),
+        ),
+    ] {
+        assert!(
+            debug.contains(&format!("calling init: {}", path.display())),
+            "{name} not loaded from {}:\n{}",
+            path.display(),
+            debug
+                .lines()
+                .filter(|l| l.contains("calling init"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+}
