@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand};
 
 use crate::config::{self, Settings, TaskSettings};
 use crate::dataset;
-use crate::evaluation::{Evaluation, RunMeta};
+use crate::evaluation::{fixed, Evaluation, RunMeta};
 use crate::infer::Model;
 use crate::metrics::{self, EvalSpec};
 use crate::pipeline::{self, LocalPredictor, Progress};
@@ -309,25 +309,25 @@ pub fn print_headline(eval: &Evaluation) {
         let Some(s) = eval.summary.per_class.get(&c.label) else {
             continue;
         };
-        let get = |k: &str| s.get(k).map_or(f64::NAN, |s| s.mean);
-        let d = s.get("Dice");
+        let get = |k: &str, d| fixed(s.get(k).map_or(f64::NAN, |s| s.mean), d);
+        let dice = s.get("Dice");
         println!(
-            "  {:<12} Dice {:.4} (95% CI {:.4}-{:.4})  IoU {:.4}  HD95 {:.2} mm  NSD {:.4}",
+            "  {:<12} Dice {} (95% CI {}-{})  IoU {}  HD95 {} mm  NSD {}",
             c.name,
-            get("Dice"),
-            d.map_or(f64::NAN, |s| s.ci95_low),
-            d.map_or(f64::NAN, |s| s.ci95_high),
-            get("IoU"),
-            get("HD95"),
-            get("NSD"),
+            get("Dice", 4),
+            fixed(dice.map_or(f64::NAN, |s| s.ci95_low), 4),
+            fixed(dice.map_or(f64::NAN, |s| s.ci95_high), 4),
+            get("IoU", 4),
+            get("HD95", 2),
+            get("NSD", 4),
         );
     }
     if let Some(p) = &eval.summary.patient {
         println!(
-            "  patient-level ({}): sensitivity {:.3}, specificity {:.3} (TP {} FP {} FN {} TN {})",
+            "  patient-level ({}): sensitivity {}, specificity {} (TP {} FP {} FN {} TN {})",
             eval.class_name(p.positive_class),
-            p.sensitivity,
-            p.specificity,
+            fixed(p.sensitivity, 3),
+            fixed(p.specificity, 3),
             p.tp,
             p.fp,
             p.fn_,

@@ -118,3 +118,12 @@ impl Evaluation {
             .map_or_else(|| format!("label {label}"), |c| c.name.clone())
     }
 }
+
+/// A number with `d` decimals for people (terminal, email), or "n/a" when undefined.
+pub fn fixed(v: f64, d: usize) -> String {
+    if v.is_finite() {
+        format!("{v:.d$}")
+    } else {
+        "n/a".into()
+    }
+}

@@ -25,6 +25,7 @@ use lettre::message::{Attachment, Mailbox, MultiPart, SinglePart};
 use lettre::Message;
 
 use crate::config::MailSettings;
+use crate::evaluation::fixed as f;
 use crate::evaluation::Evaluation;
 use crate::metrics::aggregate::Stats;
 
@@ -249,15 +250,6 @@ fn stat<'a>(eval: &'a Evaluation, label: u8, key: &str) -> Option<&'a Stats> {
 
 fn mean(eval: &Evaluation, label: u8, key: &str) -> f64 {
     stat(eval, label, key).map_or(f64::NAN, |s| s.mean)
-}
-
-/// A number with `d` decimals, or "n/a" when undefined.
-fn f(v: f64, d: usize) -> String {
-    if v.is_finite() {
-        format!("{v:.d$}")
-    } else {
-        "n/a".into()
-    }
 }
 
 /// The headline Dice: nnU-Net's foreground mean over classes (the class mean with one
