@@ -288,17 +288,7 @@ pub fn evaluate(
 
 /// Mean Dice over the classes of a case, NaN excluded (for progress lines).
 pub fn mean_dice(m: &CaseMetrics) -> f64 {
-    let v: Vec<f64> = m
-        .classes
-        .iter()
-        .map(|c| c.counts.dice())
-        .filter(|d| !d.is_nan())
-        .collect();
-    if v.is_empty() {
-        f64::NAN
-    } else {
-        v.iter().sum::<f64>() / v.len() as f64
-    }
+    crate::metrics::aggregate::mean_defined(m.classes.iter().map(|c| c.counts.dice()))
 }
 
 /// Score a folder of predictions against a folder of references (`evald score`): cases in

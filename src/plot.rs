@@ -112,17 +112,9 @@ fn draw(eval: &Evaluation, rgb: &mut [u8], size: (u32, u32)) -> DrawResult {
     root.fill(&WHITE)?;
     let classes = &eval.spec.classes;
     let n = classes.len().max(1);
-    let who = [
-        Some(eval.meta.task.as_str()),
-        eval.meta.vendor.as_deref(),
-        eval.meta.submission.as_deref(),
-    ]
-    .into_iter()
-    .flatten()
-    .collect::<Vec<_>>()
-    .join(" / ");
     let caption = format!(
-        "Dice per case, by class: {who} ({} of {} cases scored)",
+        "Dice per case, by class: {} ({} of {} cases scored)",
+        eval.who(),
         eval.cases.len(),
         eval.total_cases()
     );

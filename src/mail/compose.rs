@@ -27,7 +27,7 @@ use lettre::Message;
 use crate::config::MailSettings;
 use crate::evaluation::fixed as f;
 use crate::evaluation::Evaluation;
-use crate::metrics::aggregate::Stats;
+use crate::metrics::aggregate::{mean_defined, Stats};
 
 /// Content-ID of the inline plot.
 pub const PLOT_CID: &str = "dice-plot";
@@ -268,20 +268,16 @@ pub fn headline_dice(eval: &Evaluation) -> (f64, &'static str) {
     if fg.is_finite() {
         return (fg, "Dice, foreground mean");
     }
-    let defined: Vec<f64> = eval
-        .spec
-        .classes
-        .iter()
-        .map(|c| mean(eval, c.label, "Dice"))
-        .filter(|d| d.is_finite())
-        .collect();
-    if defined.is_empty() {
+    let m = mean_defined(
+        eval.spec
+            .classes
+            .iter()
+            .map(|c| mean(eval, c.label, "Dice")),
+    );
+    if m.is_nan() {
         (f64::NAN, "Dice")
     } else {
-        (
-            defined.iter().sum::<f64>() / defined.len() as f64,
-            "Dice, mean of classes with a defined Dice",
-        )
+        (m, "Dice, mean of classes with a defined Dice")
     }
 }
 

@@ -132,6 +132,19 @@ impl SplitMix {
     }
 }
 
+/// Mean of the defined (non-NaN) values; NaN when none is defined.
+pub fn mean_defined(values: impl IntoIterator<Item = f64>) -> f64 {
+    let (sum, n) = values
+        .into_iter()
+        .filter(|v| !v.is_nan())
+        .fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
+    if n == 0 {
+        f64::NAN
+    } else {
+        sum / n as f64
+    }
+}
+
 /// Statistics of `values` (NaN = undefined).
 pub fn stats(values: &[f64]) -> Stats {
     let mut v: Vec<f64> = values.iter().copied().filter(|x| !x.is_nan()).collect();
@@ -313,19 +326,7 @@ pub fn summarize(cases: &[CaseMetrics], spec: &EvalSpec) -> Summary {
     for key in foreground_mean.keys() {
         let per_case: Vec<f64> = cases
             .iter()
-            .map(|cm| {
-                let v: Vec<f64> = cm
-                    .classes
-                    .iter()
-                    .filter_map(|m| class_value(m, key))
-                    .filter(|v| !v.is_nan())
-                    .collect();
-                if v.is_empty() {
-                    f64::NAN
-                } else {
-                    v.iter().sum::<f64>() / v.len() as f64
-                }
-            })
+            .map(|cm| mean_defined(cm.classes.iter().filter_map(|m| class_value(m, key))))
             .collect();
         foreground.insert(key.clone(), stats(&per_case));
     }
