@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 
 use crate::config::Settings;
 use crate::evaluation::Evaluation;
-
 use crate::mail;
 use crate::pipeline::{Predictor, Progress};
+use crate::pool::protocol::FatalKind;
 use crate::pool::{PoolError, PoolPredictor};
 use crate::store::{ReportedOutcome, State, Submission};
 use crate::submission::{self, Prepared};
@@ -179,7 +179,14 @@ fn evaluate(
     }
     let (predictor, devices) = match make_predictor(settings, &prepared, task) {
         Ok(p) => p,
-        Err(e @ PoolError::Fatal { .. }) if e.to_string().contains("cannot load as TorchScript") => {
+        // The worker could not load the model (not the device, not the sandbox): the
+        // vendor's file is at fault.
+        Err(
+            e @ PoolError::Fatal {
+                kind: Some(FatalKind::Load),
+                ..
+            },
+        ) => {
             return Outcome::Rejected(Rejection::new(
                 "not-torchscript",
                 e.to_string(),

@@ -84,6 +84,9 @@ pub enum PoolError {
         slot: usize,
         /// Device.
         device: String,
+        /// What the worker reported (`None`: the supervisor's own side failed, e.g. the
+        /// scratch folder or a worker binary of another version).
+        kind: Option<protocol::FatalKind>,
         /// What and why (the model's loader error, the missing sandbox layers, ...).
         message: String,
     },

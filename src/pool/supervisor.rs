@@ -307,17 +307,18 @@ fn start_worker(
 ) -> Result<Live, StartError> {
     let scratch = sh.scratch(slot);
     let device = sh.device(slot);
-    let fatal = |message: String| {
+    let fatal = |kind: Option<FatalKind>, message: String| {
         StartError::Fatal(PoolError::Fatal {
             slot,
             device: device.clone(),
+            kind,
             message,
         })
     };
     // A fresh scratch folder per worker: leftovers of a dead one are not trusted.
     let _ = std::fs::remove_dir_all(&scratch);
     std::fs::create_dir_all(&scratch)
-        .map_err(|e| fatal(format!("scratch folder {}: {e}", scratch.display())))?;
+        .map_err(|e| fatal(None, format!("scratch folder {}: {e}", scratch.display())))?;
     let spawned = sh
         .spawner
         .spawn(SpawnSpec {
@@ -386,7 +387,7 @@ fn start_worker(
         Ok(FromWorker::Hello { proto, .. }) if proto == PROTO_VERSION => {}
         Ok(FromWorker::Hello { proto, version, .. }) => {
             live.kill();
-            return Err(fatal(format!(
+            return Err(fatal(None, format!(
                 "worker binary speaks protocol {proto} (evald {version}), the supervisor {PROTO_VERSION}: install one evald"
             )));
         }
@@ -454,7 +455,7 @@ fn start_worker(
                     FatalKind::Device => "device",
                     FatalKind::Protocol => "protocol",
                 };
-                return Err(fatal(format!("{what}: {message}")));
+                return Err(fatal(Some(kind), format!("{what}: {message}")));
             }
             Ok(other) => {
                 live.kill();
