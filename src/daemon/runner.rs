@@ -76,11 +76,7 @@ pub(crate) fn notify_team(
     let key = format!("submission-{}-{}", sub.id, sub.queue_seq.unwrap_or(0));
     let outbox = mail::Outbox::open(&mail::db_path(settings)).map_err(|e| e.to_string())?;
     let Some(eval) = eval else {
-        let queued = outbox
-            .entries()
-            .map_err(|e| e.to_string())?
-            .into_iter()
-            .find(|e| e.key.as_deref() == Some(key.as_str()));
+        let queued = outbox.entry_by_key(&key).map_err(|e| e.to_string())?;
         return Ok(queued.map(|e| format!("outbox #{}", e.id)));
     };
     let recipients = settings

@@ -424,6 +424,24 @@ impl Outbox {
         })
     }
 
+    /// The row queued with idempotency `key`, if any.
+    ///
+    /// # Errors
+    /// [`OutboxError::Db`].
+    pub fn entry_by_key(&self, key: &str) -> Result<Option<OutboxEntry>, OutboxError> {
+        self.db(|c| {
+            c.query_row(
+                &format!(
+                    "SELECT {} FROM mail_outbox WHERE key = ?1",
+                    Self::ENTRY_COLS
+                ),
+                [key],
+                Self::entry_of,
+            )
+            .optional()
+        })
+    }
+
     /// All rows, oldest first.
     ///
     /// # Errors

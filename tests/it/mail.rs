@@ -649,6 +649,9 @@ fn enqueue_with_a_key_is_idempotent() {
         .unwrap();
     assert_eq!(a, b);
     assert_eq!(outbox.entries().unwrap().len(), 1);
+    let by_key = outbox.entry_by_key("head-neck/acme/v3/abab").unwrap();
+    assert_eq!(by_key.map(|e| e.id), Some(a));
+    assert!(outbox.entry_by_key("head-neck/acme/v4").unwrap().is_none());
 }
 
 #[test]
