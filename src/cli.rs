@@ -384,7 +384,13 @@ pub fn run_submission(a: RunArgs) -> Result<Evaluation> {
     let sub = submission::prepare(&a.submission, task)?;
     let eval = if a.in_process {
         let device = a.device.clone().unwrap_or_else(|| "cpu".into());
-        let model = Model::load(&sub.model_path, &device, sub.infer.clone())?;
+        // The bytes that were hashed for the report are the bytes loaded.
+        let model = Model::load_verified(
+            &sub.model_path,
+            &sub.model_sha256,
+            &device,
+            sub.infer.clone(),
+        )?;
         let predictor = LocalPredictor::new(model, &device);
         submission::evaluate(
             &sub,

@@ -110,6 +110,13 @@ pub struct RawPool {
     pub case_timeout_secs: u64,
     /// Attempts per case before it is recorded failed.
     pub max_attempts: u32,
+    /// Stop an evaluation after this many case attempts in a row timed out (no case
+    /// finished in between): a model that never returns must not hold the queue for a day.
+    /// 0 = never.
+    pub max_consecutive_timeouts: u32,
+    /// Wall-clock budget of one evaluation in seconds; past it, the cases not yet done are
+    /// recorded as not run and the report says why. 0 = no budget.
+    pub submission_budget_secs: u64,
     /// libtorch intra-op threads per worker (0 = cores / workers).
     pub threads_per_worker: usize,
     /// Memory cap per worker in MiB (cgroup where available; 0 = none).
@@ -125,6 +132,8 @@ impl Default for RawPool {
             devices: vec!["cpu".into()],
             case_timeout_secs: 600,
             max_attempts: 3,
+            max_consecutive_timeouts: 3,
+            submission_budget_secs: 6 * 3600,
             threads_per_worker: 0,
             memory_max_mb: 0,
             sandbox: "best-effort".into(),
@@ -342,6 +351,10 @@ pub struct PoolSettings {
     pub case_timeout: std::time::Duration,
     /// Attempts per case.
     pub max_attempts: u32,
+    /// Timed-out attempts in a row after which the evaluation stops (0 = never).
+    pub max_consecutive_timeouts: u32,
+    /// Wall-clock budget of one evaluation (`None` = unlimited).
+    pub submission_budget: Option<std::time::Duration>,
     /// Intra-op threads per worker (resolved, >= 1).
     pub threads_per_worker: usize,
     /// Memory cap per worker, bytes (0 = none).
@@ -583,6 +596,16 @@ impl RawSettings {
             if !(1..=20).contains(&pl.max_attempts) {
                 bad("pool.max_attempts", "must be 1..=20".into());
             }
+            if pl.submission_budget_secs != 0 && pl.submission_budget_secs < pl.case_timeout_secs {
+                bad(
+                    "pool.submission_budget_secs",
+                    format!(
+                        "{} s is less than one case (pool.case_timeout_secs = {}): use 0 (no \
+                         budget) or at least the case timeout",
+                        pl.submission_budget_secs, pl.case_timeout_secs
+                    ),
+                );
+            }
             if m.smtp_user.is_some() != m.smtp_password_file.is_some() {
                 bad(
                     "mail.smtp_user",
@@ -710,6 +733,9 @@ impl RawSettings {
                 devices: pl.devices.clone(),
                 case_timeout: std::time::Duration::from_secs(pl.case_timeout_secs),
                 max_attempts: pl.max_attempts,
+                max_consecutive_timeouts: pl.max_consecutive_timeouts,
+                submission_budget: (pl.submission_budget_secs > 0)
+                    .then(|| std::time::Duration::from_secs(pl.submission_budget_secs)),
                 threads_per_worker: if pl.threads_per_worker == 0 {
                     (cores / pl.workers.max(1)).max(1)
                 } else {

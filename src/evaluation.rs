@@ -53,6 +53,9 @@ pub struct RunMeta {
     pub finished: String,
     /// Seconds per stage (`decode`, `inference`, `forward`, `metrics`, `total`, ...).
     pub timings: Vec<(String, f64)>,
+    /// Why the evaluation stopped before every case ran (a model that keeps timing out,
+    /// the evaluation's budget); the cases not run are failures with stage `aborted`.
+    pub stopped_early: Option<String>,
 }
 
 /// One complete evaluation.

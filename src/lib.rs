@@ -6,6 +6,8 @@
 //!
 //! # Layout (data flows top to bottom)
 //! - [`config`]: the admin's TOML, raw -> validated [`config::Settings`];
+//! - [`files`]: opening files others control (regular files only, bounded reads) and
+//!   creating outputs others read (umask, not 0600);
 //! - [`dataset`]: test-set folders, case pairing (nnU-Net naming);
 //! - [`manifest`]: the vendor's `submission.toml`;
 //! - [`volume`]: NIfTI reading/writing with limits, grids and reorientation;
@@ -30,6 +32,7 @@ pub mod config;
 pub mod daemon;
 pub mod dataset;
 pub mod evaluation;
+pub mod files;
 pub mod infer;
 pub mod logging;
 pub mod mail;

@@ -9,6 +9,12 @@
 //!
 //! The filter comes from `EVALD_LOG` (`info` by default, e.g. `EVALD_LOG=evald=debug`).
 //! The returned [`LogGuard`] flushes the file on drop: hold it until the very end.
+//!
+//! One event is one line, always: vendors name their folders, and a folder name holding a
+//! newline and a fake "submission mailed" line must not become a second log line. Text
+//! sinks pass through [`OneLine`], which escapes every control character of an event
+//! (`\n`, `\r`, `\x1b`, ...) but its final newline; [`printable`] does the same for
+//! what `evald status` prints. (The JSON format quotes strings already.)
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -40,6 +46,106 @@ pub enum LoggingError {
     AlreadySet,
 }
 
+/// `s` with control characters written as escapes (`\n`, `\r`, `\t`, `\x1b`), so that a
+/// name chosen by a vendor prints as one line and cannot carry terminal sequences.
+pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control() => out.push_str(&format!("\\x{:02x}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// At most `max` characters of `s`, saying how many were left out: messages a vendor
+/// controls (a model's exception, a manifest's parse error quoting its line) are quoted
+/// back into logs, the store, reports and `REJECTED.txt`, never amplified.
+pub fn bounded(s: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    match s.char_indices().nth(max) {
+        None => std::borrow::Cow::Borrowed(s),
+        Some((cut, _)) => std::borrow::Cow::Owned(format!(
+            "{} [... {} more characters]",
+            &s[..cut],
+            s[cut..].chars().count()
+        )),
+    }
+}
+
+/// Longest vendor-controlled message evald quotes back (characters).
+pub const MAX_QUOTED: usize = 2000;
+
+/// A writer for text log sinks that keeps one event on one line (see the module doc).
+/// The formatter writes each event with one `write_all` of the whole line.
+#[derive(Debug, Clone)]
+pub struct OneLine<M> {
+    inner: M,
+    /// Keep ESC for colours (a terminal; tracing already escapes it in field values).
+    keep_esc: bool,
+}
+
+impl<M> OneLine<M> {
+    /// Wrap a writer maker; `keep_esc` for a coloured terminal sink.
+    pub fn new(inner: M, keep_esc: bool) -> Self {
+        OneLine { inner, keep_esc }
+    }
+}
+
+/// The writer [`OneLine`] makes.
+#[derive(Debug)]
+pub struct OneLineWriter<W> {
+    inner: W,
+    keep_esc: bool,
+}
+
+impl<W: std::io::Write> std::io::Write for OneLineWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let (body, end) = match buf.split_last() {
+            Some((b'\n', body)) => (body, &b"\n"[..]),
+            _ => (buf, &b""[..]),
+        };
+        let bad = |b: u8| (b < 0x20 && !(self.keep_esc && b == 0x1b)) || b == 0x7f;
+        if !body.iter().any(|&b| bad(b)) {
+            self.inner.write_all(buf)?;
+            return Ok(buf.len());
+        }
+        let mut out = Vec::with_capacity(buf.len() + 16);
+        for &b in body {
+            match b {
+                b'\n' => out.extend_from_slice(b"\\n"),
+                b'\r' => out.extend_from_slice(b"\\r"),
+                b'\t' => out.push(b'\t'),
+                b if bad(b) => out.extend_from_slice(format!("\\x{b:02x}").as_bytes()),
+                b => out.push(b),
+            }
+        }
+        out.extend_from_slice(end);
+        self.inner.write_all(&out)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl<'a, M: fmt::MakeWriter<'a>> fmt::MakeWriter<'a> for OneLine<M> {
+    type Writer = OneLineWriter<M::Writer>;
+    fn make_writer(&'a self) -> Self::Writer {
+        OneLineWriter {
+            inner: self.inner.make_writer(),
+            keep_esc: self.keep_esc,
+        }
+    }
+}
+
 /// Keeps the file writer alive; dropping it flushes every buffered line.
 #[must_use = "dropping the guard stops file logging"]
 pub struct LogGuard {
@@ -59,9 +165,10 @@ fn filter() -> EnvFilter {
 
 /// stderr for one-shot commands (coloured on a terminal).
 pub fn init_cli() {
+    let ansi = std::io::stderr().is_terminal();
     let _ = tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(OneLine::new(std::io::stderr, ansi))
+        .with_ansi(ansi)
         .with_env_filter(filter())
         .try_init();
 }
@@ -94,16 +201,19 @@ pub fn init_daemon(d: &DaemonSettings) -> Result<LogGuard, LoggingError> {
     let ansi = !journald && std::io::stderr().is_terminal();
     let (file_layer, stderr_layer) = match d.log_format {
         LogFormat::Text => (
-            fmt::layer().with_writer(writer).with_ansi(false).boxed(),
+            fmt::layer()
+                .with_writer(OneLine::new(writer, false))
+                .with_ansi(false)
+                .boxed(),
             if journald {
                 fmt::layer()
-                    .with_writer(std::io::stderr)
+                    .with_writer(OneLine::new(std::io::stderr, false))
                     .with_ansi(false)
                     .without_time()
                     .boxed()
             } else {
                 fmt::layer()
-                    .with_writer(std::io::stderr)
+                    .with_writer(OneLine::new(std::io::stderr, ansi))
                     .with_ansi(ansi)
                     .boxed()
             },
@@ -130,4 +240,59 @@ pub fn init_daemon(d: &DaemonSettings) -> Result<LogGuard, LoggingError> {
         .try_init()
         .map_err(|_| LoggingError::AlreadySet)?;
     Ok(LogGuard { file: Some(guard) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn through(line: &[u8], keep_esc: bool) -> Vec<u8> {
+        let mut w = OneLineWriter {
+            inner: Vec::new(),
+            keep_esc,
+        };
+        w.write_all(line).unwrap();
+        w.inner
+    }
+
+    #[test]
+    fn an_event_stays_one_line_whatever_its_fields_hold() {
+        let forged = b"INFO submission seen name=x\nINFO submission mailed id=999\n";
+        let out = through(forged, false);
+        assert_eq!(
+            out,
+            b"INFO submission seen name=x\\nINFO submission mailed id=999\n".to_vec()
+        );
+        assert_eq!(out.iter().filter(|&&b| b == b'\n').count(), 1);
+        assert_eq!(
+            through(b"a\rb\x1b[31mc\x07\n", false),
+            b"a\\rb\\x1b[31mc\\x07\n".to_vec()
+        );
+        // A coloured terminal keeps its escape sequences, not the vendor's newlines.
+        assert_eq!(
+            through(b"\x1b[32mok\x1b[0m x\ny\n", true),
+            b"\x1b[32mok\x1b[0m x\\ny\n".to_vec()
+        );
+        assert_eq!(through(b"plain line\n", false), b"plain line\n".to_vec());
+    }
+
+    #[test]
+    fn bounded_cuts_long_messages_and_says_so() {
+        assert_eq!(bounded("short", 10), "short");
+        assert_eq!(bounded("ééééé", 5), "ééééé");
+        assert_eq!(
+            bounded(&"é".repeat(12), 10),
+            format!("{} [... 2 more characters]", "é".repeat(10))
+        );
+    }
+
+    #[test]
+    fn printable_escapes_control_characters() {
+        assert_eq!(printable("acme"), "acme");
+        assert_eq!(
+            printable("v1\nsubmission mailed id=999\x1b[2J"),
+            "v1\\nsubmission mailed id=999\\x1b[2J"
+        );
+    }
 }

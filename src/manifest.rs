@@ -13,6 +13,9 @@ use crate::infer::{InferSpec, InputKind, OutputKind, Window};
 pub const MANIFEST: &str = "submission.toml";
 /// Default model file name in a submission folder.
 pub const MODEL: &str = "model.pt";
+/// A manifest is a dozen short keys; anything larger is refused unread (bytes a vendor
+/// controls are never amplified into logs, the store or `REJECTED.txt`).
+pub const MAX_MANIFEST_BYTES: u64 = 64 * 1024;
 
 /// `submission.toml` as written by the vendor.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
@@ -51,15 +54,9 @@ pub struct ManifestWindow {
 /// The manifest is unusable.
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
-    /// Unreadable file.
-    #[error("{path}: cannot read: {source}")]
-    Io {
-        /// The manifest.
-        path: PathBuf,
-        /// OS error.
-        #[source]
-        source: std::io::Error,
-    },
+    /// Unreadable, not a regular file (a FIFO would block the reader), or too large.
+    #[error(transparent)]
+    File(#[from] crate::files::FileError),
     /// Syntax, unknown key or wrong type.
     #[error("{path}: {message}")]
     Parse {
@@ -86,10 +83,10 @@ pub enum ManifestError {
 /// [`ManifestError`] for an unreadable or invalid file.
 pub fn read(dir: &Path) -> Result<Manifest, ManifestError> {
     let path = dir.join(MANIFEST);
-    let text = match std::fs::read_to_string(&path) {
+    let text = match crate::files::read_text_bounded(&path, MAX_MANIFEST_BYTES) {
         Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Manifest::default()),
-        Err(source) => return Err(ManifestError::Io { path, source }),
+        Err(e) if e.is_not_found() => return Ok(Manifest::default()),
+        Err(e) => return Err(e.into()),
     };
     toml::from_str(&text).map_err(|e| ManifestError::Parse {
         path,

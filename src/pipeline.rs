@@ -10,7 +10,7 @@
 //! `concurrency + QUEUE + scorers` predictions exist at any time. Failures of one case (a
 //! model error, a bad reference file, a timeout) are recorded and the rest goes on.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Instant;
@@ -46,6 +46,11 @@ pub trait Predictor: Sync {
     /// # Errors
     /// A [`Failure`] for this case (stage, reason, attempts).
     fn predict(&self, case: &CaseFiles) -> Result<Prediction, Failure>;
+    /// Why this predictor stopped taking cases before the evaluation ended (the cases
+    /// it refused then are failures saying so); `None` while it runs normally.
+    fn stopped_early(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Runs a [`Model`] in this process (used by `evald run --in-process`, tests and as the
@@ -219,18 +224,33 @@ pub fn evaluate(
                 let Ok((case, p)) = msg else { break };
                 let t = Instant::now();
                 let pred_file = p.file.clone().unwrap_or_else(|| case.input.clone());
-                let scored = volume::read_labels(&case.label)
-                    .map_err(metrics::CaseError::from)
-                    .and_then(|r| {
-                        metrics::evaluate_case(
-                            &case.id,
-                            &r,
-                            &case.label,
-                            p.labels,
-                            &pred_file,
-                            spec,
-                        )
-                    });
+                // The reference must be on the prediction's grid (up to a reorientation,
+                // which keeps the voxel count), so a header claiming more voxels is refused
+                // before anything is allocated: a reference "bomb" costs this case, never
+                // the daemon's memory. A panic while decoding also fails only this case.
+                let limits = volume::ReadLimits {
+                    max_voxels: (p.labels.geom.len() as u64).min(volume::DEFAULT_MAX_LABEL_VOXELS),
+                    max_voxels_why: Some(
+                        "the prediction's grid, the grid of this case's image when evald ran \
+                         the model, has that many, and a reference with more voxels cannot \
+                         match it: the test set's reference does not match its image",
+                    ),
+                    ..volume::ReadLimits::default()
+                };
+                let reference = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    volume::read_labels_with(&case.label, limits)
+                }))
+                .unwrap_or_else(|_| {
+                    Err(volume::VolumeError::Io {
+                        path: case.label.clone(),
+                        source: std::io::Error::other(
+                            "decoding it panicked (a bug in evald; only this case is failed)",
+                        ),
+                    })
+                });
+                let scored = reference.map_err(metrics::CaseError::from).and_then(|r| {
+                    metrics::evaluate_case(&case.id, &r, &case.label, p.labels, &pred_file, spec)
+                });
                 match scored {
                     Ok(m) => {
                         let dice = mean_dice(&m);
@@ -292,7 +312,9 @@ pub fn mean_dice(m: &CaseMetrics) -> f64 {
 }
 
 /// Score a folder of predictions against a folder of references (`evald score`): cases in
-/// parallel, at most a few volumes decoded at once.
+/// parallel, at most a few volumes decoded at once. Each prediction is read with at most
+/// its reference's voxel count (from the reference's header), and each reference with at
+/// most its prediction's, so no file can make a read allocate more than its partner holds.
 pub fn score_folder(
     data: &Dataset,
     spec: &EvalSpec,
@@ -304,12 +326,50 @@ pub fn score_folder(
             2
         }
         fn predict(&self, case: &CaseFiles) -> Result<Prediction, Failure> {
-            let labels = volume::read_labels(&case.input).map_err(|e| Failure {
+            let fail = |stage: &str, reason: String| Failure {
                 case: case.id.clone(),
-                stage: "read".into(),
-                reason: e.to_string(),
+                stage: stage.into(),
+                reason,
                 attempts: 1,
-            })?;
+            };
+            // Bound the prediction by its reference's grid, read from the headers first: a
+            // grid with another voxel count can be neither the same grid nor a
+            // reorientation of it, so it is reported as the grid mismatch it is without
+            // decoding either file. Were a header unreadable, read as before and let the
+            // read (or the scorer, for the reference) report it.
+            let limits = match (
+                volume::read_geometry(&case.label),
+                volume::read_geometry(&case.input),
+            ) {
+                (Ok(r), Ok(g)) => {
+                    if g.len() != r.len() {
+                        if let volume::GridRelation::Incompatible(detail) = g.relate(&r) {
+                            let e = metrics::CaseError::Geometry {
+                                case: case.id.clone(),
+                                prediction: case.input.clone(),
+                                reference: case.label.clone(),
+                                detail,
+                            };
+                            return Err(fail("metrics", e.to_string()));
+                        }
+                    }
+                    volume::ReadLimits {
+                        max_voxels: (r.len() as u64).min(volume::DEFAULT_MAX_LABEL_VOXELS),
+                        max_voxels_why: Some(
+                            "the reference's grid has that many, and a prediction with more \
+                             voxels cannot match it: resample the prediction onto the \
+                             reference grid",
+                        ),
+                        ..volume::ReadLimits::default()
+                    }
+                }
+                _ => volume::ReadLimits {
+                    max_voxels: volume::DEFAULT_MAX_LABEL_VOXELS,
+                    ..volume::ReadLimits::default()
+                },
+            };
+            let labels = volume::read_labels_with(&case.input, limits)
+                .map_err(|e| fail("read", e.to_string()))?;
             Ok(Prediction {
                 labels,
                 file: Some(case.input.clone()),
@@ -322,14 +382,13 @@ pub fn score_folder(
     evaluate(data, spec, &Files, on_progress, &AtomicBool::new(false))
 }
 
-/// sha256 of a file, hex (model identity for dedup and reports).
+/// sha256 of everything `r` yields, hex (model identity for dedup and reports).
 ///
 /// # Errors
-/// I/O errors reading the file.
-pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+/// I/O errors reading.
+pub fn sha256_reader(mut r: impl std::io::Read) -> std::io::Result<String> {
     use sha2::Digest;
-    let mut f = std::fs::File::open(path)?;
     let mut h = sha2::Sha256::new();
-    std::io::copy(&mut f, &mut h)?;
+    std::io::copy(&mut r, &mut h)?;
     Ok(hex::encode(h.finalize()))
 }

@@ -37,6 +37,105 @@ pub enum SubmissionError {
     /// The task's test set cannot be listed.
     #[error(transparent)]
     Dataset(#[from] dataset::DatasetError),
+    /// The model file changed after it was checked (a new copy is arriving): what is
+    /// evaluated must be what was recorded, so this evaluation does not run.
+    #[error("model file {path} changed after it was checked (sha256 {expected} recorded, {found} now); the new content is looked at as a new submission once its copy is complete")]
+    Changed {
+        /// The model file.
+        path: PathBuf,
+        /// The recorded hash.
+        expected: String,
+        /// The hash of the bytes copied now.
+        found: String,
+    },
+    /// evald's own copy of the model cannot be made (disk full, state folder).
+    #[error("cannot snapshot the model into {dir}: {source}")]
+    Snapshot {
+        /// The snapshot folder.
+        dir: PathBuf,
+        /// OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// An immutable copy of a submission's model, made when its evaluation starts: every
+/// worker (a restarted one too) loads this file, never the vendor's, so replacing the
+/// vendor's file mid-evaluation cannot mix two models in one report. Read-only, in a
+/// folder of evald's; removed when dropped.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// The copy.
+    pub path: PathBuf,
+    /// sha256 of the copy's bytes (equal to the recorded one).
+    pub sha256: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Prepared {
+    /// Copy the model into a new folder under `root` (hashing the bytes as they are
+    /// copied, through the descriptor that was checked to be a regular file) and check
+    /// the copy against [`Prepared::model_sha256`].
+    ///
+    /// # Errors
+    /// [`SubmissionError::Changed`] when the bytes differ from those recorded,
+    /// [`SubmissionError::Model`] when the file is no longer usable,
+    /// [`SubmissionError::Snapshot`] for evald's own disk.
+    pub fn snapshot(&self, root: &Path) -> Result<Snapshot, SubmissionError> {
+        use sha2::Digest;
+        use std::io::{Read, Write};
+        use std::os::unix::fs::PermissionsExt;
+        let snap_err = |source| SubmissionError::Snapshot {
+            dir: root.to_path_buf(),
+            source,
+        };
+        std::fs::create_dir_all(root).map_err(snap_err)?;
+        let dir = tempfile::Builder::new()
+            .prefix("model-")
+            .tempdir_in(root)
+            .map_err(snap_err)?;
+        let mut src =
+            crate::files::open_regular(&self.model_path).map_err(|e| SubmissionError::Model {
+                path: self.model_path.clone(),
+                reason: e.to_string(),
+            })?;
+        let path = dir.path().join(
+            self.model_path
+                .file_name()
+                .unwrap_or(std::ffi::OsStr::new(crate::manifest::MODEL)),
+        );
+        let mut dst = std::fs::File::create(&path).map_err(snap_err)?;
+        let mut h = sha2::Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = src.read(&mut buf).map_err(|e| SubmissionError::Model {
+                path: self.model_path.clone(),
+                reason: format!("unreadable: {e}"),
+            })?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+            dst.write_all(&buf[..n]).map_err(snap_err)?;
+        }
+        dst.sync_all().map_err(snap_err)?;
+        drop(dst);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o400))
+            .map_err(snap_err)?;
+        let found = hex::encode(h.finalize());
+        if found != self.model_sha256 {
+            return Err(SubmissionError::Changed {
+                path: self.model_path.clone(),
+                expected: self.model_sha256.clone(),
+                found,
+            });
+        }
+        Ok(Snapshot {
+            path,
+            sha256: found,
+            _dir: dir,
+        })
+    }
 }
 
 /// A validated submission, ready to evaluate.
@@ -70,22 +169,29 @@ pub fn prepare(dir: &Path, task: &TaskSettings) -> Result<Prepared, SubmissionEr
         path: model_path.clone(),
         reason,
     };
-    let meta = std::fs::metadata(&model_path).map_err(|e| {
-        model_err(if e.kind() == std::io::ErrorKind::NotFound {
-            "missing: copy your TorchScript file there as model.pt (or name it in submission.toml)"
-                .into()
-        } else {
-            format!("unreadable: {e}")
+    // Checked and hashed through one descriptor: a FIFO never blocks, and the bytes hashed
+    // are those of the file that was checked.
+    let file = crate::files::open_regular(&model_path).map_err(|e| {
+        model_err(match &e {
+            e if e.is_not_found() => "missing: copy your TorchScript file there as model.pt \
+                                      (or name it in submission.toml)"
+                .into(),
+            crate::files::FileError::NotRegular { kind, .. } => {
+                format!("is a {kind}, not a regular file: copy the model file itself")
+            }
+            crate::files::FileError::Io { source, .. } => format!("unreadable: {source}"),
+            other => other.to_string(),
         })
     })?;
-    if !meta.is_file() {
-        return Err(model_err("is not a regular file".into()));
-    }
-    if meta.len() == 0 {
+    let len = file
+        .metadata()
+        .map_err(|e| model_err(format!("unreadable: {e}")))?
+        .len();
+    if len == 0 {
         return Err(model_err("is empty (was the copy interrupted?)".into()));
     }
     let model_sha256 =
-        pipeline::sha256_file(&model_path).map_err(|e| model_err(format!("unreadable: {e}")))?;
+        pipeline::sha256_reader(file).map_err(|e| model_err(format!("unreadable: {e}")))?;
     let infer = manifest.infer_spec(dir, task)?;
     let abs = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
     let name = abs.file_name().map(|s| s.to_string_lossy().into_owned());
@@ -145,6 +251,7 @@ pub fn evaluate(
         started,
         finished: now(),
         timings: times.pairs(),
+        stopped_early: predictor.stopped_early(),
     };
     Ok(Evaluation::new(task.eval.clone(), cases, failures, meta))
 }

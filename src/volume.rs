@@ -4,12 +4,43 @@
 //! rest of evald sees only [`Volume`]s: a flat buffer in NIfTI's own order (Fortran, index
 //! `x + nx * (y + ny * z)`), the grid size, spacing in mm and the voxel-to-world affine.
 //!
-//! Why not `nifti`'s `into_ndarray` for the data: it keeps up to three copies of a volume
-//! alive and inflates through a streaming decoder. Here the header is parsed with `nifti`
-//! (it knows the format), its size claims are checked *before* anything big is allocated
-//! (gzip bombs, headers that lie about the data size), and the data is inflated in one call
-//! by libdeflate straight into a buffer of exactly the declared size, then converted in
-//! parallel. Label maps never pass through floating point.
+//! # Opening
+//! Every file is opened through [`crate::files::open_regular`]: a FIFO, device or folder
+//! where a volume is expected is refused at once ([`VolumeError::NotRegular`]) instead of
+//! blocking a reader thread forever.
+//!
+//! # Limits
+//! The header's size claims are checked against [`ReadLimits`] *before* anything big is
+//! allocated: voxels ([`ReadLimits::max_voxels`], default [`DEFAULT_MAX_VOXELS`], also the
+//! label ceiling [`DEFAULT_MAX_LABEL_VOXELS`]: 2^31 voxels = 2 GiB of `u8` output) and the
+//! data section the header declares, voxels x bytes per stored voxel
+//! ([`ReadLimits::max_data_bytes`], default [`DEFAULT_MAX_DATA_BYTES`] = 8 GiB, which
+//! refuses e.g. a float64 "label map" of 2048 x 1024 x 1024 from its header alone). Callers
+//! that know what a file must hold pass a tighter bound: the scorer reads a reference with
+//! at most as many voxels as its prediction's grid, since no other reference can match it.
+//! The output buffer is allocated fallibly and lazily zeroed, so a failed allocation is an
+//! error for one case, not an abort of the daemon, and a header that lies costs only the
+//! pages the data really fills.
+//!
+//! # Label maps: streamed
+//! Labels are integers in 0..=255, so a label map never needs more memory than its `u8`
+//! output: [`read_labels_with`] decodes the data section in chunks of
+//! [`LABEL_CHUNK_BYTES`] stored bytes (through `flate2`'s multi-member gzip decoder reading
+//! from the file, or from the plain file), converting each chunk into the output before the
+//! next is read, whatever the stored datatype. Peak memory is the output plus one chunk,
+//! independent of the datatype and of the compressed size. The one exception is the common
+//! case, uint8 data without scaling in a gzip file of at most [`WHOLE_INFLATE_MAX_BYTES`]:
+//! it is inflated by libdeflate in one call (the fastest way here) into a buffer of exactly
+//! the declared size, holding the compressed file (bounded) meanwhile. Label maps never
+//! pass through floating point unless stored as floats or scaled.
+//!
+//! # Images
+//! [`read_image`] holds the decompressed data section whole (libdeflate, one call) and
+//! converts it in parallel to `f32`; the compressed file is read whole only when its size
+//! is plausible for the declared data (a gzip stream is barely larger than its content).
+//!
+//! Both readers refuse a gzip stream that inflates to more (a bomb) or less (truncation)
+//! than the header declares, and read multi-member gzip (pigz, bgzip).
 //!
 //! Geometry follows `METRICS.md`: the affine is the sform when `sform_code > 0`, else the
 //! qform, else `diag(pixdim)` (nibabel's order); spacing is `pixdim[1..=3]`. Two grids are
@@ -20,7 +51,7 @@
 #![allow(clippy::needless_range_loop)]
 
 use std::fs;
-use std::io::Read;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
@@ -28,6 +59,28 @@ use rayon::prelude::*;
 /// Upper bound on voxels in one volume, checked against the header before allocating.
 /// 2^31 voxels is a 2048 x 1024 x 1024 grid: far above any CT, far below a bomb.
 pub const DEFAULT_MAX_VOXELS: u64 = 1 << 31;
+
+/// Upper bound on voxels in a label map (what [`read_labels`] applies): one byte of output
+/// per voxel, so at most 2 GiB per map whatever the stored datatype, since labels are
+/// decoded in streaming fashion.
+pub const DEFAULT_MAX_LABEL_VOXELS: u64 = DEFAULT_MAX_VOXELS;
+
+/// Upper bound on the data section a header may declare (voxels x bytes per stored voxel):
+/// 8 GiB, e.g. 2^31 voxels of float32 or 2^30 of float64. It bounds the work a lying header
+/// can demand from the streaming label decoder (a float64 header claiming 2^31 voxels asks
+/// for 16 GiB of inflating) and the memory [`read_image`] holds.
+pub const DEFAULT_MAX_DATA_BYTES: u64 = 8 << 30;
+
+/// Stored bytes decoded per step when a label map is streamed: the memory a label read
+/// needs beyond its output. A multiple of every datatype's size.
+pub const LABEL_CHUNK_BYTES: usize = 4 << 20;
+
+/// Largest gzip file of uint8 labels inflated whole by libdeflate (the file is held in
+/// memory meanwhile); larger ones are streamed like every other datatype.
+pub const WHOLE_INFLATE_MAX_BYTES: u64 = 32 << 20;
+
+/// Bytes read to parse a header: the 348-byte NIfTI-1 header and its 4-byte extension flag.
+const HEAD_BYTES: usize = 352;
 
 /// Grid tolerance for "the same grid", in mm (origin) and relative units (axes).
 pub const GRID_TOLERANCE_MM: f64 = 1e-3;
@@ -75,6 +128,15 @@ pub enum VolumeError {
         path: PathBuf,
         /// What is wrong, in words.
         reason: String,
+    },
+    /// A FIFO, device, socket or folder where a volume file is expected (refused before any
+    /// read, so a named pipe cannot block the reader).
+    #[error("{path}: is a {kind}, not a regular file")]
+    NotRegular {
+        /// The file.
+        path: PathBuf,
+        /// What it is instead ("FIFO (named pipe)", "folder", ...).
+        kind: &'static str,
     },
     /// Writing a volume failed.
     #[error("{path}: cannot write: {reason}")]
@@ -349,17 +411,27 @@ pub fn reorient_to<T: Copy + Send + Sync + Default>(
     }
 }
 
-/// Limits applied before allocating.
+/// Limits checked against the header before anything is allocated.
+///
+/// Build tighter ones from the default: `ReadLimits { max_voxels: n, ..Default::default() }`.
 #[derive(Debug, Clone, Copy)]
 pub struct ReadLimits {
-    /// Largest accepted voxel count.
+    /// Largest accepted voxel count (for a label map: its output size in bytes).
     pub max_voxels: u64,
+    /// Largest accepted data section (voxels x bytes per stored voxel), in bytes.
+    pub max_data_bytes: u64,
+    /// Why `max_voxels` is what it is, appended to the refusal ("... exceeds the limit of N
+    /// voxels (WHY)") when a caller derives it from another file: the message must say whose
+    /// problem it is.
+    pub max_voxels_why: Option<&'static str>,
 }
 
 impl Default for ReadLimits {
     fn default() -> Self {
         ReadLimits {
             max_voxels: DEFAULT_MAX_VOXELS,
+            max_data_bytes: DEFAULT_MAX_DATA_BYTES,
+            max_voxels_why: None,
         }
     }
 }
@@ -437,32 +509,243 @@ fn err_data(path: &Path, reason: impl Into<String>) -> VolumeError {
 /// Read the header of a NIfTI-1 file (gzip or not) without reading its data.
 ///
 /// # Errors
-/// [`VolumeError`] naming the file when it cannot be read or parsed.
+/// [`VolumeError`] naming the file when it cannot be read or parsed, or is not a regular
+/// file.
 pub fn read_geometry(path: &Path) -> Result<Geometry, VolumeError> {
-    let head = read_head(path, 352)?;
+    let (file, gz, file_len) = open_file(path)?;
+    let mut s = Stream::new(path, FileSource::new(file, gz), gz, file_len);
+    let head = s.head()?;
     let header = parse_header(path, &head)?;
     header_geometry(path, &header, ReadLimits::default())
 }
 
-fn read_head(path: &Path, n: usize) -> Result<Vec<u8>, VolumeError> {
-    let io = |source| VolumeError::Io {
+fn err_io(path: &Path, source: std::io::Error) -> VolumeError {
+    VolumeError::Io {
         path: path.to_path_buf(),
         source,
-    };
-    let mut f = fs::File::open(path).map_err(io)?;
-    let mut magic = [0u8; 2];
-    let got = f.read(&mut magic).map_err(io)?;
-    let f = fs::File::open(path).map_err(io)?;
-    let mut out = Vec::with_capacity(n);
-    if got == 2 && magic == [0x1f, 0x8b] {
-        flate2::read::MultiGzDecoder::new(f)
-            .take(n as u64)
-            .read_to_end(&mut out)
-            .map_err(|e| err_format(path, format!("gzip stream unreadable: {e}")))?;
-    } else {
-        f.take(n as u64).read_to_end(&mut out).map_err(io)?;
     }
-    Ok(out)
+}
+
+/// Open a volume file (regular files only, never blocking on a FIFO): the file positioned
+/// at its start, whether it is gzip, and its size from `fstat`.
+fn open_file(path: &Path) -> Result<(fs::File, bool, u64), VolumeError> {
+    use crate::files::FileError;
+    let mut f = crate::files::open_regular(path).map_err(|e| match e {
+        FileError::Io { path, source } => VolumeError::Io { path, source },
+        FileError::NotRegular { path, kind } => VolumeError::NotRegular { path, kind },
+        other => err_format(path, other.to_string()),
+    })?;
+    let len = f.metadata().map_err(|e| err_io(path, e))?.len();
+    let mut magic = [0u8; 2];
+    let mut got = 0;
+    while got < 2 {
+        match f.read(&mut magic[got..]) {
+            Ok(0) => break,
+            Ok(k) => got += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(err_io(path, e)),
+        }
+    }
+    f.seek(SeekFrom::Start(0)).map_err(|e| err_io(path, e))?;
+    Ok((f, got == 2 && magic == [0x1f, 0x8b], len))
+}
+
+/// The bytes of a volume file: the file itself, or the inflated stream of a gzip file.
+enum FileSource {
+    Plain(fs::File),
+    // Boxed: the decoder's state is large, a plain file is one descriptor.
+    Gz(Box<flate2::read::MultiGzDecoder<fs::File>>),
+}
+
+impl FileSource {
+    fn new(file: fs::File, gz: bool) -> Self {
+        if gz {
+            FileSource::Gz(Box::new(flate2::read::MultiGzDecoder::new(file)))
+        } else {
+            FileSource::Plain(file)
+        }
+    }
+
+    fn into_file(self) -> fs::File {
+        match self {
+            FileSource::Plain(f) => f,
+            FileSource::Gz(d) => d.into_inner(),
+        }
+    }
+}
+
+impl Read for FileSource {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            FileSource::Plain(f) => f.read(buf),
+            FileSource::Gz(d) => d.read(buf),
+        }
+    }
+}
+
+/// Sequential reader of a volume's (decompressed) bytes that knows how many the header
+/// declares, so every short, broken or overlong stream is reported in the same words
+/// whichever decoder reads it.
+struct Stream<'p, R> {
+    path: &'p Path,
+    reader: R,
+    gz: bool,
+    /// Size of the file on disk (`fstat`); a plain file's truncation is judged by it.
+    file_len: u64,
+    /// Decompressed bytes consumed so far, header included.
+    pos: u64,
+    /// Where the data section starts, once the header is parsed.
+    offset: u64,
+    /// `offset` + data bytes the header declares, once it is parsed.
+    need: u64,
+}
+
+impl<'p, R: Read> Stream<'p, R> {
+    fn new(path: &'p Path, reader: R, gz: bool, file_len: u64) -> Self {
+        Stream {
+            path,
+            reader,
+            gz,
+            file_len,
+            pos: 0,
+            offset: 0,
+            need: 0,
+        }
+    }
+
+    /// Up to [`HEAD_BYTES`] from the start (fewer only when the stream is shorter).
+    fn head(&mut self) -> Result<Vec<u8>, VolumeError> {
+        let mut h = vec![0u8; HEAD_BYTES];
+        let mut got = 0;
+        while got < h.len() {
+            match self.reader.read(&mut h[got..]) {
+                Ok(0) => break,
+                Ok(k) => got += k,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if self.gz => {
+                    return Err(err_format(
+                        self.path,
+                        format!("gzip stream unreadable: {e}"),
+                    ))
+                }
+                Err(e) => return Err(err_io(self.path, e)),
+            }
+        }
+        h.truncate(got);
+        self.pos = got as u64;
+        Ok(h)
+    }
+
+    /// Fill `buf` exactly; a stream that ends or breaks first is a data error.
+    fn fill(&mut self, buf: &mut [u8]) -> Result<(), VolumeError> {
+        let mut got = 0;
+        while got < buf.len() {
+            match self.reader.read(&mut buf[got..]) {
+                Ok(0) if self.gz => {
+                    return Err(err_data(
+                        self.path,
+                        format!(
+                            "gzip stream ends after {} bytes, header needs {} (truncated file?)",
+                            self.pos, self.need
+                        ),
+                    ))
+                }
+                // The size was checked against fstat: the file shrank while being read.
+                Ok(0) => return Err(truncated_plain(self.path, self.offset, self.need, self.pos)),
+                Ok(k) => {
+                    got += k;
+                    self.pos += k as u64;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if self.gz => {
+                    return Err(err_data(
+                        self.path,
+                        format!(
+                            "gzip stream broken after {} of {} bytes: {e}",
+                            self.pos, self.need
+                        ),
+                    ))
+                }
+                Err(e) => return Err(err_io(self.path, e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Skip what lies between the header and the data (NIfTI extensions).
+    fn skip_to_data(&mut self) -> Result<(), VolumeError> {
+        let mut scratch = [0u8; 8192];
+        while self.pos < self.offset {
+            let k = (self.offset - self.pos).min(scratch.len() as u64) as usize;
+            self.fill(&mut scratch[..k])?;
+        }
+        Ok(())
+    }
+
+    /// After the declared data: a gzip stream must end here (more output is a bomb or a
+    /// header that lies). Bytes after a plain file's data were never an error.
+    fn finish(&mut self) -> Result<(), VolumeError> {
+        if !self.gz {
+            return Ok(());
+        }
+        let mut probe = [0u8; 1];
+        loop {
+            return match self.reader.read(&mut probe) {
+                Ok(0) => Ok(()),
+                Ok(_) => Err(err_data(
+                    self.path,
+                    format!(
+                        "decompresses to more than the {} bytes the header declares",
+                        self.need
+                    ),
+                )),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => Err(err_data(
+                    self.path,
+                    format!("gzip stream broken at its end: {e}"),
+                )),
+            };
+        }
+    }
+}
+
+fn truncated_plain(path: &Path, offset: u64, need: u64, have: u64) -> VolumeError {
+    err_data(
+        path,
+        format!(
+            "header declares {} data bytes at offset {offset}, file has only {} (truncated?)",
+            need - offset,
+            have.saturating_sub(offset)
+        ),
+    )
+}
+
+/// A buffer of `n` zero bytes, allocated fallibly (failure is this file's error, not an
+/// abort of the process) and lazily: `alloc_zeroed` of a large size maps fresh zero pages,
+/// so memory is only committed where the decoder writes.
+fn zeroed(path: &Path, n: usize) -> Result<Vec<u8>, VolumeError> {
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    let fail = || {
+        err_io(
+            path,
+            std::io::Error::new(
+                std::io::ErrorKind::OutOfMemory,
+                format!("cannot allocate {n} bytes for its data"),
+            ),
+        )
+    };
+    let layout = std::alloc::Layout::array::<u8>(n).map_err(|_| fail())?;
+    // SAFETY: `layout` has a non-zero size (n > 0).
+    let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+    if ptr.is_null() {
+        return Err(fail());
+    }
+    // SAFETY: `ptr` comes from the global allocator with the layout of `[u8; n]` (so `Vec`
+    // frees it with the same layout), all `n` bytes are initialised (zero), and length ==
+    // capacity == n.
+    Ok(unsafe { Vec::from_raw_parts(ptr, n, n) })
 }
 
 fn parse_header(path: &Path, bytes: &[u8]) -> Result<nifti::NiftiHeader, VolumeError> {
@@ -513,10 +796,14 @@ fn header_geometry(
     }
     let nvox = dims.iter().map(|&d| d as u64).product::<u64>();
     if nvox > limits.max_voxels {
+        let why = limits
+            .max_voxels_why
+            .map(|w| format!(" ({w})"))
+            .unwrap_or_default();
         return Err(err_header(
             path,
             format!(
-                "{dims:?} = {nvox} voxels exceeds the limit of {} voxels",
+                "{dims:?} = {nvox} voxels exceeds the limit of {} voxels{why}",
                 limits.max_voxels
             ),
         ));
@@ -603,22 +890,19 @@ fn qform_affine(h: &nifti::NiftiHeader, spacing: [f64; 3]) -> [[f64; 4]; 4] {
     m
 }
 
-fn read_raw(path: &Path, limits: ReadLimits) -> Result<Raw, VolumeError> {
-    let file = fs::read(path).map_err(|source| VolumeError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let gz = file.len() >= 2 && file[0] == 0x1f && file[1] == 0x8b;
-    let head: Vec<u8> = if gz {
-        let mut h = Vec::with_capacity(352);
-        flate2::read::MultiGzDecoder::new(&file[..])
-            .take(352)
-            .read_to_end(&mut h)
-            .map_err(|e| err_format(path, format!("gzip stream unreadable: {e}")))?;
-        h
-    } else {
-        file[..file.len().min(352)].to_vec()
-    };
+/// A volume file with its header parsed and checked against the limits, positioned just
+/// after the header.
+struct Opened<'p> {
+    stream: Stream<'p, FileSource>,
+    header: nifti::NiftiHeader,
+    geom: Geometry,
+    dtype: DType,
+}
+
+fn open_volume(path: &Path, limits: ReadLimits) -> Result<Opened<'_>, VolumeError> {
+    let (file, gz, file_len) = open_file(path)?;
+    let mut stream = Stream::new(path, FileSource::new(file, gz), gz, file_len);
+    let head = stream.head()?;
     let header = parse_header(path, &head)?;
     let geom = header_geometry(path, &header, limits)?;
     let dtype = DType::from_code(header.datatype).ok_or_else(|| {
@@ -630,32 +914,89 @@ fn read_raw(path: &Path, limits: ReadLimits) -> Result<Raw, VolumeError> {
             ),
         )
     })?;
-    let offset = header.vox_offset.max(352.0) as usize;
+    let offset = header.vox_offset.max(HEAD_BYTES as f32) as u64;
     if f64::from(header.vox_offset) > 1e9 {
         return Err(err_header(path, "vox_offset is absurd"));
     }
-    let need = offset + geom.len() * dtype.size();
+    let data_bytes = geom.len() as u64 * dtype.size() as u64;
+    if data_bytes > limits.max_data_bytes {
+        return Err(err_header(
+            path,
+            format!(
+                "{:?} voxels of {dtype:?} are {data_bytes} data bytes, more than the limit of {} bytes",
+                geom.dims, limits.max_data_bytes
+            ),
+        ));
+    }
+    stream.offset = offset;
+    stream.need = offset + data_bytes;
+    if !gz && file_len < stream.need {
+        return Err(truncated_plain(path, offset, stream.need, file_len));
+    }
+    Ok(Opened {
+        stream,
+        header,
+        geom,
+        dtype,
+    })
+}
+
+/// Read a whole regular file of at most `limit` bytes (already checked against `fstat`;
+/// `take` guards against one that grows meanwhile).
+fn read_whole(path: &Path, file: fs::File, limit: u64) -> Result<Vec<u8>, VolumeError> {
+    let mut out = Vec::new();
+    out.try_reserve_exact(limit as usize).map_err(|e| {
+        err_io(
+            path,
+            std::io::Error::new(std::io::ErrorKind::OutOfMemory, e),
+        )
+    })?;
+    file.take(limit)
+        .read_to_end(&mut out)
+        .map_err(|e| err_io(path, e))?;
+    Ok(out)
+}
+
+/// Header plus the whole decompressed file, for [`read_image`] (which needs it all at once
+/// for its parallel conversion).
+fn read_raw(path: &Path, limits: ReadLimits) -> Result<Raw, VolumeError> {
+    let Opened {
+        stream,
+        header,
+        geom,
+        dtype,
+    } = open_volume(path, limits)?;
+    let (gz, file_len, offset, need) = (stream.gz, stream.file_len, stream.offset, stream.need);
+    let mut file = stream.reader.into_file();
+    file.seek(SeekFrom::Start(0)).map_err(|e| err_io(path, e))?;
     let bytes = if gz {
-        inflate_exact(path, &file, need)?
-    } else {
-        if file.len() < need {
+        // Deflate expands incompressible data by well under 0.1 %, gzip adds a few dozen
+        // bytes per member: a larger file cannot be a gzip of the declared data, and holding
+        // it whole would cost memory for nothing.
+        let bound = need + need / 256 + (1 << 20);
+        if file_len > bound {
             return Err(err_data(
                 path,
                 format!(
-                    "header declares {} data bytes at offset {offset}, file has only {} (truncated?)",
-                    need - offset,
-                    file.len().saturating_sub(offset)
+                    "compressed file is {file_len} bytes, more than a gzip stream of the {need} bytes the header declares can be"
                 ),
             ));
         }
-        file
+        let comp = read_whole(path, file, file_len.min(bound))?;
+        inflate_exact(path, &comp, need as usize)?
+    } else {
+        let b = read_whole(path, file, need)?;
+        if (b.len() as u64) < need {
+            return Err(truncated_plain(path, offset, need, b.len() as u64));
+        }
+        b
     };
     Ok(Raw {
         header,
         geom,
         dtype,
         bytes,
-        offset,
+        offset: offset as usize,
     })
 }
 
@@ -668,7 +1009,7 @@ fn inflate_exact(path: &Path, gz: &[u8], need: usize) -> Result<Vec<u8>, VolumeE
         .len()
         .checked_sub(4)
         .map(|i| u32::from_le_bytes(gz[i..].try_into().expect("4 bytes")));
-    let mut out = vec![0u8; need];
+    let mut out = zeroed(path, need)?;
     if isize_trailer == Some(need as u32) {
         let mut d = libdeflater::Decompressor::new();
         match d.gzip_decompress(gz, &mut out) {
@@ -824,96 +1165,199 @@ pub fn read_image_with(path: &Path, limits: ReadLimits) -> Result<ImageVolume, V
     })
 }
 
-/// Read a label map as `u8` without ever going through floating point for integer data.
+/// Read a label map as `u8` without ever going through floating point for integer data,
+/// streaming: memory is the output plus one [`LABEL_CHUNK_BYTES`] chunk whatever the stored
+/// datatype. At most [`DEFAULT_MAX_LABEL_VOXELS`] voxels.
 ///
 /// # Errors
 /// [`VolumeError`] naming the file; [`VolumeError::NotLabels`] when a value is negative,
-/// fractional or above 255.
+/// fractional or above 255 (naming the first such voxel); [`VolumeError::NotRegular`] for a
+/// FIFO or device.
 pub fn read_labels(path: &Path) -> Result<LabelVolume, VolumeError> {
-    read_labels_with(path, ReadLimits::default())
+    read_labels_with(
+        path,
+        ReadLimits {
+            max_voxels: DEFAULT_MAX_LABEL_VOXELS,
+            ..ReadLimits::default()
+        },
+    )
 }
 
-/// [`read_labels`] with explicit limits.
+/// [`read_labels`] with explicit limits (e.g. at most the voxels of the grid the map must
+/// match).
 ///
 /// # Errors
-/// As [`read_labels`].
+/// As [`read_labels`]; [`VolumeError::Header`] when the header exceeds `limits`.
 pub fn read_labels_with(path: &Path, limits: ReadLimits) -> Result<LabelVolume, VolumeError> {
-    let mut raw = read_raw(path, limits)?;
-    let n = raw.geom.len();
-    let be = is_be(&raw.header);
-    let scale = scaling(&raw.header);
-    // Map every stored value to a label, or u16::MAX as "bad" (reported with its value).
-    const BAD: u16 = u16::MAX;
-    let to_label_f = move |v: f64| -> u16 {
-        let v = match scale {
+    let Opened {
+        stream,
+        header,
+        geom,
+        dtype,
+    } = open_volume(path, limits)?;
+    let conv = LabelConv {
+        dtype,
+        be: is_be(&header),
+        scale: scaling(&header),
+    };
+    if conv.is_identity() && stream.gz && stream.file_len <= WHOLE_INFLATE_MAX_BYTES {
+        // Common case (uint8 .nii.gz of a few MB): one libdeflate call into a buffer of the
+        // declared size, no conversion at all.
+        let (offset, need, file_len) = (
+            stream.offset as usize,
+            stream.need as usize,
+            stream.file_len,
+        );
+        let mut file = stream.reader.into_file();
+        file.seek(SeekFrom::Start(0)).map_err(|e| err_io(path, e))?;
+        let comp = read_whole(path, file, file_len)?;
+        let mut data = inflate_exact(path, &comp, need)?;
+        data.copy_within(offset.., 0);
+        data.truncate(need - offset);
+        data.shrink_to_fit();
+        return Ok(Volume { geom, data });
+    }
+    let mut stream = stream;
+    let data = stream_labels(&mut stream, &geom, conv)?;
+    Ok(Volume { geom, data })
+}
+
+/// How stored values become labels.
+#[derive(Debug, Clone, Copy)]
+struct LabelConv {
+    dtype: DType,
+    be: bool,
+    scale: Option<(f64, f64)>,
+}
+
+impl LabelConv {
+    /// uint8 without scaling: the stored bytes are the labels.
+    fn is_identity(self) -> bool {
+        self.dtype == DType::U8 && self.scale.is_none()
+    }
+
+    fn of_float(self, v: f64) -> Option<u8> {
+        let v = match self.scale {
             Some((s, i)) => v * s + i,
             None => v,
         };
-        if v.is_finite() && (0.0..=255.0).contains(&v) && v.fract() == 0.0 {
-            v as u16
+        (v.is_finite() && (0.0..=255.0).contains(&v) && v.fract() == 0.0).then_some(v as u8)
+    }
+
+    fn of_int(self, v: i64) -> Option<u8> {
+        if self.scale.is_some() {
+            self.of_float(v as f64)
         } else {
-            BAD
+            u8::try_from(v).ok()
         }
-    };
-    let to_label_i = move |v: i64| -> u16 {
-        if scale.is_some() {
-            to_label_f(v as f64)
-        } else if (0..=255).contains(&v) {
-            v as u16
-        } else {
-            BAD
+    }
+
+    /// Convert one chunk of stored values (`src`, whole values only) into `dst` (one label
+    /// per value); the index of the first value that is not a label, if any (`dst` is then
+    /// only partly written).
+    fn chunk(self, src: &[u8], dst: &mut [u8]) -> Option<usize> {
+        macro_rules! via {
+            ($ty:ty, $to:expr) => {{
+                let (be, to) = (self.be, $to);
+                convert_par(src, dst, move |a: [u8; std::mem::size_of::<$ty>()]| {
+                    to(if be {
+                        <$ty>::from_be_bytes(a)
+                    } else {
+                        <$ty>::from_le_bytes(a)
+                    })
+                })
+            }};
         }
-    };
-    let data: Vec<u8> = if raw.dtype == DType::U8 && scale.is_none() {
-        // Common case: no conversion at all, reuse the buffer.
-        raw.bytes.drain(..raw.offset);
-        raw.bytes.truncate(n);
-        raw.bytes.shrink_to_fit();
-        std::mem::take(&mut raw.bytes)
-    } else {
-        let b = &raw.bytes[raw.offset..];
-        let wide: Vec<u16> = match raw.dtype {
-            DType::U8 => b[..n]
-                .par_iter()
-                .map(|&v| to_label_i(i64::from(v)))
-                .collect(),
-            DType::I8 => b[..n]
-                .par_iter()
-                .map(|&v| to_label_i(i64::from(v as i8)))
-                .collect(),
-            DType::U16 => decode_as!(b, u16, be, n, |v: u16| to_label_i(i64::from(v))),
-            DType::I16 => decode_as!(b, i16, be, n, |v: i16| to_label_i(i64::from(v))),
-            DType::U32 => decode_as!(b, u32, be, n, |v: u32| to_label_i(i64::from(v))),
-            DType::I32 => decode_as!(b, i32, be, n, |v: i32| to_label_i(i64::from(v))),
-            DType::U64 => decode_as!(b, u64, be, n, |v: u64| to_label_i(
-                i64::try_from(v).unwrap_or(-1)
-            )),
-            DType::I64 => decode_as!(b, i64, be, n, to_label_i),
-            DType::F32 => decode_as!(b, f32, be, n, |v: f32| to_label_f(f64::from(v))),
-            DType::F64 => decode_as!(b, f64, be, n, to_label_f),
-        };
-        if let Some(pos) = wide.par_iter().position_first(|&v| v == BAD) {
-            let g = &raw.geom;
-            let (x, y, z) = (
-                pos % g.dims[0],
-                (pos / g.dims[0]) % g.dims[1],
-                pos / (g.dims[0] * g.dims[1]),
-            );
-            return Err(VolumeError::NotLabels {
-                path: path.to_path_buf(),
-                reason: format!(
-                    "voxel ({x}, {y}, {z}) holds a value that is not an integer label in 0..=255 \
-                     (datatype {:?}); save predictions and references as integer label maps",
-                    raw.dtype
-                ),
-            });
+        let int = move |v: i64| self.of_int(v);
+        let float = move |v: f64| self.of_float(v);
+        match self.dtype {
+            DType::U8 => via!(u8, move |v: u8| int(i64::from(v))),
+            DType::I8 => via!(i8, move |v: i8| int(i64::from(v))),
+            DType::U16 => via!(u16, move |v: u16| int(i64::from(v))),
+            DType::I16 => via!(i16, move |v: i16| int(i64::from(v))),
+            DType::U32 => via!(u32, move |v: u32| int(i64::from(v))),
+            DType::I32 => via!(i32, move |v: i32| int(i64::from(v))),
+            DType::U64 => via!(u64, move |v: u64| int(i64::try_from(v).unwrap_or(-1))),
+            DType::I64 => via!(i64, int),
+            DType::F32 => via!(f32, move |v: f32| float(f64::from(v))),
+            DType::F64 => via!(f64, float),
         }
-        wide.into_par_iter().map(|v| v as u8).collect()
-    };
-    Ok(Volume {
-        geom: raw.geom,
-        data,
-    })
+    }
+}
+
+/// `dst[i] = f(src value i)` in parallel pieces; the first index where `f` refuses.
+fn convert_par<const W: usize>(
+    src: &[u8],
+    dst: &mut [u8],
+    f: impl Fn([u8; W]) -> Option<u8> + Sync,
+) -> Option<usize> {
+    const PIECE: usize = 1 << 16;
+    dst.par_chunks_mut(PIECE)
+        .zip(src.par_chunks(PIECE * W))
+        .enumerate()
+        .filter_map(|(k, (d, s))| {
+            for (i, (o, c)) in d.iter_mut().zip(s.chunks_exact(W)).enumerate() {
+                match f(c.try_into().expect("W bytes")) {
+                    Some(v) => *o = v,
+                    None => return Some(k * PIECE + i),
+                }
+            }
+            None
+        })
+        .min()
+}
+
+/// Decode the data section of `s` (positioned after the header) into one label per voxel,
+/// [`LABEL_CHUNK_BYTES`] of stored data at a time.
+fn stream_labels<R: Read>(
+    s: &mut Stream<'_, R>,
+    geom: &Geometry,
+    conv: LabelConv,
+) -> Result<Vec<u8>, VolumeError> {
+    s.skip_to_data()?;
+    let n = geom.len();
+    let mut out = zeroed(s.path, n)?;
+    if conv.is_identity() {
+        s.fill(&mut out)?;
+        s.finish()?;
+        return Ok(out);
+    }
+    let w = conv.dtype.size();
+    let per_chunk = LABEL_CHUNK_BYTES / w;
+    let mut chunk = vec![0u8; per_chunk.min(n) * w];
+    let mut bad = None;
+    let mut done = 0;
+    while done < n {
+        let m = per_chunk.min(n - done);
+        let src = &mut chunk[..m * w];
+        s.fill(src)?;
+        if bad.is_none() {
+            if let Some(i) = conv.chunk(src, &mut out[done..done + m]) {
+                bad = Some(done + i);
+                // A plain file's size was checked up front: nothing more to learn from it.
+                // A gzip stream is read to its end so that a truncated or overlong stream is
+                // reported as such, as when the whole stream was inflated first.
+                if !s.gz {
+                    break;
+                }
+            }
+        }
+        done += m;
+    }
+    s.finish()?;
+    if let Some(pos) = bad {
+        let d = geom.dims;
+        let (x, y, z) = (pos % d[0], (pos / d[0]) % d[1], pos / (d[0] * d[1]));
+        return Err(VolumeError::NotLabels {
+            path: s.path.to_path_buf(),
+            reason: format!(
+                "voxel ({x}, {y}, {z}) holds a value that is not an integer label in 0..=255 \
+                 (datatype {:?}); save predictions and references as integer label maps",
+                conv.dtype
+            ),
+        });
+    }
+    Ok(out)
 }
 
 /// A NIfTI-1 header describing `geom` (sform and qform both set, units mm).
@@ -1069,6 +1513,61 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn label_chunks_report_the_first_bad_value_across_parallel_pieces() {
+        let conv = LabelConv {
+            dtype: DType::I16,
+            be: false,
+            scale: None,
+        };
+        let n = 3 * 65536 + 5;
+        let mut vals = vec![7i16; n];
+        vals[2 * 65536] = -1;
+        vals[65536 + 3] = 300;
+        let bytes = |v: &[i16]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        let mut dst = vec![0u8; n];
+        assert_eq!(conv.chunk(&bytes(&vals), &mut dst), Some(65536 + 3));
+        vals[65536 + 3] = 7;
+        assert_eq!(conv.chunk(&bytes(&vals), &mut dst), Some(2 * 65536));
+        vals[2 * 65536] = 255;
+        assert_eq!(conv.chunk(&bytes(&vals), &mut dst), None);
+        assert!(dst[..2 * 65536].iter().all(|&l| l == 7) && dst[2 * 65536] == 255);
+    }
+
+    #[test]
+    fn an_impossible_allocation_is_an_error_not_an_abort() {
+        let p = Path::new("huge.nii.gz");
+        for n in [usize::MAX, isize::MAX as usize - 4096] {
+            let e = zeroed(p, n).unwrap_err();
+            assert!(
+                e.to_string()
+                    .contains("huge.nii.gz: cannot read: cannot allocate"),
+                "{e}"
+            );
+        }
+        assert_eq!(zeroed(p, 3).unwrap(), vec![0u8; 3]);
+    }
+
+    #[test]
+    fn an_image_gzip_far_larger_than_its_data_is_refused_before_it_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("i.nii.gz");
+        let g = geom([4, 4, 4]);
+        write_volume(
+            &p,
+            &Volume {
+                geom: g,
+                data: vec![1i16; 64],
+            },
+        )
+        .unwrap();
+        let mut f = fs::OpenOptions::new().append(true).open(&p).unwrap();
+        std::io::Write::write_all(&mut f, &vec![0u8; 2 << 20]).unwrap();
+        let e = read_image(&p).unwrap_err();
+        assert!(matches!(e, VolumeError::Data { .. }), "{e}");
+        assert!(e.to_string().contains("compressed file is"), "{e}");
     }
 
     #[test]

@@ -169,7 +169,9 @@ pub fn fingerprint(dir: &Path) -> Result<Fingerprint, WatchError> {
                 // A folder's own mtime changes when evald writes its outputs: not part of it.
                 format!("d\0{}", rel.display())
             } else {
-                if ft.is_file() && !name.starts_with('.') {
+                // A FIFO or device counts too: it gets a rejection that says what it is,
+                // instead of the folder being taken as empty and left without an outcome.
+                if !name.starts_with('.') {
                     fp.files += 1;
                 }
                 if depth == 0 && name == READY_MARKER {

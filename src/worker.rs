@@ -150,11 +150,20 @@ pub fn main(slot: usize) -> Result<i32, WorkerError> {
 
     let t0 = Instant::now();
     let model = match &init.model {
-        Some(path) => match Model::load(path, &init.device, init.spec.clone()) {
-            Ok(m) => Some(m),
-            Err(InferError::Device(e)) => fatal(&out, FatalKind::Device, e.to_string()),
-            Err(e) => fatal(&out, FatalKind::Load, e.to_string()),
-        },
+        Some(path) => {
+            let loaded = match &init.model_sha256 {
+                Some(sha) => Model::load_verified(path, sha, &init.device, init.spec.clone()),
+                None => Model::load(path, &init.device, init.spec.clone()),
+            };
+            match loaded {
+                Ok(m) => Some(m),
+                Err(InferError::Device(e)) => fatal(&out, FatalKind::Device, e.to_string()),
+                Err(e @ InferError::Changed { .. }) => {
+                    fatal(&out, FatalKind::Integrity, e.to_string())
+                }
+                Err(e) => fatal(&out, FatalKind::Load, e.to_string()),
+            }
+        }
         None => None,
     };
     send(
@@ -170,6 +179,7 @@ pub fn main(slot: usize) -> Result<i32, WorkerError> {
 }
 
 fn fatal(out: &Out, kind: FatalKind, message: String) -> ! {
+    let message = crate::logging::bounded(&message, crate::logging::MAX_QUOTED).into_owned();
     tracing::error!("{message}");
     send(out, &FromWorker::Fatal { kind, message });
     exit_now(2)
@@ -253,6 +263,8 @@ fn serve(init: &Init, model: Option<&Model>, work: &mpsc::Receiver<Work>, out: &
                         }
                     }
                     Err((kind, message)) => {
+                        let message = crate::logging::bounded(&message, crate::logging::MAX_QUOTED)
+                            .into_owned();
                         tracing::warn!(case, "case failed: {message}");
                         FromWorker::Failed { id, kind, message }
                     }
@@ -276,7 +288,10 @@ fn predict_case(
     ))?;
     let (labels, stats) = model.predict(&image).map_err(|e| {
         let kind = match &e {
-            InferError::Forward { .. } | InferError::Load { .. } => CaseErrorKind::Model,
+            InferError::Forward { .. }
+            | InferError::Load { .. }
+            | InferError::Changed { .. }
+            | InferError::File(_) => CaseErrorKind::Model,
             InferError::BadOutput(_) => CaseErrorKind::BadOutput,
             InferError::OutOfMemory { .. } => CaseErrorKind::OutOfMemory,
             InferError::Device(_) | InferError::Torch(_) => CaseErrorKind::Torch,

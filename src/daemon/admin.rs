@@ -2,12 +2,14 @@
 //! `evald requeue ID`. All read the same configuration file as the service and the store
 //! in its `state_dir`; none needs the service to be running.
 
+use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
 use crate::cli::Exit;
 use crate::config::{self, ConfigError, MailTransport, Problem, Settings};
+use crate::logging::printable;
 use crate::store::{State, Store, Submission};
 
 /// `evald status`.
@@ -162,8 +164,19 @@ struct StatusReport {
     outbox: Option<crate::store::OutboxCounts>,
 }
 
+/// `#id task/vendor/name`, escaped: folder names are the vendors' (a newline in one must
+/// not print as a forged second line).
 fn who(s: &Submission) -> String {
-    format!("#{} {}/{}/{}", s.id, s.task, s.vendor, s.name)
+    printable(&format!("#{} {}/{}/{}", s.id, s.task, s.vendor, s.name)).into_owned()
+}
+
+/// Print `text` to stdout; a reader that went away (`evald status | head`) is not an error.
+fn emit(text: &str) -> Result<()> {
+    use std::io::Write;
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
 }
 
 /// `evald status`: queue, running evaluation with progress, last results, outbox.
@@ -192,11 +205,12 @@ pub fn status(a: &StatusArgs) -> Result<()> {
         outbox: store.outbox_counts()?,
     };
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&r)?);
-        return Ok(());
+        return emit(&format!("{}\n", serde_json::to_string_pretty(&r)?));
     }
-    println!("store: {}", r.store.display());
-    println!(
+    let mut o = String::new();
+    let _ = writeln!(o, "store: {}", r.store.display());
+    let _ = writeln!(
+        o,
         "submissions: {}",
         r.counts
             .iter()
@@ -205,13 +219,14 @@ pub fn status(a: &StatusArgs) -> Result<()> {
             .join(", ")
     );
     if r.running.is_empty() {
-        println!("running: nothing");
+        let _ = writeln!(o, "running: nothing");
     }
     for s in &r.running {
         let pct = (s.progress_done * 100)
             .checked_div(s.progress_total)
             .map_or(String::new(), |p| format!(" ({p}%)"));
-        println!(
+        let _ = writeln!(
+            o,
             "running: {}  {}/{} cases{pct}, started {}, attempt {}",
             who(s),
             s.progress_done,
@@ -220,25 +235,33 @@ pub fn status(a: &StatusArgs) -> Result<()> {
             s.attempts
         );
     }
-    println!("queue:{}", if r.queue.is_empty() { " empty" } else { "" });
+    let _ = writeln!(
+        o,
+        "queue:{}",
+        if r.queue.is_empty() { " empty" } else { "" }
+    );
     for (i, s) in r.queue.iter().enumerate() {
-        println!(
+        let _ = writeln!(
+            o,
             "  {}. {}  since {}{}",
             i + 1,
             who(s),
             s.updated_at,
             s.error
                 .as_deref()
-                .map_or(String::new(), |e| format!("  ({e})"))
+                .map_or(String::new(), |e| format!("  ({})", printable(e)))
         );
     }
-    println!("last results:");
+    let _ = writeln!(o, "last results:");
     for s in &r.recent {
         let what = match s.state {
-            State::Reported | State::Mailed => s.headline.clone().unwrap_or_default(),
-            _ => s.error.clone().unwrap_or_default(),
+            State::Reported | State::Mailed => {
+                printable(s.headline.as_deref().unwrap_or_default()).into_owned()
+            }
+            _ => printable(s.error.as_deref().unwrap_or_default()).into_owned(),
         };
-        println!(
+        let _ = writeln!(
+            o,
             "  {}  {:<8}  {}  {}",
             who(s),
             s.state.as_str(),
@@ -247,17 +270,20 @@ pub fn status(a: &StatusArgs) -> Result<()> {
         );
     }
     match &r.outbox {
-        Some((table, counts)) => println!(
+        Some((table, counts)) => drop(writeln!(
+            o,
             "outbox ({table}): {}",
             counts
                 .iter()
                 .map(|(s, n)| format!("{n} {s}"))
                 .collect::<Vec<_>>()
                 .join(", ")
-        ),
-        None => println!("outbox: none yet"),
+        )),
+        None => {
+            let _ = writeln!(o, "outbox: none yet");
+        }
     }
-    Ok(())
+    emit(&o)
 }
 
 /// `evald requeue ID`: evaluate a submission again, even if the same model was evaluated.

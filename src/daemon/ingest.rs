@@ -29,7 +29,9 @@ impl Rejection {
     pub(crate) fn new(code: &'static str, problem: String, fix: impl Into<String>) -> Self {
         Rejection {
             code,
-            problem,
+            // Problems quote what the vendor wrote (a manifest line, a loader's message):
+            // bounded, so a 20 MB manifest cannot become a 40 MB REJECTED.txt.
+            problem: crate::logging::bounded(&problem, crate::logging::MAX_QUOTED).into_owned(),
             fix: fix.into(),
         }
     }
@@ -52,7 +54,9 @@ impl Rejection {
                  torch.jit.trace or torch.jit.script and saved with .save()), or name the file \
                  in submission.toml: model = \"name.pt\".",
             )),
-            SubmissionError::Dataset(_) => None,
+            SubmissionError::Dataset(_)
+            | SubmissionError::Changed { .. }
+            | SubmissionError::Snapshot { .. } => None,
         }
     }
 }
@@ -213,24 +217,29 @@ pub(crate) fn ingest(
         store.call_blocking(move |s| s.same_model_elsewhere(&task, &sha, &dir))?
     };
     if let Some(d) = dup {
+        // Only what this vendor may know: the other submission may be another vendor's,
+        // so its folder, name and number stay in the log, for the team.
+        tracing::info!(
+            id = row.id,
+            same_as = d.id,
+            other = %d.path.display(),
+            "duplicate model"
+        );
+        let same_vendor = d.vendor == row.vendor;
         let rej = Rejection::new(
             "duplicate",
             format!(
-                "this model (sha256 {}) is byte for byte the one of submission #{} in {}, \
-                 already {} for this task",
+                "this model (sha256 {}) was already submitted for this task{}",
                 &sha[..12.min(sha.len())],
-                d.id,
-                d.path.display(),
-                if matches!(d.state, State::Reported | State::Mailed) {
-                    "evaluated"
+                if same_vendor {
+                    format!(", as your submission '{}'", d.name)
                 } else {
-                    "queued"
+                    String::new()
                 }
             ),
             format!(
-                "Its report is (or will be) in {}. To evaluate it again anyway, ask the \
-                 evaluation team (evald requeue {}).",
-                d.path.display(),
+                "A model is evaluated once per task. If this copy is intended, ask the \
+                 evaluation team to evaluate it anyway (evald requeue {}).",
                 row.id
             ),
         );
@@ -339,10 +348,7 @@ pub(crate) fn write_rejected(sub: &Submission, rej: &Rejection) -> std::io::Resu
             dir.display()
         )));
     }
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".tmp")
-        .suffix(".tmp")
-        .tempfile_in(dir)?;
+    let mut tmp = crate::files::output_temp_in(dir)?;
     tmp.write_all(rejected_text(sub, rej).as_bytes())?;
     tmp.as_file().sync_all()?;
     tmp.persist(&path).map_err(|e| e.error)?;

@@ -245,8 +245,16 @@ pub async fn run(
     events: broadcast::Sender<DaemonEvent>,
 ) -> Result<Stopped, DaemonError> {
     let state_dir = settings.daemon.state_dir.clone();
+    let snapshots = runner::snapshot_dir(&settings);
     let (store, store_thread) = tokio::task::spawn_blocking(move || {
         let mut s = store::Store::open(&state_dir)?;
+        // Model snapshots of evaluations a crash interrupted: none runs yet, and a requeued
+        // evaluation makes a fresh one.
+        match std::fs::remove_dir_all(&snapshots) {
+            Ok(()) => tracing::debug!(dir = %snapshots.display(), "removed leftover model snapshots"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(dir = %snapshots.display(), "cannot remove leftover model snapshots: {e}"),
+        }
         let recovered = s.recover()?;
         if !recovered.is_empty() {
             tracing::warn!(

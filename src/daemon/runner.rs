@@ -50,11 +50,18 @@ enum Outcome {
 fn make_predictor(
     settings: &Settings,
     sub: &Prepared,
+    model: &submission::Snapshot,
     task: &crate::config::TaskSettings,
 ) -> Result<(Box<dyn Predictor>, Vec<String>), PoolError> {
     let scratch = settings.daemon.state_dir.join("scratch");
-    let pool = PoolPredictor::for_submission(&settings.pool, sub, task, &scratch)?;
+    let pool = PoolPredictor::for_submission(&settings.pool, sub, model, task, &scratch)?;
     Ok((Box::new(pool), settings.pool.devices.clone()))
+}
+
+/// Where evaluations keep the snapshot of the model they run (one folder each, removed
+/// when the evaluation ends; whatever is left there at start is from a crash).
+pub(crate) fn snapshot_dir(settings: &Settings) -> PathBuf {
+    settings.daemon.state_dir.join("snapshots")
 }
 
 /// The single place a finished evaluation is handed to the team's email: compose it,
@@ -129,14 +136,22 @@ pub(crate) fn headline(eval: &Evaluation) -> String {
             .get(&c.label)
             .and_then(|m| m.get("Dice"))
             .map_or(f64::NAN, |s| s.mean);
-        parts.push(format!("{} {dice:.3}", c.name));
+        if dice.is_finite() {
+            parts.push(format!("{} {dice:.3}", c.name));
+        } else {
+            parts.push(format!("{} n/a", c.name));
+        }
     }
-    format!(
+    let mut line = format!(
         "Dice {}; {}/{} cases scored",
         parts.join(", "),
         eval.cases.len(),
         eval.total_cases()
-    )
+    );
+    if let Some(why) = &eval.meta.stopped_early {
+        line.push_str(&format!("; stopped early: {why}"));
+    }
+    line
 }
 
 /// Evaluate one running submission (blocking; on the evaluation thread).
@@ -173,7 +188,12 @@ fn evaluate(
                 .into(),
         );
     }
-    let (predictor, devices) = match make_predictor(settings, &prepared, task) {
+    // The bytes recorded at queue time, copied where no vendor can change them.
+    let model = match prepared.snapshot(&snapshot_dir(settings)) {
+        Ok(m) => m,
+        Err(e) => return Outcome::Failed(e.to_string()),
+    };
+    let (predictor, devices) = match make_predictor(settings, &prepared, &model, task) {
         Ok(p) => p,
         // The worker could not load the model (not the device, not the sandbox): the
         // vendor's file is at fault.
@@ -263,7 +283,17 @@ fn evaluate(
     }
     match submission::write_outputs(&eval, &prepared.dir) {
         Ok((summary, report)) => {
-            ingest::remove_stale_rejection(&prepared.dir);
+            // A REJECTED.txt written for a newer submission of this folder (its model was
+            // replaced while this one ran) is that submission's outcome: keep it.
+            let dir = sub.path.clone();
+            match shared.store.call_blocking(move |s| s.latest_for_path(&dir)) {
+                Ok(Some(l)) if l.id != sub.id => tracing::info!(
+                    id = sub.id,
+                    newer = l.id,
+                    "a newer submission of this folder exists; its outcome files are kept"
+                ),
+                _ => ingest::remove_stale_rejection(&prepared.dir),
+            }
             Outcome::Reported {
                 eval: Arc::new(eval),
                 summary,

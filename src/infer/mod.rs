@@ -99,6 +99,10 @@ pub struct InferSpec {
     pub num_classes: usize,
 }
 
+/// Largest model file a worker reads into memory to verify and load (far above any
+/// segmentation network; a bound so a sparse multi-terabyte file cannot exhaust memory).
+pub const MAX_MODEL_BYTES: u64 = 16 << 30;
+
 /// Why inference failed.
 #[derive(Debug, thiserror::Error)]
 pub enum InferError {
@@ -134,6 +138,19 @@ pub enum InferError {
     /// The device is unusable.
     #[error(transparent)]
     Device(#[from] device::DeviceError),
+    /// The model file is not the one that was checked (it changed since it was hashed).
+    #[error("model {path}: sha256 {found} is not the {expected} that was checked; not loaded")]
+    Changed {
+        /// Model file.
+        path: PathBuf,
+        /// The hash the submission was recorded with.
+        expected: String,
+        /// The hash of the bytes found now.
+        found: String,
+    },
+    /// The model file cannot be read.
+    #[error(transparent)]
+    File(#[from] crate::files::FileError),
     /// Any other libtorch failure (tensor conversion, device copy).
     #[error("libtorch: {0}")]
     Torch(String),
@@ -218,6 +235,47 @@ impl Model {
             device: device_name.to_string(),
             message: first_line(&e),
         })?;
+        Ok(Model {
+            module,
+            device,
+            spec,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Load `path` only if its bytes hash to `sha256` (hex): the bytes are read once,
+    /// hashed, and those very bytes are loaded, so a file replaced in between can never
+    /// be run under the recorded hash.
+    ///
+    /// # Errors
+    /// [`InferError::Changed`] for other bytes, [`InferError::File`] for an unreadable or
+    /// non-regular file, otherwise as [`Model::load`].
+    pub fn load_verified(
+        path: &Path,
+        sha256: &str,
+        device_name: &str,
+        spec: InferSpec,
+    ) -> Result<Self, InferError> {
+        let device = device::parse(device_name)?;
+        let bytes = crate::files::read_bounded(path, MAX_MODEL_BYTES)?;
+        let found = crate::pipeline::sha256_reader(&bytes[..])
+            .map_err(|e| InferError::Torch(format!("hashing {}: {e}", path.display())))?;
+        if found != sha256 {
+            return Err(InferError::Changed {
+                path: path.to_path_buf(),
+                expected: sha256.to_string(),
+                found,
+            });
+        }
+        let load_err = |e: tch::TchError| InferError::Load {
+            path: path.to_path_buf(),
+            device: device_name.to_string(),
+            message: first_line(&e),
+        };
+        let mut module =
+            tch::CModule::load_data_on_device(&mut std::io::Cursor::new(bytes), device)
+                .map_err(load_err)?;
+        module.f_set_eval().map_err(load_err)?;
         Ok(Model {
             module,
             device,

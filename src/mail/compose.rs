@@ -509,6 +509,12 @@ fn text_body(
         eval.total_cases(),
         eval.failures.len()
     );
+    if let Some(why) = &m.stopped_early {
+        let _ = writeln!(
+            t,
+            "STOPPED EARLY: {why}; the cases not run are listed as failed."
+        );
+    }
     if let Some(sha) = &m.model_sha256 {
         let _ = writeln!(t, "Model sha256: {sha}");
     }
@@ -755,6 +761,13 @@ fn html_body(
         );
     }
     h.push_str("</p>\n");
+    if let Some(why) = &m.stopped_early {
+        let _ = writeln!(
+            h,
+            "<p style=\"margin:0 0 18px;color:#cf222e;font-weight:600;\">Stopped early: {}; the cases not run are listed as failed.</p>",
+            escape(why)
+        );
+    }
 
     // Headline tiles.
     h.push_str("<table role=\"presentation\" cellspacing=\"0\" cellpadding=\"0\" style=\"border-collapse:separate;border-spacing:0 0;margin:0 0 8px;\"><tr>\n");

@@ -209,11 +209,8 @@ fn write_eml(dir: &Path, name: &str, raw: &[u8]) -> Result<PathBuf, SendError> {
         SendError::unavailable(format!("outbox folder {}: {what}: {e}", dir.display()))
     };
     std::fs::create_dir_all(dir).map_err(|e| fail("creating", e))?;
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".eml-")
-        .suffix(".tmp")
-        .tempfile_in(dir)
-        .map_err(|e| fail("creating a temporary file", e))?;
+    let mut tmp =
+        crate::files::output_temp_in(dir).map_err(|e| fail("creating a temporary file", e))?;
     tmp.write_all(raw).map_err(|e| fail("writing", e))?;
     tmp.as_file().sync_all().map_err(|e| fail("flushing", e))?;
     let path = dir.join(name);

@@ -386,7 +386,9 @@ pub fn evaluate_case(
     })
 }
 
-/// Read both label files (in parallel) and score them.
+/// Read both label files (in parallel) and score them. The headers are read first: grids
+/// with different voxel counts are refused without decoding, and neither read may allocate
+/// more than the reference's header declares.
 ///
 /// # Errors
 /// [`CaseError`] naming the file or the grid difference.
@@ -396,9 +398,42 @@ pub fn evaluate_files(
     prediction_file: &Path,
     spec: &EvalSpec,
 ) -> Result<CaseMetrics, CaseError> {
+    // Headers first: grids with different voxel counts can never match (a reorientation
+    // keeps the count), so they are reported from the headers without decoding anything,
+    // and the prediction is then read with at most the reference's voxel count.
+    let reference_geom = volume::read_geometry(reference_file)?;
+    if let Ok(g) = volume::read_geometry(prediction_file) {
+        if g.len() != reference_geom.len() {
+            if let GridRelation::Incompatible(detail) = g.relate(&reference_geom) {
+                return Err(CaseError::Geometry {
+                    case: case.to_string(),
+                    prediction: prediction_file.to_path_buf(),
+                    reference: reference_file.to_path_buf(),
+                    detail,
+                });
+            }
+        }
+    }
+    let max_voxels = (reference_geom.len() as u64).min(volume::DEFAULT_MAX_LABEL_VOXELS);
+    let limits = volume::ReadLimits {
+        max_voxels,
+        max_voxels_why: Some(
+            "the reference's grid has that many, and a prediction with more voxels cannot \
+             match it: resample the prediction onto the reference grid",
+        ),
+        ..volume::ReadLimits::default()
+    };
     let (r, p) = rayon::join(
-        || volume::read_labels(reference_file),
-        || volume::read_labels(prediction_file),
+        || {
+            volume::read_labels_with(
+                reference_file,
+                volume::ReadLimits {
+                    max_voxels,
+                    ..volume::ReadLimits::default()
+                },
+            )
+        },
+        || volume::read_labels_with(prediction_file, limits),
     );
     evaluate_case(case, &r?, reference_file, p?, prediction_file, spec)
 }

@@ -203,7 +203,7 @@ pub fn write(eval: &Evaluation, path: &Path) -> std::io::Result<()> {
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    let mut tmp = crate::files::output_temp_in(dir)?;
     serde_json::to_writer_pretty(&mut tmp, &doc)?;
     tmp.write_all(b"\n")?;
     tmp.as_file().sync_all()?;

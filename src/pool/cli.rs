@@ -34,8 +34,10 @@ pub fn evaluate_with_pool(
         .prefix("evald-pool-")
         .tempdir()
         .context("creating the workers' scratch folder")?;
+    // Workers load this copy, never the file a vendor may still be replacing.
+    let model = sub.snapshot(&scratch.path().join("models"))?;
     let t0 = Instant::now();
-    let pool = PoolPredictor::for_submission(&pool_settings, sub, task, scratch.path())
+    let pool = PoolPredictor::for_submission(&pool_settings, sub, &model, task, scratch.path())
         .with_context(|| format!("starting the worker pool for {}", sub.model_path.display()))?;
     let started = t0.elapsed().as_secs_f64();
     let eval = submission::evaluate(
@@ -100,6 +102,8 @@ pub fn selfcheck_cli(images: &Path, labels: &Path, sandbox: &str) -> Result<()> 
         devices: vec!["cpu".into()],
         case_timeout: std::time::Duration::from_secs(30),
         max_attempts: 1,
+        max_consecutive_timeouts: 0,
+        submission_budget: None,
         threads_per_worker: 1,
         memory_max_bytes: 0,
         sandbox: policy,

@@ -98,8 +98,11 @@ pub enum PoolError {
 /// What the workers run: one submission's model on one test set.
 #[derive(Debug, Clone)]
 pub struct Job {
-    /// The TorchScript file.
+    /// The TorchScript file (an immutable snapshot, for submissions).
     pub model: PathBuf,
+    /// The sha256 (hex) every worker checks the model's bytes against before loading
+    /// them (`None`: load whatever is there, for tests and benches of a fixed file).
+    pub model_sha256: Option<String>,
     /// Inference settings (task defaults + manifest).
     pub spec: InferSpec,
     /// The images folder (workers may read it, or only its image files when `labels`
@@ -214,6 +217,12 @@ pub(crate) struct Shared {
     pub totals: Mutex<Totals>,
     /// Set when the pool can no longer run cases (every slot gave up).
     pub broken: Mutex<Option<String>>,
+    /// Set when the evaluation was stopped early (consecutive timeouts, budget): why.
+    pub aborted: Mutex<Option<String>>,
+    /// Timed-out attempts since the last finished case, over all slots.
+    pub consecutive_timeouts: std::sync::atomic::AtomicU32,
+    /// When the evaluation's budget runs out.
+    pub budget_end: Option<Instant>,
     /// A pending sandbox probe (self-check pools only).
     pub probe_req: Mutex<Option<supervisor::ProbeRequest>>,
 }
@@ -259,20 +268,24 @@ impl PoolPredictor {
         Self::start_with(settings, job, Some(job.model.clone()))
     }
 
-    /// Start for a prepared submission of a task (what `evald run` and the daemon call).
+    /// Start for a prepared submission of a task (what `evald run` and the daemon call),
+    /// on the snapshot of its model: every worker, restarted ones included, loads those
+    /// bytes and only those.
     ///
     /// # Errors
     /// As [`Self::start`].
     pub fn for_submission(
         settings: &PoolSettings,
         sub: &crate::submission::Prepared,
+        model: &crate::submission::Snapshot,
         task: &crate::config::TaskSettings,
         scratch: &Path,
     ) -> Result<Self, PoolError> {
         Self::start(
             settings,
             &Job {
-                model: sub.model_path.clone(),
+                model: model.path.clone(),
+                model_sha256: Some(model.sha256.clone()),
                 spec: sub.infer.clone(),
                 images: task.images.clone(),
                 labels: Some(task.labels.clone()),
@@ -332,6 +345,7 @@ impl PoolPredictor {
             job.labels.as_deref(),
         ));
         let spawner = spawn::Spawner::start(exe).map_err(|e| PoolError::Spawn(e.to_string()))?;
+        let budget_end = settings.submission_budget.map(|b| Instant::now() + b);
         let mut settings = settings.clone();
         if settings.devices.is_empty() {
             settings.devices = vec!["cpu".into()];
@@ -368,6 +382,9 @@ impl PoolPredictor {
             cap,
             totals: Mutex::new(Totals::default()),
             broken: Mutex::new(None),
+            aborted: Mutex::new(None),
+            consecutive_timeouts: std::sync::atomic::AtomicU32::new(0),
+            budget_end,
             probe_req: Mutex::new(None),
         });
         let mut threads = Vec::new();
@@ -429,6 +446,13 @@ impl PoolPredictor {
             .collect()
     }
 
+    /// Why the pool stopped the evaluation early (a model that keeps timing out, the
+    /// evaluation's budget), if it did; the cases not done then failed with stage
+    /// `aborted`.
+    pub fn stopped_early(&self) -> Option<String> {
+        self.shared.aborted.lock().expect("aborted lock").clone()
+    }
+
     /// Counters so far.
     pub fn totals(&self) -> Totals {
         self.shared.totals.lock().expect("totals lock").clone()
@@ -483,6 +507,10 @@ impl Predictor for PoolPredictor {
         self.shared.slots.len() * WINDOW
     }
 
+    fn stopped_early(&self) -> Option<String> {
+        PoolPredictor::stopped_early(self)
+    }
+
     fn predict(&self, case: &CaseFiles) -> Result<Prediction, Failure> {
         let fail = |stage: &str, reason: String| Failure {
             case: case.id.clone(),
@@ -490,6 +518,9 @@ impl Predictor for PoolPredictor {
             reason,
             attempts: 1,
         };
+        if let Some(why) = self.shared.aborted.lock().expect("aborted lock").clone() {
+            return Err(fail(supervisor::ABORTED, format!("not run: {why}")));
+        }
         if let Some(b) = self.shared.broken.lock().expect("broken lock").clone() {
             return Err(fail("worker", b));
         }
@@ -504,11 +535,14 @@ impl Predictor for PoolPredictor {
             history: Vec::new(),
             reply: tx,
         };
-        self.shared
-            .queue
-            .lock()
-            .expect("queue lock")
-            .push_back(task);
+        {
+            let mut q = self.shared.queue.lock().expect("queue lock");
+            // Under the queue lock: see `supervisor::requeue`.
+            if let Some(why) = self.shared.aborted.lock().expect("aborted lock").clone() {
+                return Err(fail(supervisor::ABORTED, format!("not run: {why}")));
+            }
+            q.push_back(task);
+        }
         self.shared.wake_all();
         match rx.recv() {
             Ok(Outcome::Done {
@@ -608,6 +642,7 @@ pub fn selfcheck_exe(
     one.workers = 1;
     let job = Job {
         model: PathBuf::new(),
+        model_sha256: None,
         spec: supervisor::probe_spec(),
         images: images.to_path_buf(),
         labels: Some(labels.to_path_buf()),

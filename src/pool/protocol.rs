@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use crate::infer::{InferSpec, PredictStats};
 
 /// Bumped on any incompatible change; both ends refuse a mismatch.
-pub const PROTO_VERSION: u32 = 1;
+pub const PROTO_VERSION: u32 = 2;
 
 /// Largest frame either side accepts (messages are small; anything bigger is a bug or an
 /// attack).
@@ -64,6 +64,8 @@ pub struct Init {
     pub slot: usize,
     /// The model; `None` for a self-check worker that only answers probes.
     pub model: Option<PathBuf>,
+    /// sha256 (hex) the model's bytes must have; the worker loads nothing else.
+    pub model_sha256: Option<String>,
     /// Inference settings.
     pub spec: InferSpec,
     /// `cpu` or `cuda:N`.
@@ -126,6 +128,9 @@ pub enum FatalKind {
     Device,
     /// The supervisor spoke another protocol version or sent nonsense.
     Protocol,
+    /// The model file's bytes are not those recorded for the evaluation (evald's own
+    /// snapshot was altered): not the vendor's fault, nothing is run.
+    Integrity,
 }
 
 /// Why one case failed inside a worker that is still healthy.

@@ -35,6 +35,12 @@ const PASS_ENV: &[&str] = &[
 
 /// Lines of a worker's stderr kept for failure messages.
 const STDERR_KEEP: usize = 20;
+/// Longest worker output line kept (the rest of the line is dropped unread into memory).
+const LINE_MAX: usize = 2000;
+/// Worker output lines logged per [`LOG_WINDOW`]; past that they are counted, and one line
+/// says how many were left out. A model printing megabytes per forward cannot fill the log.
+const LOG_BURST: u32 = 50;
+const LOG_WINDOW: Duration = Duration::from_secs(10);
 
 /// The last lines a worker wrote to stderr (shared with its forwarding thread).
 pub type StderrTail = Arc<Mutex<Vec<String>>>;
@@ -221,22 +227,26 @@ pub fn forward_stderr(
         .name(format!("evald-w{slot}-stderr"))
         .spawn(move || {
             let mut r = BufReader::new(stderr);
-            let mut buf = Vec::new();
-            loop {
-                buf.clear();
-                match r.read_until(b'\n', &mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {}
-                }
-                let line: String = String::from_utf8_lossy(&buf)
-                    .trim_end()
-                    .chars()
-                    .take(2000)
-                    .collect();
+            let mut limiter = RateLimit::new(LOG_BURST, LOG_WINDOW);
+            while let Some(line) = read_line_capped(&mut r, LINE_MAX) {
                 if line.is_empty() {
                     continue;
                 }
-                tracing::info!(target: "evald::worker", worker = slot, pid, "{line}");
+                match limiter.admit(Instant::now()) {
+                    Admit::Yes { suppressed } => {
+                        if suppressed > 0 {
+                            tracing::warn!(
+                                target: "evald::worker",
+                                worker = slot,
+                                pid,
+                                "{suppressed} lines of worker output not logged (more than {LOG_BURST} in {} s)",
+                                LOG_WINDOW.as_secs()
+                            );
+                        }
+                        tracing::info!(target: "evald::worker", worker = slot, pid, "{line}");
+                    }
+                    Admit::No => {}
+                }
                 let mut t = t.lock().expect("stderr tail lock");
                 if t.len() == STDERR_KEEP {
                     t.remove(0);
@@ -245,6 +255,90 @@ pub fn forward_stderr(
             }
         })?;
     Ok((tail, h))
+}
+
+/// The next line of `r` (lossy UTF-8, trailing whitespace trimmed), at most `max` bytes
+/// of it: the rest of a longer line is skipped through the reader's buffer, never
+/// collected. `None` at end of stream or on a read error.
+fn read_line_capped(r: &mut impl BufRead, max: usize) -> Option<String> {
+    let mut buf = Vec::new();
+    let mut got_any = false;
+    loop {
+        let avail = match r.fill_buf() {
+            Ok(a) => a,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return None,
+        };
+        if avail.is_empty() {
+            if buf.is_empty() && !got_any {
+                return None;
+            }
+            break;
+        }
+        got_any = true;
+        let (take, newline) = match avail.iter().position(|&b| b == b'\n') {
+            Some(i) => (i, true),
+            None => (avail.len(), false),
+        };
+        let room = max.saturating_sub(buf.len());
+        buf.extend_from_slice(&avail[..take.min(room)]);
+        r.consume(take + usize::from(newline));
+        if newline {
+            break;
+        }
+    }
+    Some(String::from_utf8_lossy(&buf).trim_end().to_string())
+}
+
+/// Whether a line may be logged now.
+#[derive(Debug, PartialEq)]
+enum Admit {
+    /// Yes; `suppressed` lines were left out since the last one logged.
+    Yes {
+        suppressed: u64,
+    },
+    No,
+}
+
+/// At most `burst` lines per `window` (a fixed window; simple and enough for logs).
+#[derive(Debug)]
+struct RateLimit {
+    burst: u32,
+    window: Duration,
+    start: Option<Instant>,
+    used: u32,
+    suppressed: u64,
+}
+
+impl RateLimit {
+    fn new(burst: u32, window: Duration) -> Self {
+        RateLimit {
+            burst,
+            window,
+            start: None,
+            used: 0,
+            suppressed: 0,
+        }
+    }
+
+    fn admit(&mut self, now: Instant) -> Admit {
+        if self
+            .start
+            .is_none_or(|s| now.duration_since(s) >= self.window)
+        {
+            self.start = Some(now);
+            self.used = 0;
+        }
+        if self.used < self.burst {
+            self.used += 1;
+            Admit::Yes {
+                suppressed: std::mem::take(&mut self.suppressed),
+            }
+        } else {
+            self.suppressed += 1;
+            Admit::No
+        }
+    }
 }
 
 /// Kill a worker's process group (the worker and anything it forked).
@@ -298,5 +392,42 @@ pub fn describe_exit(s: &ExitStatus) -> String {
         format!("killed by signal {sig}{name}")
     } else {
         format!("exited with code {}", s.code().unwrap_or(-1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_line_without_end_is_capped_not_collected() {
+        // 3 MB without a newline, then a short line: the reader keeps `max` bytes of the
+        // first and still finds the second.
+        let mut data = vec![b'x'; 3 << 20];
+        data.extend_from_slice(b"\nnext line\n");
+        let mut r = BufReader::with_capacity(8192, &data[..]);
+        let first = read_line_capped(&mut r, 100).unwrap();
+        assert_eq!(first.len(), 100);
+        assert_eq!(read_line_capped(&mut r, 100).as_deref(), Some("next line"));
+        assert_eq!(read_line_capped(&mut r, 100), None);
+        let mut last = BufReader::new(&b"no newline at the end"[..]);
+        assert_eq!(
+            read_line_capped(&mut last, 100).as_deref(),
+            Some("no newline at the end")
+        );
+        assert_eq!(read_line_capped(&mut last, 100), None);
+    }
+
+    #[test]
+    fn the_log_rate_limit_counts_what_it_leaves_out() {
+        let mut l = RateLimit::new(2, Duration::from_secs(10));
+        let t0 = Instant::now();
+        assert_eq!(l.admit(t0), Admit::Yes { suppressed: 0 });
+        assert_eq!(l.admit(t0), Admit::Yes { suppressed: 0 });
+        assert_eq!(l.admit(t0), Admit::No);
+        assert_eq!(l.admit(t0 + Duration::from_secs(1)), Admit::No);
+        let later = t0 + Duration::from_secs(10);
+        assert_eq!(l.admit(later), Admit::Yes { suppressed: 2 });
+        assert_eq!(l.admit(later), Admit::Yes { suppressed: 0 });
     }
 }

@@ -33,6 +33,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const START_FAILURES: u32 = 3;
 /// How long a worker gets to exit after its stdin closes, before SIGKILL.
 const EXIT_GRACE: Duration = Duration::from_secs(2);
+/// Failure stage of the cases not run because the evaluation was stopped early.
+pub(crate) const ABORTED: &str = "aborted";
 
 /// How long loading the model may take.
 pub(crate) fn load_timeout(s: &PoolSettings) -> Duration {
@@ -175,6 +177,28 @@ fn shutting_down(sh: &Shared) -> bool {
     sh.shutdown.load(Ordering::SeqCst)
 }
 
+fn aborted(sh: &Shared) -> Option<String> {
+    sh.aborted.lock().expect("aborted lock").clone()
+}
+
+/// Stop the evaluation early: no case starts any more, queued ones fail with `why`, every
+/// slot kills its worker at its next look (they are woken). The first reason wins.
+fn abort(sh: &Shared, why: String) {
+    {
+        let mut a = sh.aborted.lock().expect("aborted lock");
+        if a.is_some() {
+            return;
+        }
+        tracing::error!("stopping the evaluation: {why}");
+        *a = Some(why.clone());
+    }
+    let tasks: Vec<Task> = sh.queue.lock().expect("queue lock").drain(..).collect();
+    for t in tasks {
+        reply_failed(sh, t, ABORTED, format!("not run: {why}"));
+    }
+    sh.wake_all();
+}
+
 /// Reply a failure to every queued task (pool stopping or broken).
 pub(crate) fn fail_queued(sh: &Shared, why: &str) {
     let tasks: Vec<Task> = sh.queue.lock().expect("queue lock").drain(..).collect();
@@ -204,7 +228,7 @@ pub(crate) fn run_slot(sh: &Arc<Shared>, slot: usize, rx: &mpsc::Receiver<Event>
     let mut gen = 0u64;
     let mut backoff = BACKOFF_START;
     let mut start_failures = 0u32;
-    while !shutting_down(sh) {
+    while !shutting_down(sh) && aborted(sh).is_none() {
         gen += 1;
         set_info(sh, slot, |i| {
             i.state = "starting";
@@ -263,7 +287,7 @@ pub(crate) fn run_slot(sh: &Arc<Shared>, slot: usize, rx: &mpsc::Receiver<Event>
             End::Killed => live.kill(),
             End::Died => live.stop(EXIT_GRACE),
         };
-        if shutting_down(sh) {
+        if shutting_down(sh) || aborted(sh).is_some() {
             break;
         }
         sh.totals.lock().expect("totals lock").worker_losses += 1;
@@ -403,6 +427,7 @@ fn start_worker(
         proto: PROTO_VERSION,
         slot,
         model: sh.model.clone(),
+        model_sha256: sh.job.model_sha256.clone(),
         spec: sh.job.spec.clone(),
         device: device.clone(),
         threads: sh.settings.threads_per_worker.max(1),
@@ -454,6 +479,7 @@ fn start_worker(
                     FatalKind::Load => "model",
                     FatalKind::Device => "device",
                     FatalKind::Protocol => "protocol",
+                    FatalKind::Integrity => "model snapshot",
                 };
                 return Err(fatal(Some(kind), format!("{what}: {message}")));
             }
@@ -562,6 +588,15 @@ fn serve(sh: &Shared, slot: usize, live: &mut Live, rx: &mpsc::Receiver<Event>) 
             }
             return (healthy, End::Shutdown);
         }
+        if let Some(why) = aborted(sh) {
+            let n = held.len();
+            for t in held.drain(..) {
+                reply_failed(sh, t, ABORTED, format!("not run to the end: {why}"));
+            }
+            update(&held);
+            // The model may be stuck in the case it holds: never wait for it.
+            return (healthy, if n > 0 { End::Killed } else { End::Shutdown });
+        }
         if held.is_empty() {
             let req = sh.probe_req.lock().expect("probe lock").take();
             if let Some((p, reply)) = req {
@@ -597,6 +632,9 @@ fn serve(sh: &Shared, slot: usize, live: &mut Live, rx: &mpsc::Receiver<Event>) 
         if let Some(t) = head_since {
             deadline = deadline.min(t + timeout);
         }
+        if let Some(end) = sh.budget_end {
+            deadline = deadline.min(end);
+        }
         let ev = rx.recv_timeout(deadline.saturating_duration_since(now));
         match ev {
             Ok(Event::Frame(g, msg)) if g == live.gen => {
@@ -615,6 +653,7 @@ fn serve(sh: &Shared, slot: usize, live: &mut Live, rx: &mpsc::Receiver<Event>) 
                             return (healthy, End::Killed);
                         };
                         healthy = true;
+                        sh.consecutive_timeouts.store(0, Ordering::SeqCst);
                         head_since = (!held.is_empty()).then(Instant::now);
                         update(&held);
                         {
@@ -670,8 +709,36 @@ fn serve(sh: &Shared, slot: usize, live: &mut Live, rx: &mpsc::Receiver<Event>) 
             Ok(_) => {}
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 let now = Instant::now();
+                if let Some(end) = sh.budget_end.filter(|&e| now >= e) {
+                    let budget = sh.settings.submission_budget.unwrap_or_default();
+                    let spent = now.saturating_duration_since(end) + budget;
+                    abort(
+                        sh,
+                        format!(
+                            "the evaluation used up its budget of {} s (pool.submission_budget_secs) after {:.0} s",
+                            budget.as_secs(),
+                            spent.as_secs_f64()
+                        ),
+                    );
+                    // The serve loop's next turn fails what this worker holds and ends it.
+                    continue;
+                }
                 if head_since.is_some_and(|t| now >= t + timeout) {
                     sh.totals.lock().expect("totals lock").timeouts += 1;
+                    let n = sh.consecutive_timeouts.fetch_add(1, Ordering::SeqCst) + 1;
+                    let max = sh.settings.max_consecutive_timeouts;
+                    if max > 0 && n >= max {
+                        // Before the timed-out case is settled: it is then failed with its
+                        // own cause instead of being retried.
+                        abort(
+                            sh,
+                            format!(
+                                "{n} case attempts in a row timed out (pool.case_timeout_secs = {} s, \
+                                 pool.max_consecutive_timeouts = {max}): the model does not return",
+                                timeout.as_secs()
+                            ),
+                        );
+                    }
                     spawn::kill_group(live.pid);
                     lose(sh, slot, live, &mut held, Cause::Timeout(timeout));
                     return (healthy, End::Killed);
@@ -733,7 +800,7 @@ fn settle(sh: &Shared, mut task: Task, cause: Cause, pid: u32) {
     let what = cause.describe();
     task.history
         .push(format!("attempt {} (pid {pid}): {what}", task.attempts));
-    if task.attempts < limit && !shutting_down(sh) {
+    if task.attempts < limit && !shutting_down(sh) && aborted(sh).is_none() {
         tracing::warn!(
             case = task.case,
             attempt = task.attempts,
@@ -741,7 +808,7 @@ fn settle(sh: &Shared, mut task: Task, cause: Cause, pid: u32) {
             "{what}; retrying"
         );
         sh.totals.lock().expect("totals lock").retries += 1;
-        sh.queue.lock().expect("queue lock").push_front(task);
+        requeue(sh, task);
         sh.wake_all();
     } else {
         let reason = if task.history.len() > 1 {
@@ -758,13 +825,25 @@ fn settle(sh: &Shared, mut task: Task, cause: Cause, pid: u32) {
     }
 }
 
+/// Put a task back at the front of the queue, or fail it when the evaluation was stopped
+/// (checked under the queue lock, which [`abort`] takes after setting its reason, so no
+/// task can slip into a queue nobody serves any more).
+pub(crate) fn requeue(sh: &Shared, t: Task) {
+    let mut q = sh.queue.lock().expect("queue lock");
+    match aborted(sh) {
+        None => q.push_front(t),
+        Some(why) => {
+            drop(q);
+            reply_failed(sh, t, ABORTED, format!("not run: {why}"));
+        }
+    }
+}
+
 /// Put cases a worker held but had not started back at the front of the queue.
 fn requeue_unstarted(sh: &Shared, held: &mut std::collections::VecDeque<Task>) {
-    let mut q = sh.queue.lock().expect("queue lock");
     while let Some(t) = held.pop_back() {
-        q.push_front(t);
+        requeue(sh, t);
     }
-    drop(q);
     sh.wake_all();
 }
 

@@ -97,11 +97,8 @@ pub fn write(eval: &Evaluation, path: &Path) -> Result<(), ReportError> {
         path: path.to_path_buf(),
         source,
     })?;
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".report-")
-        .suffix(".xlsx.tmp")
-        .tempfile_in(dir)
-        .map_err(io("creating a temporary file", dir))?;
+    let mut tmp =
+        crate::files::output_temp_in(dir).map_err(io("creating a temporary file", dir))?;
     let tmp_path = tmp.path().to_path_buf();
     {
         let mut out = std::io::BufWriter::new(tmp.as_file_mut());

@@ -95,6 +95,10 @@ pub(crate) fn summary(
         ("Test set (manifest hash)", m.dataset_hash.clone()),
         ("evald", m.evald_version.clone()),
     ];
+    let mut rows = rows;
+    if let Some(why) = &m.stopped_early {
+        rows.push(("STOPPED EARLY", why.clone()));
+    }
     key_values(ws, 2, &rows, st)?;
     ws.write_string_with_format(
         11,
@@ -663,6 +667,10 @@ pub(crate) fn run(ws: &mut Worksheet, eval: &Evaluation, st: &Styles) -> Result<
         ("finished", m.finished.clone()),
         ("cases scored", eval.cases.len().to_string()),
         ("cases failed", eval.failures.len().to_string()),
+        (
+            "stopped early",
+            m.stopped_early.clone().unwrap_or_else(|| "no".into()),
+        ),
     ];
     let mut r = key_values(ws, 2, &rows, st)?;
     r += 1;

@@ -14,27 +14,29 @@ use evald::store::{State, Store, Submission, Transition};
 use crate::util::{evald, read_json};
 
 /// Generous: CI machines are slow and shared.
-const DEADLINE: Duration = Duration::from_secs(120);
+pub(crate) const DEADLINE: Duration = Duration::from_secs(120);
 
 /// A temp installation: test set, drop/state/log folders, config.
-struct Env {
-    dir: tempfile::TempDir,
-    drop: PathBuf,
-    state: PathBuf,
-    logs: PathBuf,
-    cfg: PathBuf,
-    images: PathBuf,
-    labels: PathBuf,
+pub(crate) struct Env {
+    pub(crate) dir: tempfile::TempDir,
+    pub(crate) drop: PathBuf,
+    pub(crate) state: PathBuf,
+    pub(crate) logs: PathBuf,
+    pub(crate) cfg: PathBuf,
+    pub(crate) images: PathBuf,
+    pub(crate) labels: PathBuf,
 }
 
 #[derive(Clone, Copy)]
-struct Opts {
-    cases: usize,
-    dims: [usize; 3],
-    rescan_secs: u64,
-    grace_secs: u64,
-    log_format: &'static str,
-    watch: &'static str,
+pub(crate) struct Opts {
+    pub(crate) cases: usize,
+    pub(crate) dims: [usize; 3],
+    pub(crate) rescan_secs: u64,
+    pub(crate) grace_secs: u64,
+    pub(crate) log_format: &'static str,
+    pub(crate) watch: &'static str,
+    /// Extra lines for `[pool]`.
+    pub(crate) pool_extra: &'static str,
 }
 
 impl Default for Opts {
@@ -46,11 +48,12 @@ impl Default for Opts {
             grace_secs: 20,
             log_format: "text",
             watch: "native",
+            pool_extra: "",
         }
     }
 }
 
-fn task_toml(name: &str, images: &Path, labels: &Path) -> String {
+pub(crate) fn task_toml(name: &str, images: &Path, labels: &Path) -> String {
     format!(
         "[tasks.{name}]\nimages = \"{}\"\nlabels = \"{}\"\nclasses = {{ 1 = \"thyroid\", 2 = \"nodule\" }}\n\
          positive_class = 2\nlesion_classes = [2]\nsurface_metrics = false\nrecipients = [\"team@example.org\"]\n",
@@ -60,7 +63,7 @@ fn task_toml(name: &str, images: &Path, labels: &Path) -> String {
 }
 
 impl Env {
-    fn new(o: Opts) -> Env {
+    pub(crate) fn new(o: Opts) -> Env {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().to_path_buf();
         let set = evald::phantom::generate(&root.join("data"), o.cases, o.dims, [0.8, 0.8, 2.5], 7)
@@ -79,11 +82,11 @@ impl Env {
         env
     }
 
-    fn config_text(&self, o: Opts, tasks: &[&str]) -> String {
+    pub(crate) fn config_text(&self, o: Opts, tasks: &[&str]) -> String {
         let mut s = format!(
             "[daemon]\ndrop_dir = \"{}\"\nstate_dir = \"{}\"\nlog_dir = \"{}\"\nsettle_secs = 1\n\
              rescan_secs = {}\nshutdown_grace_secs = {}\nlog_format = \"{}\"\nwatch = \"{}\"\n\n\
-             [pool]\nworkers = 1\ndevices = [\"cpu\"]\nmax_attempts = 3\n\n\
+             [pool]\nworkers = 1\ndevices = [\"cpu\"]\nmax_attempts = 3\n{}\n\n\
              [mail]\ntransport = \"file\"\noutbox_dir = \"{}\"\n\n",
             self.drop.display(),
             self.state.display(),
@@ -92,6 +95,7 @@ impl Env {
             o.grace_secs,
             o.log_format,
             o.watch,
+            o.pool_extra,
             self.dir.path().join("outbox").display(),
         );
         for t in tasks {
@@ -100,26 +104,26 @@ impl Env {
         s
     }
 
-    fn write_config(&self, o: Opts, tasks: &[&str]) {
+    pub(crate) fn write_config(&self, o: Opts, tasks: &[&str]) {
         std::fs::write(&self.cfg, self.config_text(o, tasks)).unwrap();
     }
 
-    fn path(&self, rel: &str) -> PathBuf {
+    pub(crate) fn path(&self, rel: &str) -> PathBuf {
         self.dir.path().join(rel)
     }
 
-    fn sub(&self, rel: &str) -> PathBuf {
+    pub(crate) fn sub(&self, rel: &str) -> PathBuf {
         self.drop.join(rel)
     }
 
-    fn submissions(&self) -> Vec<Submission> {
+    pub(crate) fn submissions(&self) -> Vec<Submission> {
         match Store::open_existing(&self.state).unwrap() {
             Some(s) => s.all().unwrap(),
             None => Vec::new(),
         }
     }
 
-    fn for_path(&self, dir: &Path) -> Vec<Submission> {
+    pub(crate) fn for_path(&self, dir: &Path) -> Vec<Submission> {
         self.submissions()
             .into_iter()
             .filter(|s| s.path == dir)
@@ -127,7 +131,7 @@ impl Env {
     }
 
     /// How many emails the file transport wrote for submission `t/acme/<name>`.
-    fn emails_for(&self, name: &str) -> usize {
+    pub(crate) fn emails_for(&self, name: &str) -> usize {
         let suffix = format!("_acme_{name}.eml");
         std::fs::read_dir(self.dir.path().join("outbox"))
             .map(|d| {
@@ -140,7 +144,7 @@ impl Env {
             .unwrap_or(0)
     }
 
-    fn history(&self, id: i64) -> Vec<Transition> {
+    pub(crate) fn history(&self, id: i64) -> Vec<Transition> {
         Store::open_existing(&self.state)
             .unwrap()
             .unwrap()
@@ -150,24 +154,32 @@ impl Env {
 }
 
 /// The running service; killed (SIGKILL) if a test ends while it runs.
-struct Daemon {
-    child: Child,
-    stderr: PathBuf,
+pub(crate) struct Daemon {
+    pub(crate) child: Child,
+    pub(crate) stderr: PathBuf,
 }
 
 impl Daemon {
-    fn start(env: &Env) -> Daemon {
+    pub(crate) fn start(env: &Env) -> Daemon {
         Daemon::start_with(env, &[])
     }
 
-    fn start_with(env: &Env, vars: &[(&str, &str)]) -> Daemon {
+    pub(crate) fn start_with(env: &Env, vars: &[(&str, &str)]) -> Daemon {
+        Daemon::start_cmd(env, |c| {
+            c.envs(vars.iter().copied());
+        })
+    }
+
+    /// Start with `adjust` applied to the command (environment, umask, ...).
+    pub(crate) fn start_cmd(env: &Env, adjust: impl FnOnce(&mut Command)) -> Daemon {
         let n = std::fs::read_dir(env.dir.path()).unwrap().count();
         let stderr = env.path(&format!("serve-{n}.stderr"));
-        let child = evald()
-            .args(["serve", "--config"])
+        let mut cmd = evald();
+        cmd.args(["serve", "--config"])
             .arg(&env.cfg)
-            .env("EVALD_LOG", "info")
-            .envs(vars.iter().copied())
+            .env("EVALD_LOG", "info");
+        adjust(&mut cmd);
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&stderr).unwrap())
@@ -178,27 +190,27 @@ impl Daemon {
         d
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(&self.stderr).unwrap_or_default()
     }
 
-    fn wait_log(&self, needle: &str) {
+    pub(crate) fn wait_log(&self, needle: &str) {
         wait_until(&format!("log line '{needle}'"), self, || {
             self.log().contains(needle).then_some(())
         });
     }
 
-    fn signal(&self, sig: i32) {
+    pub(crate) fn signal(&self, sig: i32) {
         // SAFETY: kill(2) on our own child's pid.
         let rc = unsafe { libc::kill(self.child.id() as i32, sig) };
         assert_eq!(rc, 0, "kill({sig})");
     }
 
-    fn alive(&mut self) -> bool {
+    pub(crate) fn alive(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
     }
 
-    fn wait_exit(&mut self, within: Duration) -> (ExitStatus, Duration) {
+    pub(crate) fn wait_exit(&mut self, within: Duration) -> (ExitStatus, Duration) {
         let t0 = Instant::now();
         loop {
             if let Some(st) = self.child.try_wait().unwrap() {
@@ -213,7 +225,7 @@ impl Daemon {
         }
     }
 
-    fn kill9(&mut self) {
+    pub(crate) fn kill9(&mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
     }
@@ -229,7 +241,7 @@ impl Drop for Daemon {
 }
 
 /// Poll `f` every 50 ms until it returns `Some`, or fail with the daemon's log.
-fn wait_until<T>(what: &str, d: &Daemon, mut f: impl FnMut() -> Option<T>) -> T {
+pub(crate) fn wait_until<T>(what: &str, d: &Daemon, mut f: impl FnMut() -> Option<T>) -> T {
     let t0 = Instant::now();
     loop {
         if let Some(v) = f() {
@@ -245,7 +257,7 @@ fn wait_until<T>(what: &str, d: &Daemon, mut f: impl FnMut() -> Option<T>) -> T 
 }
 
 /// Wait until the newest submission of `dir` is in one of `states`.
-fn wait_state(env: &Env, d: &Daemon, dir: &Path, states: &[State]) -> Submission {
+pub(crate) fn wait_state(env: &Env, d: &Daemon, dir: &Path, states: &[State]) -> Submission {
     wait_until(&format!("{} in {states:?}", dir.display()), d, || {
         env.for_path(dir)
             .pop()
@@ -255,7 +267,7 @@ fn wait_state(env: &Env, d: &Daemon, dir: &Path, states: &[State]) -> Submission
 
 /// Drop a submission whose model does `work` rounds of busywork per forward into
 /// `sub`, and wait until its first case is scored: an evaluation in flight.
-fn evaluation_in_flight(env: &Env, d: &Daemon, sub: &str, work: usize) -> PathBuf {
+pub(crate) fn evaluation_in_flight(env: &Env, d: &Daemon, sub: &str, work: usize) -> PathBuf {
     let dir = env.sub(sub);
     write_files(
         &dir,
@@ -272,7 +284,7 @@ fn evaluation_in_flight(env: &Env, d: &Daemon, sub: &str, work: usize) -> PathBu
     dir
 }
 
-fn write_files(dir: &Path, files: &[(&str, &[u8])]) {
+pub(crate) fn write_files(dir: &Path, files: &[(&str, &[u8])]) {
     std::fs::create_dir_all(dir).unwrap();
     for (name, bytes) in files {
         std::fs::write(dir.join(name), bytes).unwrap();
@@ -283,7 +295,7 @@ fn write_files(dir: &Path, files: &[(&str, &[u8])]) {
 /// rounds of a 256x256 matrix product per forward call (to make evaluations last; the
 /// product is multiplied by zero, so the output is the demo model's). Different `work`
 /// values give different model bytes.
-fn slow_model(work: usize) -> Vec<u8> {
+pub(crate) fn slow_model(work: usize) -> Vec<u8> {
     use evald::phantom::hu;
     use tch::{Device, Kind, Tensor};
     let dir = tempfile::tempdir().unwrap();
@@ -315,7 +327,7 @@ fn slow_model(work: usize) -> Vec<u8> {
     std::fs::read(&path).unwrap()
 }
 
-fn demo_model() -> Vec<u8> {
+pub(crate) fn demo_model() -> Vec<u8> {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("m.pt");
     evald::phantom::write_demo_model(&p).unwrap();
@@ -323,17 +335,17 @@ fn demo_model() -> Vec<u8> {
 }
 
 /// One forward per slice: evaluations take `work`-proportional time.
-const ONE_SLICE: &[u8] = b"input = \"slices2d\"\noutput = \"logits\"\nbatch_size = 1\n";
+pub(crate) const ONE_SLICE: &[u8] = b"input = \"slices2d\"\noutput = \"logits\"\nbatch_size = 1\n";
 
-fn states(h: &[Transition]) -> Vec<State> {
+pub(crate) fn states(h: &[Transition]) -> Vec<State> {
     h.iter().map(|t| t.to).collect()
 }
 
-fn count(h: &[Transition], s: State) -> usize {
+pub(crate) fn count(h: &[Transition], s: State) -> usize {
     h.iter().filter(|t| t.to == s).count()
 }
 
-fn at(h: &[Transition], s: State) -> chrono::DateTime<chrono::Utc> {
+pub(crate) fn at(h: &[Transition], s: State) -> chrono::DateTime<chrono::Utc> {
     let t = h
         .iter()
         .find(|t| t.to == s)
@@ -341,7 +353,7 @@ fn at(h: &[Transition], s: State) -> chrono::DateTime<chrono::Utc> {
     t.at.parse().unwrap()
 }
 
-fn sha256(bytes: &[u8]) -> String {
+pub(crate) fn sha256(bytes: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(bytes))
 }
@@ -759,7 +771,11 @@ fn every_rejection_writes_its_rejected_txt_and_the_service_keeps_serving() {
             env.sub("t/acme/garbage"),
             "cannot load as TorchScript",
         ),
-        ("duplicate", env.sub("t/other/copy"), "byte for byte"),
+        (
+            "duplicate",
+            env.sub("t/other/copy"),
+            "already submitted for this task",
+        ),
     ];
     write_files(&cases[0].1, &[("model.pt", &model)]);
     write_files(&cases[1].1, &[("submission.toml", ONE_SLICE)]);
@@ -822,6 +838,13 @@ fn every_rejection_writes_its_rejected_txt_and_the_service_keeps_serving() {
             dir.display()
         );
         assert!(txt.contains("How to fix it:"), "{txt}");
+        if *code == "duplicate" {
+            // Vendor "other" copied vendor "acme"'s model: nothing of acme's is told.
+            assert!(
+                !txt.contains("acme") && !txt.contains("good"),
+                "another vendor's submission leaked into\n{txt}"
+            );
+        }
     }
     assert!(d.alive(), "the service keeps running");
     assert!(

@@ -171,10 +171,10 @@ fn recipients() -> Vec<String> {
 }
 
 /// A dissected message (see smtp_sink.py).
-struct Msg {
+pub(crate) struct Msg {
     headers: serde_json::Value,
-    text: String,
-    html: String,
+    pub(crate) text: String,
+    pub(crate) html: String,
     structure: String,
     attachments: BTreeMap<String, Vec<u8>>,
     inline: BTreeMap<String, Vec<u8>>,
@@ -208,7 +208,7 @@ fn read_msg(dir: &Path) -> Msg {
 }
 
 /// Dissect an .eml with the same script (Python's email package).
-fn parse_eml(eml: &Path, out: &Path) -> Msg {
+pub(crate) fn parse_eml(eml: &Path, out: &Path) -> Msg {
     let st = Command::new("python3")
         .arg(sink_script())
         .arg("parse")

@@ -4,6 +4,7 @@
 mod cli;
 mod conformance;
 mod daemon;
+mod hostile;
 mod infer;
 mod lesion;
 mod mail;
@@ -11,3 +12,4 @@ mod pool;
 mod report;
 mod surface;
 mod util;
+mod volume_limits;

@@ -25,6 +25,8 @@ fn settings(workers: usize, timeout_s: u64, max_attempts: u32) -> PoolSettings {
         devices: vec!["cpu".into()],
         case_timeout: Duration::from_secs(timeout_s),
         max_attempts,
+        max_consecutive_timeouts: 0,
+        submission_budget: None,
         threads_per_worker: 1,
         memory_max_bytes: 0,
         sandbox: SandboxPolicy::Required,
@@ -74,6 +76,7 @@ fn job(dir: &Path, data: &Dataset, model: &str) -> Job {
     let labels = data.cases[0].label.parent().unwrap().to_path_buf();
     Job {
         model: data_model(model),
+        model_sha256: None,
         spec: spec(),
         images,
         labels: Some(labels),
@@ -250,6 +253,100 @@ fn a_model_that_cannot_load_stops_the_pool_from_starting() {
     .unwrap_err();
     assert!(matches!(e, PoolError::Fatal { .. }), "{e}");
     assert!(e.to_string().contains("TorchScript"), "{e}");
+}
+
+/// A model that hangs on every case: after `max_consecutive_timeouts` timed-out attempts
+/// in a row the pool stops the evaluation, instead of timing out (and retrying) every case
+/// of the test set; every case not run says why, and the pool says it stopped early.
+#[test]
+fn a_model_that_always_hangs_is_stopped_after_consecutive_timeouts() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = 6;
+    let data = phantoms(dir.path(), n, &(0..n).collect::<Vec<_>>());
+    let j = job(dir.path(), &data, "pool_hang.pt");
+    let mut s = settings(2, 2, 3);
+    s.max_consecutive_timeouts = 2;
+    let pool = start(&s, &j);
+    let (cases, failures, totals) = evaluate(&pool, &data);
+    assert!(cases.is_empty(), "{cases:?}");
+    assert_eq!(failures.len(), n, "{failures:?}");
+    let why = pool
+        .stopped_early()
+        .expect("the pool says it stopped early");
+    assert!(why.contains("2 case attempts in a row timed out"), "{why}");
+    let stages = |st: &str| failures.iter().filter(|f| f.stage == st).count();
+    assert!(stages("timeout") >= 1, "{failures:?}");
+    assert!(stages("aborted") >= 1, "{failures:?}");
+    assert_eq!(stages("timeout") + stages("aborted"), n, "{failures:?}");
+    for f in failures.iter().filter(|f| f.stage == "aborted") {
+        assert!(f.reason.contains("in a row timed out"), "{f:?}");
+    }
+    // Without the limit every case would time out twice (12 timeouts).
+    assert!(totals.timeouts < n as u64, "{totals:?}");
+    // No worker is left running a hung case.
+    wait_until("the workers to stop", Duration::from_secs(30), || {
+        pool.workers().iter().all(|w| w.pid.is_none())
+    });
+}
+
+/// The evaluation's budget: past it, nothing more runs (the case in flight is killed),
+/// every case not done is recorded as aborted with the budget as the reason.
+#[test]
+fn an_evaluation_past_its_budget_stops_and_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = phantoms(dir.path(), 3, &[0, 1, 2]);
+    let j = job(dir.path(), &data, "pool_hang.pt");
+    // The case timeout alone would take 10 minutes per case.
+    let mut s = settings(1, 600, 3);
+    s.submission_budget = Some(Duration::from_secs(3));
+    let pool = start(&s, &j);
+    let (cases, failures, totals) = evaluate(&pool, &data);
+    assert!(cases.is_empty());
+    assert_eq!(failures.len(), 3, "{failures:?}");
+    assert!(
+        failures.iter().all(|f| f.stage == "aborted"),
+        "{failures:?}"
+    );
+    let why = pool.stopped_early().expect("stopped early");
+    assert!(why.contains("budget of 3 s"), "{why}");
+    assert!(
+        failures[0].reason.contains("pool.submission_budget_secs"),
+        "{failures:?}"
+    );
+    assert_eq!(totals.timeouts, 0, "{totals:?}");
+}
+
+/// Workers load the model only when its bytes have the recorded sha256: a snapshot that
+/// was altered is refused (as evald's problem, not the vendor's), the right one runs.
+#[test]
+fn workers_load_only_the_model_bytes_that_were_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = phantoms(dir.path(), 1, &[]);
+    let mut j = job(dir.path(), &data, "pool_slow.pt");
+    j.model_sha256 = Some("0".repeat(64));
+    let e = PoolPredictor::start_exe(
+        &settings(1, 60, 1),
+        &j,
+        Some(j.model.clone()),
+        PathBuf::from(env!("CARGO_BIN_EXE_evald")),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            PoolError::Fatal {
+                kind: Some(evald::pool::protocol::FatalKind::Integrity),
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(e.to_string().contains("is not the 000000"), "{e}");
+    let bytes = std::fs::read(&j.model).unwrap();
+    j.model_sha256 = Some(evald::pipeline::sha256_reader(&bytes[..]).unwrap());
+    let pool = start(&settings(1, 60, 1), &j);
+    let (cases, failures, _) = evaluate(&pool, &data);
+    assert_eq!((cases.len(), failures.len()), (1, 0), "{failures:?}");
 }
 
 /// The sandbox seen from inside a real worker: no TCP, no labels, images read-only,

@@ -83,6 +83,7 @@ pub fn openkbp_eval(name: &str, predictions: Option<&Path>) -> Evaluation {
         started: "2026-11-26T10:00:00Z".into(),
         finished: "2026-11-26T10:01:00Z".into(),
         timings: vec![("metrics".into(), 1.25), ("total".into(), 2.5)],
+        stopped_early: None,
     };
     Evaluation::new(spec, cases, failures, meta)
 }

@@ -1,0 +1,340 @@
+//! The service against a hostile vendor and a careless admin (the hardening issue): each
+//! test reproduces one way the released daemon could be hung, crashed, or made to lie, on
+//! the real `evald serve` with the helpers of `daemon.rs`. Nothing waits by sleeping.
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::time::Duration;
+
+use evald::store::State;
+
+use crate::daemon::{
+    demo_model, evaluation_in_flight, sha256, wait_state, wait_until, write_files, Daemon, Env,
+    Opts, ONE_SLICE,
+};
+use crate::util::read_json;
+
+fn mkfifo(p: &Path) {
+    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0, "mkfifo");
+}
+
+fn mode(p: &Path) -> u32 {
+    std::fs::metadata(p)
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+/// The service with umask 022, as systemd's `UMask=0022` would start it.
+fn start_umask_022(env: &Env) -> Daemon {
+    Daemon::start_cmd(env, |c| {
+        // SAFETY: umask(2) is async-signal-safe; it only sets the child's mask.
+        unsafe {
+            c.pre_exec(|| {
+                libc::umask(0o022);
+                Ok(())
+            });
+        }
+    })
+}
+
+/// A FIFO named `submission.toml` (or `model.pt`) used to freeze intake forever (a
+/// blocking open waiting for a writer). Now: a rejection naming it, a later submission is
+/// evaluated, SIGTERM stops the service at once. And (item 3) what vendors read is
+/// readable by them: outputs follow the service's umask, not tempfile's 0600.
+#[test]
+fn a_fifo_in_a_submission_is_rejected_and_intake_goes_on() {
+    let env = Env::new(Opts::default());
+    let mut d = start_umask_022(&env);
+    let model = demo_model();
+
+    let manifest_fifo = env.sub("t/acme/fifo-manifest");
+    write_files(&manifest_fifo, &[("model.pt", &model)]);
+    mkfifo(&manifest_fifo.join("submission.toml"));
+    let model_fifo = env.sub("t/acme/fifo-model");
+    std::fs::create_dir_all(&model_fifo).unwrap();
+    mkfifo(&model_fifo.join("model.pt"));
+
+    for dir in [&manifest_fifo, &model_fifo] {
+        wait_state(&env, &d, dir, &[State::Rejected]);
+        let txt = std::fs::read_to_string(dir.join("REJECTED.txt")).unwrap();
+        assert!(
+            txt.contains("FIFO (named pipe), not a regular file"),
+            "{txt}"
+        );
+        assert_eq!(mode(&dir.join("REJECTED.txt")), 0o644);
+    }
+
+    let good = env.sub("t/acme/good");
+    write_files(&good, &[("model.pt", &model)]);
+    wait_state(&env, &d, &good, &[State::Mailed]);
+    for out in ["report.xlsx", "summary.json"] {
+        assert_eq!(mode(&good.join(out)), 0o644, "{out}");
+    }
+
+    d.signal(libc::SIGTERM);
+    let (st, _) = d.wait_exit(Duration::from_secs(60));
+    assert!(st.success(), "{st:?}\n{}", d.log());
+}
+
+/// A TorchScript model whose every voxel is background (to tell its predictions apart
+/// from the demo-like model's).
+fn background_model() -> Vec<u8> {
+    use tch::{Device, Kind, Tensor};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bg.pt");
+    let example = Tensor::zeros([2, 1, 16, 16], (Kind::Float, Device::Cpu));
+    let mut f = |xs: &[Tensor]| -> Vec<Tensor> {
+        let z = xs[0].zeros_like();
+        vec![Tensor::cat(&[&z + 1.0, z.shallow_clone(), z], 1)]
+    };
+    let module =
+        tch::CModule::create_by_tracing("evald_bg", "forward", &[example], &mut f).unwrap();
+    module.save(&path).unwrap();
+    std::fs::read(&path).unwrap()
+}
+
+fn worker_pids(daemon_pid: u32) -> Vec<u32> {
+    let mut v = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{daemon_pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        if let Ok(s) = std::fs::read_to_string(t.path().join("children")) {
+            v.extend(s.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+        }
+    }
+    v.retain(|w| {
+        std::fs::read(format!("/proc/{w}/cmdline"))
+            .unwrap_or_default()
+            .split(|&b| b == 0)
+            .any(|a| a == b"worker")
+    });
+    v
+}
+
+/// The vendor replaces `model.pt` (and breaks `submission.toml`) while the first model is
+/// being evaluated, and a worker dies. The restarted worker used to load the new file:
+/// one report, two models, under the first model's sha256; and the first evaluation's
+/// end deleted the newer submission's REJECTED.txt. Now every case is scored with the
+/// snapshot of the first model, and the newer rejection stays.
+#[test]
+fn replacing_the_model_mid_evaluation_cannot_mix_two_models_in_one_report() {
+    let env = Env::new(Opts {
+        cases: 6,
+        ..Opts::default()
+    });
+    let d = Daemon::start(&env);
+    // About 3 s a case here: the folder changes and the worker dies well within it.
+    let dir = evaluation_in_flight(&env, &d, "t/acme/mix", 400);
+    let first = std::fs::read(dir.join("model.pt")).unwrap();
+    let first_row = env.for_path(&dir)[0].clone();
+    assert_eq!(
+        first_row.model_sha256.as_deref(),
+        Some(sha256(&first).as_str())
+    );
+
+    write_files(
+        &dir,
+        &[
+            ("model.pt", &background_model()),
+            ("submission.toml", b"batch_size = 0\n"),
+        ],
+    );
+    let newer = wait_until("the replaced folder's rejection", &d, || {
+        env.for_path(&dir)
+            .into_iter()
+            .find(|s| s.id != first_row.id && s.state == State::Rejected)
+    });
+    assert!(dir.join("REJECTED.txt").is_file());
+    // The worker dies mid-evaluation; its replacement must load the first model again.
+    let pid = d.child.id();
+    let workers = wait_until("a worker process", &d, || {
+        Some(worker_pids(pid)).filter(|w| !w.is_empty())
+    });
+    assert_eq!(
+        env.for_path(&dir)[0].state,
+        State::Running,
+        "the kill must land during the first evaluation"
+    );
+    for w in workers {
+        // SAFETY: kill(2) on a worker of our daemon.
+        unsafe { libc::kill(w as i32, libc::SIGKILL) };
+    }
+    d.wait_log("worker ended");
+
+    wait_until("the first evaluation mailed", &d, || {
+        env.for_path(&dir)
+            .into_iter()
+            .find(|s| s.id == first_row.id && s.state == State::Mailed)
+    });
+    let summary = read_json(&dir.join("summary.json"));
+    assert_eq!(summary["evald"]["run"]["model_sha256"], sha256(&first));
+    assert_eq!(summary["evald"]["cases_scored"], 6, "{}", d.log());
+    // The replacement predicts background everywhere; the first model finds thyroid in
+    // every phantom.
+    for c in summary["metric_per_case"].as_array().unwrap() {
+        let found = c["metrics"]["1"]["n_pred"].as_u64().unwrap_or(0);
+        assert!(
+            found > 0,
+            "a case scored with another model than the first (no thyroid voxel): {c}"
+        );
+    }
+    let txt = std::fs::read_to_string(dir.join("REJECTED.txt"))
+        .expect("the newer submission's REJECTED.txt is kept");
+    assert!(txt.contains(&format!("(#{})", newer.id)), "{txt}");
+    assert!(txt.contains("batch_size"), "{txt}");
+}
+
+/// A model that never returns used to hold the queue for a day (every case timed out
+/// and was retried). Now the evaluation stops after `max_consecutive_timeouts`, the
+/// report and the email say why, and the next submission is evaluated.
+#[test]
+fn a_model_that_always_hangs_ends_with_a_report_and_an_email_that_say_why() {
+    let env = Env::new(Opts {
+        cases: 3,
+        pool_extra: "case_timeout_secs = 2\nmax_consecutive_timeouts = 1\n",
+        ..Opts::default()
+    });
+    let d = Daemon::start(&env);
+    let hang = std::fs::read(crate::util::data("models/pool_hang.pt")).unwrap();
+    let dir = env.sub("t/acme/hang");
+    // Every windowed voxel is 1.0: the fixture's "bright" input, on which it loops forever.
+    write_files(
+        &dir,
+        &[
+            ("model.pt", &hang),
+            (
+                "submission.toml",
+                b"input = \"slices2d\"\nwindow = { level = -2000, width = 10 }\n",
+            ),
+        ],
+    );
+    let s = wait_state(&env, &d, &dir, &[State::Mailed]);
+    let summary = read_json(&dir.join("summary.json"));
+    let why = summary["evald"]["run"]["stopped_early"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no stopped_early in {}", summary["evald"]["run"]));
+    assert!(why.contains("1 case attempts in a row timed out"), "{why}");
+    assert_eq!(summary["evald"]["cases_scored"], 0);
+    assert!(dir.join("report.xlsx").is_file());
+    assert_eq!(s.state, State::Mailed);
+    assert_eq!(env.emails_for("hang"), 1);
+    let eml = std::fs::read_dir(env.dir.path().join("outbox"))
+        .unwrap()
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().ends_with("_acme_hang.eml"))
+        .expect("an email for the stopped evaluation");
+    let msg = crate::mail::parse_eml(&eml.path(), &env.path("parsed"));
+    assert!(
+        msg.text.contains("STOPPED EARLY: 1 case attempts"),
+        "{}",
+        msg.text
+    );
+    assert!(
+        msg.html.contains("Stopped early: 1 case attempts"),
+        "{}",
+        msg.html
+    );
+
+    // The queue is free again.
+    let next = env.sub("t/acme/next");
+    write_files(
+        &next,
+        &[("model.pt", &demo_model()), ("submission.toml", ONE_SLICE)],
+    );
+    wait_state(&env, &d, &next, &[State::Mailed]);
+}
+
+/// A folder name carrying a newline and a fake log line used to forge exactly that line
+/// in the text log and in `evald status`. Now every event is one line and names print
+/// escaped; `evald status` into a closed pipe (`| head`) ends quietly, not with a panic.
+#[test]
+fn a_folder_name_cannot_forge_log_or_status_lines() {
+    let env = Env::new(Opts::default());
+    let d = Daemon::start(&env);
+    let forged = "v1\n2026-12-01T00:00:00.000000Z  INFO evald::store: submission mailed id=999";
+    let dir = env.sub("t/acme").join(forged);
+    write_files(&dir, &[("model.pt", &demo_model())]);
+    wait_state(&env, &d, &dir, &[State::Mailed]);
+
+    let log = std::fs::read_to_string(env.logs.join("evald.log")).unwrap();
+    assert!(
+        log.contains("v1\\n2026-12-01"),
+        "the name is logged, escaped:\n{log}"
+    );
+    for line in log.lines() {
+        assert!(
+            !line.starts_with("2026-12-01T00:00:00"),
+            "a forged line in the log: {line}"
+        );
+    }
+    let out = crate::util::run_ok(
+        crate::util::evald()
+            .args(["status", "--config"])
+            .arg(&env.cfg),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("v1\\n2026-12-01"), "{text}");
+    assert!(
+        !text.lines().any(|l| l.starts_with("2026-12-01T00:00:00")),
+        "a forged line in status:\n{text}"
+    );
+
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let o = crate::util::evald()
+        .args(["status", "--config"])
+        .arg(&env.cfg)
+        .stdout(writer)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{:?}: {err}", o.status);
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+/// A 20 MB submission.toml used to become a 40 MB REJECTED.txt, a 40 MB log line and
+/// ~175 MB of database; a manifest with one huge bad line was quoted back whole. Now the
+/// manifest is refused by its size and every quoted message is bounded.
+#[test]
+fn vendor_bytes_are_not_amplified_into_rejections_logs_or_the_store() {
+    let env = Env::new(Opts::default());
+    let d = Daemon::start(&env);
+    let model = demo_model();
+    let huge = env.sub("t/acme/huge");
+    let mut big = b"description = \"".to_vec();
+    big.resize(20 << 20, b'x');
+    big.extend_from_slice(b"\"\n");
+    write_files(&huge, &[("model.pt", &model), ("submission.toml", &big)]);
+    // Under the size bound, but one line of garbage that toml's error quotes.
+    let long_line = env.sub("t/acme/longline");
+    let mut bad = b"input = ".to_vec();
+    bad.resize(60 << 10, b'@');
+    write_files(
+        &long_line,
+        &[("model.pt", &model), ("submission.toml", &bad)],
+    );
+
+    for dir in [&huge, &long_line] {
+        wait_state(&env, &d, dir, &[State::Rejected]);
+        let n = std::fs::metadata(dir.join("REJECTED.txt")).unwrap().len();
+        assert!(n < 8 << 10, "{}: REJECTED.txt of {n} bytes", dir.display());
+    }
+    let txt = std::fs::read_to_string(huge.join("REJECTED.txt")).unwrap();
+    assert!(txt.contains("more than the 65536 bytes accepted"), "{txt}");
+    let log = std::fs::read_to_string(env.logs.join("evald.log")).unwrap();
+    let longest = log.lines().map(str::len).max().unwrap_or(0);
+    assert!(longest < 8 << 10, "a log line of {longest} bytes");
+    let rows = env.submissions();
+    assert!(
+        rows.iter()
+            .all(|s| s.error.as_deref().unwrap_or("").len() < 8 << 10),
+        "{rows:?}"
+    );
+}
