@@ -80,6 +80,10 @@ pub struct RawDaemon {
     pub log_keep_days: usize,
     /// Seconds a case in flight may take to finish on SIGTERM before it is re-queued.
     pub shutdown_grace_secs: u64,
+    /// First wait after a failure of evald's own side (disk, state folder, device): the
+    /// evaluation is queued again and the queue waits this long, doubling per failure in a
+    /// row up to 15 minutes.
+    pub retry_backoff_secs: u64,
 }
 
 impl Default for RawDaemon {
@@ -94,6 +98,7 @@ impl Default for RawDaemon {
             log_format: "text".into(),
             log_keep_days: 14,
             shutdown_grace_secs: 30,
+            retry_backoff_secs: 60,
         }
     }
 }
@@ -327,6 +332,8 @@ pub struct DaemonSettings {
     pub log_keep_days: usize,
     /// Grace period on SIGTERM.
     pub shutdown_grace: std::time::Duration,
+    /// First wait after a retryable failure (doubles, capped at 15 min).
+    pub retry_backoff: std::time::Duration,
 }
 
 /// Worker sandbox policy.
@@ -727,6 +734,7 @@ impl RawSettings {
                 log_format: log_format.expect("validated"),
                 log_keep_days: d.log_keep_days,
                 shutdown_grace: std::time::Duration::from_secs(d.shutdown_grace_secs),
+                retry_backoff: std::time::Duration::from_secs(d.retry_backoff_secs.max(1)),
             },
             pool: PoolSettings {
                 workers: pl.workers,

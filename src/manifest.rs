@@ -181,10 +181,15 @@ impl Manifest {
                 width: w.width as f32,
             },
             Some(w) => {
+                let why = if !w.level.is_finite() {
+                    "level must be a finite number of HU"
+                } else {
+                    "width must be a finite number of HU > 0"
+                };
                 return Err(bad(
                     "window",
-                    format!("level {} width {}: width must be > 0", w.level, w.width),
-                ))
+                    format!("level {} width {}: {why}", w.level, w.width),
+                ));
             }
         };
         let num_classes = task

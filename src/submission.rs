@@ -19,6 +19,9 @@ pub const SUMMARY_JSON: &str = "summary.json";
 pub const REPORT_XLSX: &str = "report.xlsx";
 /// Written instead of the outputs when the submission is refused.
 pub const REJECTED_TXT: &str = "REJECTED.txt";
+/// Written instead of the outputs when evald could not finish the evaluation for reasons
+/// that are not the vendor's (after its retries).
+pub const FAILED_TXT: &str = "FAILED.txt";
 
 /// Why a submission cannot be evaluated (goes to `REJECTED.txt` for the vendor).
 #[derive(Debug, thiserror::Error)]

@@ -10,7 +10,8 @@
 //! `rescan` period because events get lost (files in brand-new nested folders, queue
 //! overflow, changes made on the server of a network mount).
 //!
-//! evald's own outputs (`summary.json`, `report*.xlsx`, `REJECTED.txt`, temp files) and
+//! evald's own outputs (`summary.json`, `report*.xlsx`, `REJECTED.txt`, `FAILED.txt`,
+//! temp files) and
 //! office lock files are not part of a fingerprint, so writing or opening a report never
 //! makes a folder new again. Hidden folders (`.staging/`) are ignored: vendors can upload
 //! there and rename into place. [`Tracker`] is synchronous and owns no thread: the daemon
@@ -26,7 +27,7 @@ use notify::{Event, EventKind};
 use sha2::Digest;
 
 use crate::config::WatchMode;
-use crate::submission::{REJECTED_TXT, SUMMARY_JSON};
+use crate::submission::{FAILED_TXT, REJECTED_TXT, SUMMARY_JSON};
 
 /// A vendor creates this file to say "complete" when the task requires a marker.
 pub const READY_MARKER: &str = "READY";
@@ -48,12 +49,6 @@ pub enum WatchError {
         #[source]
         source: std::io::Error,
     },
-    /// A submission folder holds too many files.
-    #[error("{path}: more than {MAX_ENTRIES} entries; a submission is a model file and an optional submission.toml")]
-    TooManyEntries {
-        /// The submission folder.
-        path: PathBuf,
-    },
     /// The file-system watcher could not start.
     #[error("cannot watch {path}: {message}")]
     Watcher {
@@ -68,6 +63,7 @@ pub enum WatchError {
 /// next to them): such files never make a folder new.
 pub fn is_evald_output(name: &str) -> bool {
     name == SUMMARY_JSON
+        || name == FAILED_TXT
         // `<name>.REJECTED.txt` beside a submission folder that is a link.
         || name.strip_suffix(REJECTED_TXT).is_some_and(|n| n.is_empty() || n.ends_with('.'))
         || (name.starts_with("report") && name.ends_with(".xlsx"))
@@ -118,12 +114,19 @@ pub struct Fingerprint {
     pub symlinks: Vec<(PathBuf, PathBuf)>,
     /// A `READY` marker is present.
     pub marker: bool,
+    /// More than [`MAX_ENTRIES`] entries: listing stopped there (the folder gets a
+    /// rejection that says so, not silence).
+    pub overflow: bool,
+    /// Folders deeper than evald looks into (they count as content, so a model buried
+    /// there gets a "missing model" answer).
+    pub too_deep: bool,
 }
 
 /// List a submission folder recursively (without following links) into a [`Fingerprint`].
 ///
 /// # Errors
-/// [`WatchError::Io`] when it cannot be listed, [`WatchError::TooManyEntries`].
+/// [`WatchError::Io`] when it cannot be listed. A folder with too many entries is
+/// [`Fingerprint::overflow`], not an error.
 pub fn fingerprint(dir: &Path) -> Result<Fingerprint, WatchError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
@@ -136,6 +139,8 @@ pub fn fingerprint(dir: &Path) -> Result<Fingerprint, WatchError> {
         partial: Vec::new(),
         symlinks: Vec::new(),
         marker: false,
+        overflow: false,
+        too_deep: false,
     };
     let mut stack = vec![(dir.to_path_buf(), 0usize)];
     while let Some((d, depth)) = stack.pop() {
@@ -165,6 +170,9 @@ pub fn fingerprint(dir: &Path) -> Result<Fingerprint, WatchError> {
             } else if ft.is_dir() {
                 if depth + 1 < MAX_DEPTH {
                     stack.push((path.clone(), depth + 1));
+                } else if !fp.too_deep {
+                    fp.too_deep = true;
+                    fp.files += 1;
                 }
                 // A folder's own mtime changes when evald writes its outputs: not part of it.
                 format!("d\0{}", rel.display())
@@ -192,9 +200,12 @@ pub fn fingerprint(dir: &Path) -> Result<Fingerprint, WatchError> {
             };
             lines.push(line);
             if lines.len() > MAX_ENTRIES {
-                return Err(WatchError::TooManyEntries {
-                    path: dir.to_path_buf(),
-                });
+                // A fixed digest: the folder settles and is answered once; a change that
+                // brings it under the limit gives a real digest and a new look.
+                fp.overflow = true;
+                fp.files = fp.files.max(1);
+                fp.digest = format!("overflow:{MAX_ENTRIES}");
+                return Ok(fp);
             }
         }
     }
@@ -282,6 +293,8 @@ pub struct Tracker {
     upper: Vec<(PathBuf, Instant)>,
     next_full: Instant,
     warned: HashSet<PathBuf>,
+    /// Folders held back because a process has one of their files open for writing.
+    waiting_for: HashSet<PathBuf>,
 }
 
 impl Tracker {
@@ -299,6 +312,7 @@ impl Tracker {
             upper: Vec::new(),
             next_full: Instant::now(),
             warned: HashSet::new(),
+            waiting_for: HashSet::new(),
         }
     }
 
@@ -536,6 +550,8 @@ impl Tracker {
                 partial: Vec::new(),
                 symlinks: vec![(dir.clone(), target.clone())],
                 marker: false,
+                overflow: false,
+                too_deep: false,
             };
             (fp, Some(target))
         } else if meta.is_dir() {
@@ -571,6 +587,27 @@ impl Tracker {
             if self.live_writer_until(&dir, now).is_some() {
                 return None;
             }
+            // Events miss writers that paused longer than the writer grace, or that opened
+            // their file before the folder's watch existed: ask the kernel who holds a file
+            // of the folder open for writing, right before handing the folder out.
+            if fp.files > 0 && fp.partial.is_empty() && now.duration_since(since) >= self.settle {
+                if let Some(w) = open_writer(&dir) {
+                    if self.waiting_for.insert(dir.clone()) {
+                        tracing::info!(
+                            dir = %dir.display(),
+                            file = %w.file.display(),
+                            pid = w.pid,
+                            process = %w.process,
+                            "waiting: a file of this folder is still open for writing"
+                        );
+                    }
+                    if let Some(o) = self.observed.get_mut(&dir) {
+                        o.since = now;
+                    }
+                    return None;
+                }
+                self.waiting_for.remove(&dir);
+            }
             if fp.files == 0 || !fp.partial.is_empty() {
                 // Nothing to evaluate yet, or an upload still in progress: a change wakes it.
                 if let Some(o) = self.observed.get_mut(&dir) {
@@ -598,6 +635,70 @@ impl Tracker {
             symlinked_to,
         })
     }
+}
+
+/// A process holding a file of a submission folder open for writing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OpenWriter {
+    /// The process.
+    pub pid: u32,
+    /// Its command name (`/proc/PID/comm`).
+    pub process: String,
+    /// The file it writes.
+    pub file: PathBuf,
+}
+
+/// The first process found with a file below `dir` open for writing (`/proc/*/fd` and
+/// the access mode in `/proc/*/fdinfo`), evald's own output temp files aside. It sees the
+/// processes this one may inspect: all of them as root or with CAP_SYS_PTRACE, otherwise
+/// those of its own user; and only writers on this host (on a network mount, a writer on
+/// another machine is invisible: use the `READY` marker or upload into `.staging/` and
+/// rename).
+pub fn open_writer(dir: &Path) -> Option<OpenWriter> {
+    let dir = dir.canonicalize().ok()?;
+    let me = std::process::id();
+    for p in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let Ok(target) = std::fs::read_link(fd.path()) else {
+                continue;
+            };
+            if !target.starts_with(&dir)
+                || target
+                    .file_name()
+                    .is_some_and(|n| is_evald_output(&n.to_string_lossy()))
+            {
+                continue;
+            }
+            let info = std::fs::read_to_string(p.path().join("fdinfo").join(fd.file_name()))
+                .unwrap_or_default();
+            let flags = info
+                .lines()
+                .find_map(|l| l.strip_prefix("flags:"))
+                .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+                .unwrap_or(0);
+            if flags & (libc::O_ACCMODE as u32) != libc::O_RDONLY as u32 {
+                let process = std::fs::read_to_string(p.path().join("comm"))
+                    .unwrap_or_default()
+                    .trim()
+                    .to_string();
+                return Some(OpenWriter {
+                    pid,
+                    process,
+                    file: target,
+                });
+            }
+        }
+    }
+    None
 }
 
 /// A running file-system watcher; dropping it stops the events.
@@ -812,5 +913,48 @@ mod tests {
             1,
             "no settle time needed"
         );
+    }
+
+    #[test]
+    fn a_process_writing_into_the_folder_is_found_until_it_closes() {
+        use std::io::Write;
+        let d = tempfile::tempdir().unwrap();
+        let file = d.path().join("model.pt");
+        // Another process holds the file open for writing (this one is never counted).
+        let mut child = std::process::Command::new("sh")
+            .arg("-c")
+            .arg("cat > \"$0\"")
+            .arg(&file)
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let wait = |want: bool| {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                let w = open_writer(d.path());
+                if w.is_some() == want {
+                    return w;
+                }
+                assert!(Instant::now() < deadline, "open_writer never became {want}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        };
+        let w = wait(true).unwrap();
+        assert_eq!(w.pid, child.id());
+        assert_eq!(w.file, file.canonicalize().unwrap());
+        child.stdin.take().unwrap().write_all(b"bytes").unwrap();
+        child.wait().unwrap();
+        assert_eq!(wait(false), None);
+        // Readers do not count.
+        let _r = std::fs::File::open(&file).unwrap();
+        let reader = std::process::Command::new("sh")
+            .arg("-c")
+            .arg("exec 3<\"$0\"; cat > /dev/null")
+            .arg(&file)
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        assert_eq!(open_writer(d.path()), None);
+        drop(reader);
     }
 }

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use crate::config::Settings;
 use crate::store::{NewSubmission, State, StoreError, StoreHandle, Submission};
-use crate::submission::{self, Prepared, SubmissionError, REJECTED_TXT};
+use crate::submission::{self, Prepared, SubmissionError, FAILED_TXT, REJECTED_TXT};
 use crate::watch::Ready;
 
 use super::Finished;
@@ -88,6 +88,18 @@ fn examine(r: &Ready, settings: &Settings) -> Result<Prepared, Rejection> {
             "Copy the folder itself into the drop folder; links are not followed.",
         ));
     }
+    if r.fingerprint.overflow {
+        return Err(Rejection::new(
+            "too-many-files",
+            format!(
+                "the folder {} holds more than {} files and folders",
+                r.sub.dir.display(),
+                crate::watch::MAX_ENTRIES
+            ),
+            "A submission is a model file and an optional submission.toml: remove the rest \
+             (or copy only those two into a new folder).",
+        ));
+    }
     let Some(task) = settings.tasks.get(&r.sub.task) else {
         return Err(Rejection::new(
             "unknown-task",
@@ -134,7 +146,7 @@ fn examine(r: &Ready, settings: &Settings) -> Result<Prepared, Rejection> {
             }
         }
     }
-    submission::prepare(&r.sub.dir, task).map_err(|e| {
+    let prepared = submission::prepare(&r.sub.dir, task).map_err(|e| {
         Rejection::from_submission_error(&e).unwrap_or_else(|| {
             // Not the vendor's fault, but the submission cannot go on; say so plainly.
             Rejection::new(
@@ -144,7 +156,20 @@ fn examine(r: &Ready, settings: &Settings) -> Result<Prepared, Rejection> {
                  evald log); the submission is looked at again when the folder changes.",
             )
         })
-    })
+    })?;
+    // evald writes these names itself: a model by such a name would be overwritten by the
+    // report and never make the folder look new.
+    if let Some(name) = prepared.model_path.file_name().map(|n| n.to_string_lossy()) {
+        if crate::watch::is_evald_output(&name) {
+            return Err(Rejection::new(
+                "manifest",
+                format!("model = \"{name}\" names a file evald writes itself"),
+                "Name the model file differently (e.g. model.pt) and set model = \"model.pt\" \
+                 in submission.toml.",
+            ));
+        }
+    }
+    Ok(prepared)
 }
 
 /// Ingest one complete folder.
@@ -334,10 +359,54 @@ pub(crate) fn rejection_path(dir: &Path) -> PathBuf {
 }
 
 /// Write the rejection atomically (a `.tmp*` file the watcher ignores, then rename) at
-/// [`rejection_path`].
+/// [`rejection_path`] (or `<vendor>/#<id>.REJECTED.txt` when that name would be too long
+/// for the file system: the vendor still gets an answer).
 pub(crate) fn write_rejected(sub: &Submission, rej: &Rejection) -> std::io::Result<PathBuf> {
+    let mut path = rejection_path(&sub.path);
+    if path.file_name().is_some_and(|n| n.len() > 255) {
+        if let Some(parent) = path.parent() {
+            path = parent.join(format!("#{}.{REJECTED_TXT}", sub.id));
+        }
+    }
+    write_vendor_file(&path, &rejected_text(sub, rej))
+}
+
+/// The text of `FAILED.txt`.
+pub(crate) fn failed_text(sub: &Submission, reason: &str) -> String {
+    format!(
+        "evald could not finish evaluating this submission (#{id}).\n\
+         \n\
+         What happened:\n  {reason}\n\
+         \n\
+         This is a problem on the evaluation side, not with your submission: the evaluation\n\
+         team has been told and evaluates it again once it is fixed. Nothing to change here.\n\
+         \n\
+         Folder:      {dir}\n\
+         Task:        {task}\n\
+         Vendor:      {vendor}\n\
+         Submission:  {name}\n\
+         Checked:     {at} by evald {version}\n",
+        id = sub.id,
+        reason = crate::logging::bounded(reason, crate::logging::MAX_QUOTED),
+        dir = sub.path.display(),
+        task = sub.task,
+        vendor = sub.vendor,
+        name = sub.name,
+        at = crate::store::now(),
+        version = env!("CARGO_PKG_VERSION"),
+    )
+}
+
+/// Write `FAILED.txt` into the submission folder (never through a link).
+pub(crate) fn write_failed(sub: &Submission, reason: &str) -> std::io::Result<PathBuf> {
+    write_vendor_file(&sub.path.join(FAILED_TXT), &failed_text(sub, reason))
+}
+
+/// Write a file for the vendor atomically: a `.tmp*` file the watcher ignores, synced,
+/// then renamed; only into a real folder of the drop tree.
+fn write_vendor_file(path: &Path, text: &str) -> std::io::Result<PathBuf> {
     use std::io::Write;
-    let path = rejection_path(&sub.path);
+    let path = path.to_path_buf();
     let Some(dir) = path.parent() else {
         return Err(std::io::Error::other("no folder to write into"));
     };
@@ -349,20 +418,21 @@ pub(crate) fn write_rejected(sub: &Submission, rej: &Rejection) -> std::io::Resu
         )));
     }
     let mut tmp = crate::files::output_temp_in(dir)?;
-    tmp.write_all(rejected_text(sub, rej).as_bytes())?;
+    tmp.write_all(text.as_bytes())?;
     tmp.as_file().sync_all()?;
     tmp.persist(&path).map_err(|e| e.error)?;
     Ok(path)
 }
 
-/// A new evaluation of a folder makes an earlier rejection wrong (inside it, or beside it
-/// from when it was a link).
+/// A new evaluation of a folder makes an earlier rejection or failure notice wrong (inside
+/// it, or beside it from when it was a link).
 pub(crate) fn remove_stale_rejection(dir: &Path) {
     let beside = dir
         .file_name()
         .zip(dir.parent())
         .map(|(n, parent)| parent.join(format!("{}.{REJECTED_TXT}", n.to_string_lossy())));
-    for p in std::iter::once(dir.join(REJECTED_TXT)).chain(beside) {
+    let inside = [dir.join(REJECTED_TXT), dir.join(FAILED_TXT)];
+    for p in inside.into_iter().chain(beside) {
         match std::fs::remove_file(&p) {
             Ok(()) => tracing::debug!(path = %p.display(), "removed an earlier rejection"),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

@@ -248,6 +248,13 @@ pub async fn run(
     let snapshots = runner::snapshot_dir(&settings);
     let (store, store_thread) = tokio::task::spawn_blocking(move || {
         let mut s = store::Store::open(&state_dir)?;
+        // A read-only state folder used to start "ready" and then fail every submission:
+        // refuse to start instead, saying what to fix (systemd retries the start).
+        tempfile::tempfile_in(&state_dir).map_err(|source| DaemonError::Os {
+            what: "writing into the state folder (it must be writable by evald: check its \
+                   owner and that its file system is not mounted read-only)",
+            source,
+        })?;
         // Model snapshots of evaluations a crash interrupted: none runs yet, and a requeued
         // evaluation makes a fresh one.
         match std::fs::remove_dir_all(&snapshots) {

@@ -43,7 +43,16 @@ enum Outcome {
     Rejected(Rejection),
     /// Not the vendor's problem, or nothing more to do (error column).
     Failed(String),
+    /// The vendor is replacing the model: this content is not evaluated; the new one is
+    /// a new submission with its own outcome (nothing to tell anyone about this one).
+    Superseded(String),
+    /// evald's own side failed (disk, state folder, device, worker start-up): queued
+    /// again after a backoff; failed only after `pool.max_attempts`.
+    Retry(String),
 }
+
+/// Longest wait between retries of evald's own failures.
+const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(15 * 60);
 
 /// The one place that decides what runs the model: the supervised worker pool
 /// (`pool.workers` sandboxed `evald worker` processes on `pool.devices`).
@@ -109,21 +118,8 @@ pub(crate) fn notify_team(
         &settings.mail,
     )
     .map_err(|e| e.to_string())?;
-    let id = outbox
-        .enqueue(&composed.message, &composed.label, Some(&key))
-        .map_err(|e| e.to_string())?;
-    // Called on a blocking thread of the daemon's runtime: Handle::block_on is allowed here.
-    let delivery = tokio::runtime::Handle::current()
-        .block_on(outbox.deliver_one(id, &settings.mail))
-        .map_err(|e| e.to_string())?;
-    Ok(Some(match delivery.map(|d| d.outcome) {
-        Some(mail::Outcome::Sent(to)) => to,
-        Some(mail::Outcome::Retry { at, error }) => {
-            format!("outbox #{id}: queued, next attempt {at} ({error})")
-        }
-        Some(mail::Outcome::Failed(error)) => format!("outbox #{id}: refused ({error})"),
-        None => format!("outbox #{id}"),
-    }))
+    drop(outbox);
+    send_composed(settings, &composed, &key).map(Some)
 }
 
 /// One line for logs, `evald status` and systemd's STATUS.
@@ -182,7 +178,7 @@ fn evaluate(
         }
     };
     if sub.model_sha256.as_deref() != Some(prepared.model_sha256.as_str()) {
-        return Outcome::Failed(
+        return Outcome::Superseded(
             "the model file changed after it was queued; the new content is evaluated as a new \
              submission once the copy is complete"
                 .into(),
@@ -191,6 +187,12 @@ fn evaluate(
     // The bytes recorded at queue time, copied where no vendor can change them.
     let model = match prepared.snapshot(&snapshot_dir(settings)) {
         Ok(m) => m,
+        Err(e @ submission::SubmissionError::Snapshot { .. }) => {
+            return Outcome::Retry(e.to_string())
+        }
+        Err(e @ submission::SubmissionError::Changed { .. }) => {
+            return Outcome::Superseded(e.to_string())
+        }
         Err(e) => return Outcome::Failed(e.to_string()),
     };
     let (predictor, devices) = match make_predictor(settings, &prepared, &model, task) {
@@ -211,7 +213,8 @@ fn evaluate(
                  works on a machine without your training code.",
             ))
         }
-        Err(e) => return Outcome::Failed(format!("cannot start inference: {e}")),
+        // The device, the sandbox, the scratch folder: the admin's to fix, then it runs.
+        Err(e) => return Outcome::Retry(format!("cannot start inference: {e}")),
     };
     let total = AtomicUsize::new(0);
     let decile = AtomicUsize::new(0);
@@ -281,7 +284,25 @@ fn evaluate(
             total: eval.total_cases(),
         };
     }
-    match submission::write_outputs(&eval, &prepared.dir) {
+    // The results are computed: a full disk or a failing share must not throw them away.
+    // Retry the writing here, with the evaluation kept in memory.
+    let mut written = submission::write_outputs(&eval, &prepared.dir);
+    let mut wait = settings.daemon.retry_backoff;
+    for attempt in 1..=OUTPUT_RETRIES {
+        let Err(e) = &written else { break };
+        tracing::error!(
+            id = sub.id,
+            attempt,
+            "cannot write the outputs (retrying in {} s; free space or fix the folder): {e}",
+            wait.as_secs()
+        );
+        if !sleep_unless(cancel, wait) {
+            break;
+        }
+        wait = (wait * 2).min(RETRY_BACKOFF_MAX);
+        written = submission::write_outputs(&eval, &prepared.dir);
+    }
+    match written {
         Ok((summary, report)) => {
             // A REJECTED.txt written for a newer submission of this folder (its model was
             // replaced while this one ran) is that submission's outcome: keep it.
@@ -300,8 +321,23 @@ fn evaluate(
                 report,
             }
         }
-        Err(e) => Outcome::Failed(format!("cannot write the outputs: {e}")),
+        Err(e) => Outcome::Retry(format!("cannot write the outputs: {e}")),
     }
+}
+
+/// Times `write_outputs` is tried again before the evaluation counts as a retryable failure.
+const OUTPUT_RETRIES: u32 = 3;
+
+/// Sleep `d` unless `cancel` is set meanwhile; whether the whole time passed.
+fn sleep_unless(cancel: &AtomicBool, d: Duration) -> bool {
+    let end = Instant::now() + d;
+    while Instant::now() < end {
+        if cancel.load(Ordering::SeqCst) {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100).min(end - Instant::now()));
+    }
+    !cancel.load(Ordering::SeqCst)
 }
 
 /// Set when an evaluation thread was left running at shutdown.
@@ -334,6 +370,9 @@ fn spawn_evaluation(
 /// The runner task. Returns whether an evaluation thread was abandoned at shutdown.
 pub(super) async fn run(shared: Shared) -> bool {
     mail_reported_backlog(&shared).await;
+    // Retryable failures in a row: the queue waits before the next evaluation (a full
+    // disk or a missing GPU fails every submission alike; retrying at once fixes nothing).
+    let mut retries_in_a_row = 0u32;
     loop {
         if shared.cancel.is_cancelled() {
             return false;
@@ -362,13 +401,23 @@ pub(super) async fn run(shared: Shared) -> bool {
         let settings = shared.settings.borrow().clone();
         if sub.attempts >= settings.pool.max_attempts {
             let (id, n) = (sub.id, sub.attempts);
-            let note = format!(
-                "evaluation interrupted {n} times (evald stopped or crashed during it; pool.max_attempts = {}); \
+            let note =
+                format!(
+                "evaluation tried {n} times without finishing (pool.max_attempts = {}); last: {}; \
                  `evald requeue {id}` tries again",
-                settings.pool.max_attempts
+                settings.pool.max_attempts,
+                sub.error.as_deref().unwrap_or("evald stopped or crashed during it")
             );
-            if let Err(e) = shared.store.call(move |s| s.fail(id, &note)).await {
-                tracing::error!(id, "{e}");
+            match shared
+                .store
+                .call({
+                    let note = note.clone();
+                    move |s| s.fail(id, &note)
+                })
+                .await
+            {
+                Ok(failed) => tell_failed(&shared, &settings, failed, note).await,
+                Err(e) => tracing::error!(id, "{e}"),
             }
             continue;
         }
@@ -381,14 +430,126 @@ pub(super) async fn run(shared: Shared) -> bool {
                 continue;
             }
         };
-        if let Some(abandoned) = evaluate_one(&shared, sub, settings).await {
+        let (abandoned, retry) = evaluate_one(&shared, sub, Arc::clone(&settings)).await;
+        if let Some(abandoned) = abandoned {
             return abandoned;
+        }
+        if !retry {
+            retries_in_a_row = 0;
+            continue;
+        }
+        retries_in_a_row += 1;
+        let wait = settings
+            .daemon
+            .retry_backoff
+            .saturating_mul(1 << (retries_in_a_row - 1).min(10))
+            .min(RETRY_BACKOFF_MAX);
+        tracing::warn!(
+            failures_in_a_row = retries_in_a_row,
+            "evald's own side failed; the queue waits {} s before the next evaluation",
+            wait.as_secs()
+        );
+        sd(
+            shared.systemd,
+            &[sd_notify::NotifyState::Status(&format!(
+                "waiting {} s after a failure on evald's side (see the log)",
+                wait.as_secs()
+            ))],
+        );
+        tokio::select! {
+            _ = shared.cancel.cancelled() => return false,
+            _ = tokio::time::sleep(wait) => {}
         }
     }
 }
 
-/// Run one evaluation to its end. `Some(abandoned)` when shutdown interrupted it.
-async fn evaluate_one(shared: &Shared, sub: Submission, settings: Arc<Settings>) -> Option<bool> {
+/// A submission ended `failed`: the vendor reads why in `FAILED.txt` (unless a newer
+/// submission of the folder exists, or the folder is gone), the team gets an email.
+async fn tell_failed(shared: &Shared, settings: &Arc<Settings>, sub: Submission, reason: String) {
+    let (store, settings) = (shared.store.clone(), Arc::clone(settings));
+    let res = tokio::task::spawn_blocking(move || {
+        let id = sub.id;
+        let dir = sub.path.clone();
+        let newer = store
+            .call_blocking(move |s| s.latest_for_path(&dir))
+            .ok()
+            .flatten()
+            .is_some_and(|l| l.id != id);
+        if newer {
+            tracing::info!(id, "failed, but a newer submission of this folder exists: no FAILED.txt");
+        } else if !sub.path.is_dir() {
+            tracing::warn!(id, dir = %sub.path.display(), "failed, and the folder is gone: no FAILED.txt");
+        } else if let Err(e) = ingest::write_failed(&sub, &reason) {
+            tracing::error!(id, dir = %sub.path.display(), "cannot write {}: {e}", submission::FAILED_TXT);
+        }
+        notify_team_failed(&settings, &sub, &reason)
+    })
+    .await;
+    match res {
+        Ok(Ok(note)) => tracing::info!("team told of the failure: {note}"),
+        Ok(Err(e)) => tracing::error!("telling the team of a failure: {e}"),
+        Err(e) => tracing::error!("telling the team of a failure: {e}"),
+    }
+}
+
+/// Queue (and try once) the team's email about a failed submission.
+fn notify_team_failed(
+    settings: &Settings,
+    sub: &Submission,
+    reason: &str,
+) -> Result<String, String> {
+    let recipients = settings
+        .tasks
+        .get(&sub.task)
+        .map(|t| t.recipients.clone())
+        .unwrap_or_default();
+    if recipients.is_empty() {
+        return Ok("task has no recipients: no email".into());
+    }
+    let who = format!("{} / {} / {}", sub.task, sub.vendor, sub.name);
+    let next = format!(
+        "See the evald log for submission #{id}, fix what it names (disk, state folder, \
+         device, test set), then `evald requeue {id}`.",
+        id = sub.id
+    );
+    let composed = mail::compose_failure(&who, reason, &next, &recipients, &settings.mail)
+        .map_err(|e| e.to_string())?;
+    let key = format!("failed-{}-{}", sub.id, sub.queue_seq.unwrap_or(0));
+    send_composed(settings, &composed, &key)
+}
+
+/// Record a composed message in the durable outbox under `key` (once per key) and try to
+/// deliver it now; the outbox loop retries what did not go. A note for the store.
+fn send_composed(
+    settings: &Settings,
+    composed: &mail::Composed,
+    key: &str,
+) -> Result<String, String> {
+    let outbox = mail::Outbox::open(&mail::db_path(settings)).map_err(|e| e.to_string())?;
+    let id = outbox
+        .enqueue(&composed.message, &composed.label, Some(key))
+        .map_err(|e| e.to_string())?;
+    // Called on a blocking thread of the daemon's runtime: Handle::block_on is allowed here.
+    let delivery = tokio::runtime::Handle::current()
+        .block_on(outbox.deliver_one(id, &settings.mail))
+        .map_err(|e| e.to_string())?;
+    Ok(match delivery.map(|d| d.outcome) {
+        Some(mail::Outcome::Sent(to)) => to,
+        Some(mail::Outcome::Retry { at, error }) => {
+            format!("outbox #{id}: queued, next attempt {at} ({error})")
+        }
+        Some(mail::Outcome::Failed(error)) => format!("outbox #{id}: refused ({error})"),
+        None => format!("outbox #{id}"),
+    })
+}
+
+/// Run one evaluation to its end. `Some(abandoned)` when shutdown interrupted it; `true`
+/// when it ended in a retryable failure of evald's own side (the queue then backs off).
+async fn evaluate_one(
+    shared: &Shared,
+    sub: Submission,
+    settings: Arc<Settings>,
+) -> (Option<bool>, bool) {
     let id = sub.id;
     tracing::info!(
         id,
@@ -416,8 +577,8 @@ async fn evaluate_one(shared: &Shared, sub: Submission, settings: Arc<Settings>)
         Ok(rx) => rx,
         Err(e) => {
             let note = format!("cannot start the evaluation thread: {e}");
-            let _ = shared.store.call(move |s| s.fail(id, &note)).await;
-            return None;
+            let _ = shared.store.call(move |s| s.interrupt(id, &note)).await;
+            return (None, true);
         }
     };
     let mut interrupted = false;
@@ -438,7 +599,7 @@ async fn evaluate_one(shared: &Shared, sub: Submission, settings: Arc<Settings>)
                     if let Err(e) = shared.store.call(move |s| s.interrupt(id, &note)).await {
                         tracing::error!(id, "{e}");
                     }
-                    return Some(true);
+                    return (Some(true), false);
                 }
             }
         }
@@ -446,17 +607,18 @@ async fn evaluate_one(shared: &Shared, sub: Submission, settings: Arc<Settings>)
     let secs = started.elapsed().as_secs_f64();
     let outcome =
         outcome.unwrap_or_else(|| Outcome::Failed("the evaluation thread vanished".into()));
-    finish(shared, &sub, &settings, outcome, secs).await;
-    interrupted.then_some(false)
+    let retry = finish(shared, &sub, &settings, outcome, secs).await;
+    (interrupted.then_some(false), retry)
 }
 
+/// Record how an evaluation ended; `true` for a retryable failure.
 async fn finish(
     shared: &Shared,
     sub: &Submission,
     settings: &Arc<Settings>,
     outcome: Outcome,
     secs: f64,
-) {
+) -> bool {
     let id = sub.id;
     let store = &shared.store;
     let finished = match outcome {
@@ -485,7 +647,7 @@ async fn finish(
                 Ok(r) => r,
                 Err(e) => {
                     tracing::error!(id, "{e}");
-                    return;
+                    return false;
                 }
             };
             let email = mail(shared, settings, reported, Some(Arc::clone(&eval))).await;
@@ -511,7 +673,28 @@ async fn finish(
             if let Err(e) = store.call(move |s| s.interrupt(id, &note)).await {
                 tracing::error!(id, "{e}");
             }
-            return;
+            return false;
+        }
+        Outcome::Superseded(reason) => {
+            tracing::info!(id, "not evaluated: {reason}");
+            if let Err(e) = store.call(move |s| s.fail(id, &reason)).await {
+                tracing::error!(id, "{e}");
+            }
+            return false;
+        }
+        Outcome::Retry(reason) => {
+            tracing::error!(
+                id,
+                attempt = sub.attempts,
+                max_attempts = settings.pool.max_attempts,
+                "evaluation failed on evald's side, not the vendor's (the admin must fix this; \
+                 it is queued again): {reason}"
+            );
+            let note = format!("queued again after a failure on evald's side: {reason}");
+            if let Err(e) = store.call(move |s| s.interrupt(id, &note)).await {
+                tracing::error!(id, "{e}");
+            }
+            return true;
         }
         Outcome::Rejected(rej) => {
             let sub = sub.clone();
@@ -522,21 +705,22 @@ async fn finish(
             .await;
             match r {
                 Ok(Ok(ingest::Ingested::Rejected(f))) => f,
-                Ok(Ok(_)) => return,
+                Ok(Ok(_)) => return false,
                 Ok(Err(e)) => {
                     tracing::error!(id, "{e}");
-                    return;
+                    return false;
                 }
                 Err(e) => {
                     tracing::error!(id, "{e}");
-                    return;
+                    return false;
                 }
             }
         }
         Outcome::Failed(reason) => {
             let r = reason.clone();
-            if let Err(e) = store.call(move |s| s.fail(id, &r)).await {
-                tracing::error!(id, "{e}");
+            match store.call(move |s| s.fail(id, &r)).await {
+                Ok(failed) => tell_failed(shared, settings, failed, reason.clone()).await,
+                Err(e) => tracing::error!(id, "{e}"),
             }
             Finished {
                 id,
@@ -551,6 +735,7 @@ async fn finish(
         }
     };
     let _ = shared.events.send(DaemonEvent::Finished(finished));
+    false
 }
 
 /// Hand a reported submission to mail; `Some(email)` when it became `mailed`.

@@ -323,7 +323,11 @@ pub fn subject(eval: &Evaluation) -> String {
 }
 
 fn label_of(eval: &Evaluation) -> String {
-    let raw = eval.who().replace(" / ", "_");
+    safe_label(&eval.who())
+}
+
+fn safe_label(who: &str) -> String {
+    let raw = who.replace(" / ", "_");
     let safe: String = raw
         .chars()
         .map(|c| {
@@ -1157,6 +1161,74 @@ pub fn compose(
         plot_png,
         report: report_state,
         label: label_of(eval),
+    })
+}
+
+/// A plain-text notice to the team that a submission ended without a report (`failed`):
+/// `who` names it (`t / acme / v1`), `problem` says what happened, `next` what the admin
+/// can do. Short on purpose; the log has the rest.
+///
+/// # Errors
+/// [`ComposeError`] for missing or malformed addresses, or a message lettre refuses.
+pub fn compose_failure(
+    who: &str,
+    problem: &str,
+    next: &str,
+    recipients: &[String],
+    settings: &MailSettings,
+) -> Result<Composed, ComposeError> {
+    if recipients.is_empty() {
+        return Err(ComposeError::NoRecipients { what: who.into() });
+    }
+    let from = mailbox(&settings.from, "from")?;
+    let to: Vec<Mailbox> = recipients
+        .iter()
+        .map(|r| mailbox(r, "recipient"))
+        .collect::<Result<_, _>>()?;
+    // Folder names are the vendors': one line, no control characters, in the subject.
+    let who_line = crate::logging::printable(who).into_owned();
+    let subject = format!("[evald] {who_line}: FAILED, no report");
+    let text = format!(
+        "evald could not evaluate {who_line}; no report was written.\n\n\
+         What happened:\n  {problem}\n\n\
+         What to do:\n  {next}\n\n\
+         The vendor finds the same explanation in FAILED.txt in the submission folder.\n",
+    );
+    let html = format!(
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"/><title>{}</title></head>\n\
+         <body style=\"font-family:-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;font-size:14px;\">\n\
+         <h1 style=\"font-size:20px;\">{}</h1>\n<p style=\"color:#cf222e;font-weight:600;\">FAILED: no report was written.</p>\n\
+         <p><b>What happened:</b> {}</p>\n<p><b>What to do:</b> {}</p>\n</body></html>\n",
+        escape(&subject),
+        escape(&who_line),
+        escape(problem),
+        escape(next)
+    );
+    let body = MultiPart::alternative()
+        .singlepart(SinglePart::plain(text.clone()))
+        .singlepart(SinglePart::html(html.clone()));
+    let mut builder = Message::builder()
+        .from(from)
+        .subject(subject.clone())
+        .message_id(None)
+        .user_agent(format!("evald {}", env!("CARGO_PKG_VERSION")));
+    for mb in to {
+        builder = builder.to(mb);
+    }
+    let message = builder
+        .multipart(body)
+        .map_err(|source| ComposeError::Build {
+            what: who.to_string(),
+            source,
+        })?;
+    Ok(Composed {
+        message,
+        subject,
+        text,
+        html,
+        plot_png: None,
+        report: ReportInMail::None,
+        label: safe_label(who),
     })
 }
 

@@ -20,7 +20,9 @@ pub mod transport;
 
 use std::path::{Path, PathBuf};
 
-pub use compose::{compose, subject, ComposeError, Composed, Previous, ReportInMail};
+pub use compose::{
+    compose, compose_failure, subject, ComposeError, Composed, Previous, ReportInMail,
+};
 pub use outbox::{
     run_outbox, Delivery, Outbox, OutboxEntry, OutboxError, Outcome, RetryPolicy, State,
 };

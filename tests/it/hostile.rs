@@ -338,3 +338,200 @@ fn vendor_bytes_are_not_amplified_into_rejections_logs_or_the_store() {
         "{rows:?}"
     );
 }
+
+/// A failure on evald's side (here: the configured GPU does not exist) used to end the
+/// submission `failed` at once, with nothing for the vendor and no email. Now it is
+/// queued again after a backoff, and only after `pool.max_attempts` tries is it failed:
+/// the vendor reads FAILED.txt (not their fault), the team gets an email, and the store
+/// keeps the reason.
+#[test]
+fn a_failure_on_evalds_side_is_retried_then_told_to_the_vendor_and_the_team() {
+    let o = Opts::default();
+    let env = Env::new(o);
+    let text = env
+        .config_text(o, &["t"])
+        .replace("devices = [\"cpu\"]", "devices = [\"cuda:0\"]")
+        .replace("max_attempts = 3", "max_attempts = 2")
+        .replace(
+            "settle_secs = 1\n",
+            "settle_secs = 1\nretry_backoff_secs = 1\n",
+        );
+    std::fs::write(&env.cfg, text).unwrap();
+    let d = Daemon::start(&env);
+    let dir = env.sub("t/acme/nogpu");
+    write_files(&dir, &[("model.pt", &demo_model())]);
+    let s = wait_state(&env, &d, &dir, &[State::Failed]);
+    let h = env.history(s.id);
+    assert_eq!(
+        crate::daemon::states(&h),
+        [
+            State::Seen,
+            State::Queued,
+            State::Running,
+            State::Queued,
+            State::Running,
+            State::Queued,
+            State::Failed
+        ],
+        "{h:?}"
+    );
+    let reason = s.error.clone().unwrap_or_default();
+    assert!(reason.contains("cannot start inference"), "{reason}");
+    assert!(reason.contains("tried 2 times"), "{reason}");
+    let txt = std::fs::read_to_string(dir.join("FAILED.txt")).expect("FAILED.txt");
+    assert!(txt.contains("not with your submission"), "{txt}");
+    assert!(txt.contains("cuda"), "{txt}");
+    assert!(!dir.join("REJECTED.txt").exists());
+    wait_until("the team's email about the failure", &d, || {
+        (env.emails_for("nogpu") == 1).then_some(())
+    });
+    assert!(d.log().contains("the admin must fix this"), "{}", d.log());
+}
+
+/// A daemon on a read-only state folder used to say "evald ready" and fail every
+/// submission; it now refuses to start and says what to fix. (Needs a read-only bind
+/// mount: root, as CI runs.)
+#[test]
+fn a_read_only_state_folder_is_refused_at_start() {
+    let env = Env::new(Opts::default());
+    std::fs::create_dir_all(&env.state).unwrap();
+    // A store first, so only writing fails.
+    {
+        let d = Daemon::start(&env);
+        drop(d);
+    }
+    let st = std::process::Command::new("mount")
+        .args(["--bind", "-o", "ro"])
+        .arg(&env.state)
+        .arg(&env.state)
+        .status();
+    if !st.is_ok_and(|s| s.success()) {
+        eprintln!("skipped: a read-only bind mount needs root");
+        return;
+    }
+    let remount = std::process::Command::new("mount")
+        .args(["-o", "remount,bind,ro"])
+        .arg(&env.state)
+        .status()
+        .unwrap();
+    let out = crate::util::evald()
+        .args(["serve", "--config"])
+        .arg(&env.cfg)
+        .output()
+        .unwrap();
+    let _ = std::process::Command::new("umount")
+        .arg(&env.state)
+        .status();
+    assert!(remount.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "started on a read-only store:\n{err}"
+    );
+    assert!(!err.contains("evald ready"), "{err}");
+    assert!(err.contains("state folder"), "{err}");
+}
+
+/// Folders that used to get no answer at all: more than 10,000 entries, a model buried
+/// deeper than evald looks, a linked folder whose `<name>.REJECTED.txt` would be too long
+/// a name; and manifests refused with the wrong words: a model named like evald's own
+/// report, a NaN window level.
+#[test]
+fn every_folder_evald_looked_at_gets_an_answer() {
+    let env = Env::new(Opts::default());
+    let d = Daemon::start(&env);
+    let model = demo_model();
+
+    let crowded = env.sub("t/acme/crowded");
+    write_files(&crowded, &[("model.pt", &model)]);
+    for i in 0..10_001 {
+        std::fs::write(crowded.join(format!("f{i:05}")), b"").unwrap();
+    }
+    let deep = env.sub("t/acme/deep");
+    let mut buried = deep.clone();
+    for l in 0..9 {
+        buried.push(format!("l{l}"));
+    }
+    write_files(&buried, &[("model.pt", &model)]);
+    let own_name = env.sub("t/acme/ownname");
+    write_files(
+        &own_name,
+        &[
+            ("report.xlsx", &model),
+            ("submission.toml", b"model = \"report.xlsx\"\n"),
+        ],
+    );
+    let nan = env.sub("t/acme/nan");
+    write_files(
+        &nan,
+        &[
+            ("model.pt", &model),
+            (
+                "submission.toml",
+                b"window = { level = nan, width = 400 }\n",
+            ),
+        ],
+    );
+    let cases = [
+        (&crowded, "too-many-files", "more than 10000 files"),
+        (&deep, "model", "missing"),
+        (&own_name, "manifest", "names a file evald writes itself"),
+        (&nan, "manifest", "level must be a finite number"),
+    ];
+    for (dir, code, says) in cases {
+        let s = wait_state(&env, &d, dir, &[State::Rejected]);
+        assert_eq!(s.reject_code.as_deref(), Some(code), "{}", dir.display());
+        let txt = std::fs::read_to_string(dir.join("REJECTED.txt")).unwrap();
+        assert!(
+            txt.contains(says),
+            "{}: expected '{says}' in\n{txt}",
+            dir.display()
+        );
+    }
+
+    // A linked folder (refused) whose name leaves no room for ".REJECTED.txt".
+    let outside = env.path("elsewhere");
+    write_files(&outside, &[("model.pt", &model)]);
+    let long = env.sub("t/acme").join("n".repeat(250));
+    std::os::unix::fs::symlink(&outside, &long).unwrap();
+    let s = wait_state(&env, &d, &long, &[State::Rejected]);
+    let answer = env.sub(&format!("t/acme/#{}.REJECTED.txt", s.id));
+    let txt = std::fs::read_to_string(&answer)
+        .unwrap_or_else(|e| panic!("{}: {e}\n{}", answer.display(), d.log()));
+    assert!(txt.contains("symbolic link"), "{txt}");
+}
+
+/// An upload held open by its writer (here in poll mode, where no file event says so,
+/// as on a network mount) used to be evaluated half-written after the settle time. Now
+/// the folder waits while a process has one of its files open for writing.
+#[test]
+fn a_file_still_open_for_writing_is_not_evaluated() {
+    use std::io::Write;
+    let env = Env::new(Opts {
+        watch: "poll",
+        ..Opts::default()
+    });
+    let d = Daemon::start(&env);
+    let model = demo_model();
+    let dir = env.sub("t/acme/held");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut writer = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("cat > \"$0\"")
+        .arg(dir.join("model.pt"))
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = writer.stdin.take().unwrap();
+    let half = model.len() / 2;
+    stdin.write_all(&model[..half]).unwrap();
+    stdin.flush().unwrap();
+    d.wait_log("waiting: a file of this folder is still open for writing");
+    assert!(env.for_path(&dir).is_empty(), "{:?}", env.for_path(&dir));
+    stdin.write_all(&model[half..]).unwrap();
+    drop(stdin);
+    writer.wait().unwrap();
+    let s = wait_state(&env, &d, &dir, &[State::Mailed]);
+    assert_eq!(env.for_path(&dir).len(), 1);
+    assert_eq!(s.model_sha256.as_deref(), Some(sha256(&model).as_str()));
+}
