@@ -248,9 +248,36 @@ pub fn evaluate(
                         ),
                     })
                 });
-                let scored = reference.map_err(metrics::CaseError::from).and_then(|r| {
-                    metrics::evaluate_case(&case.id, &r, &case.label, p.labels, &pred_file, spec)
-                });
+                // A reference that cannot be used is the test set's defect, not the model's:
+                // the admin reads the whole error in the log; the report (which the vendor
+                // reads) names the case and the file, never the test set's folders.
+                let reference = match reference {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::error!(case = %case.id, "test-set problem, not the model's: {e}");
+                        record_failure(Failure {
+                            case: case.id.clone(),
+                            stage: "reference".into(),
+                            reason: format!(
+                                "the test set's reference label {} cannot be used; the \
+                                 evaluation team has been told (not a problem of the model)",
+                                case.label
+                                    .file_name()
+                                    .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
+                            ),
+                            attempts: 1,
+                        });
+                        continue;
+                    }
+                };
+                let scored = metrics::evaluate_case(
+                    &case.id,
+                    &reference,
+                    &case.label,
+                    p.labels,
+                    &pred_file,
+                    spec,
+                );
                 match scored {
                     Ok(m) => {
                         let dice = mean_dice(&m);

@@ -186,10 +186,18 @@ pub fn prepare(dir: &Path, task: &TaskSettings) -> Result<Prepared, SubmissionEr
             other => other.to_string(),
         })
     })?;
-    let len = file
+    let meta = file
         .metadata()
-        .map_err(|e| model_err(format!("unreadable: {e}")))?
-        .len();
+        .map_err(|e| model_err(format!("unreadable: {e}")))?;
+    // Like a symbolic link out of the drop folder, a hard link can give a vendor's folder
+    // a file that is not theirs (another vendor's model, anything on the same disk).
+    let names = std::os::unix::fs::MetadataExt::nlink(&meta);
+    if names > 1 {
+        return Err(model_err(format!(
+            "is a hard link ({names} names for one file): copy the file itself into this folder"
+        )));
+    }
+    let len = meta.len();
     if len == 0 {
         return Err(model_err("is empty (was the copy interrupted?)".into()));
     }

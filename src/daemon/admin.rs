@@ -81,7 +81,15 @@ pub fn config_problems(path: &Path) -> std::result::Result<Settings, Vec<Problem
 /// # Errors
 /// [`Exit`] (2) when there are problems.
 pub fn check_config(path: &Path) -> Result<()> {
-    match config_problems(path) {
+    let checked = config_problems(path).and_then(|s| {
+        let p = test_set_problems(&s);
+        if p.is_empty() {
+            Ok(s)
+        } else {
+            Err(p)
+        }
+    });
+    match checked {
         Ok(s) => {
             println!("{}: OK", path.display());
             println!("  drop folder:  {}", s.daemon.drop_dir.display());
@@ -147,6 +155,48 @@ pub fn check_config(path: &Path) -> Result<()> {
     }
 }
 
+/// Every task's test set, opened as the evaluation will: each reference label and image
+/// header must be readable (a broken reference is the evaluation team's to fix, and is
+/// better found here than blamed on a vendor's model).
+fn test_set_problems(s: &Settings) -> Vec<Problem> {
+    const LISTED: usize = 10;
+    let mut out = Vec::new();
+    for (name, t) in &s.tasks {
+        let data = match crate::dataset::pair_cases(&t.images, &t.labels) {
+            Ok(d) => d,
+            Err(e) => {
+                out.push(Problem {
+                    key: format!("tasks.{name}.labels"),
+                    message: e.to_string(),
+                });
+                continue;
+            }
+        };
+        let mut bad = Vec::new();
+        for c in &data.cases {
+            for (what, file) in [("labels", &c.label), ("images", &c.input)] {
+                if let Err(e) = crate::volume::read_geometry(file) {
+                    bad.push((what, e.to_string()));
+                }
+            }
+        }
+        let n = bad.len();
+        for (what, message) in bad.into_iter().take(LISTED) {
+            out.push(Problem {
+                key: format!("tasks.{name}.{what}"),
+                message,
+            });
+        }
+        if n > LISTED {
+            out.push(Problem {
+                key: format!("tasks.{name}"),
+                message: format!("{} more unreadable files", n - LISTED),
+            });
+        }
+    }
+    out
+}
+
 fn state_dir(config_path: &Path) -> Result<PathBuf> {
     // Only the state folder is needed: a config with, say, a missing test set still works.
     let raw = config::load_raw(config_path)?;
@@ -157,6 +207,8 @@ fn state_dir(config_path: &Path) -> Result<PathBuf> {
 #[derive(Debug, serde::Serialize)]
 struct StatusReport {
     store: PathBuf,
+    /// Whether an `evald serve` holds the state folder's lock now.
+    service_running: bool,
     counts: Vec<(State, u64)>,
     running: Vec<Submission>,
     queue: Vec<Submission>,
@@ -198,6 +250,7 @@ pub fn status(a: &StatusArgs) -> Result<()> {
     };
     let r = StatusReport {
         store: store.path().to_path_buf(),
+        service_running: super::service_running(&dir),
         counts: store.counts()?,
         running: store.in_state(State::Running)?,
         queue: store.in_state(State::Queued)?,
@@ -220,6 +273,13 @@ pub fn status(a: &StatusArgs) -> Result<()> {
     );
     if r.running.is_empty() {
         let _ = writeln!(o, "running: nothing");
+    }
+    if !r.service_running && !r.running.is_empty() {
+        let _ = writeln!(
+            o,
+            "no evald serve is running on this state folder: the evaluation below was \
+             interrupted and runs again from the start at the next start"
+        );
     }
     for s in &r.running {
         let pct = (s.progress_done * 100)

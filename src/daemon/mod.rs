@@ -139,6 +139,45 @@ struct Shared {
     systemd: bool,
 }
 
+/// The lock file in the state folder that `evald serve` holds while it runs.
+pub const LOCK_FILE: &str = "evald.lock";
+
+/// Take the state folder's lock (released when the file is closed, also by a crash).
+fn lock_state_dir(state_dir: &Path) -> Result<std::fs::File, DaemonError> {
+    use std::os::unix::io::AsRawFd;
+    std::fs::create_dir_all(state_dir).map_err(|source| DaemonError::Os {
+        what: "creating the state folder",
+        source,
+    })?;
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(state_dir.join(LOCK_FILE))
+        .map_err(|source| DaemonError::Os {
+            what: "opening the state folder's lock file",
+            source,
+        })?;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(DaemonError::Os {
+            what: "another evald serve runs on this state folder (its lock is held)",
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(f)
+}
+
+/// Whether an `evald serve` holds the lock of `state_dir` now.
+pub fn service_running(state_dir: &Path) -> bool {
+    use std::os::unix::io::AsRawFd;
+    let Ok(f) = std::fs::File::open(state_dir.join(LOCK_FILE)) else {
+        return false;
+    };
+    // SAFETY: flock on a descriptor we own; a shared lock we get is released on close.
+    unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) != 0 }
+}
+
 /// Problems with the folders the daemon itself needs: the drop folder must exist (a
 /// missing one usually means an unmounted share); state and log folders must exist or be
 /// creatable.
@@ -246,7 +285,10 @@ pub async fn run(
 ) -> Result<Stopped, DaemonError> {
     let state_dir = settings.daemon.state_dir.clone();
     let snapshots = runner::snapshot_dir(&settings);
-    let (store, store_thread) = tokio::task::spawn_blocking(move || {
+    let (lock, store, store_thread) = tokio::task::spawn_blocking(move || {
+        // One service per state folder; `evald status` reads the lock to tell a running
+        // service from a store left behind by a crash.
+        let lock = lock_state_dir(&state_dir)?;
         let mut s = store::Store::open(&state_dir)?;
         // A read-only state folder used to start "ready" and then fail every submission:
         // refuse to start instead, saying what to fix (systemd retries the start).
@@ -280,10 +322,11 @@ pub async fn run(
                 .collect::<Vec<_>>()
                 .join(", ")
         );
-        store::spawn(s).map_err(|source| DaemonError::Os {
+        let (store, thread) = store::spawn(s).map_err(|source| DaemonError::Os {
             what: "starting the store thread",
             source,
-        })
+        })?;
+        Ok::<_, DaemonError>((lock, store, thread))
     })
     .await
     .map_err(|e| DaemonError::Os {
@@ -335,6 +378,7 @@ pub async fn run(
     tasks.wait().await;
     drop(shared);
     let _ = tokio::task::spawn_blocking(move || store_thread.close()).await;
+    drop(lock);
     Ok(Stopped {
         abandoned_evaluation,
     })

@@ -284,6 +284,13 @@ fn evaluate(
             total: eval.total_cases(),
         };
     }
+    // A vendor who deleted the folder withdrew the submission: writing the outputs would
+    // bring the folder back (and mail about it).
+    if !sub.path.is_dir() {
+        return Outcome::Superseded(
+            "the submission folder was deleted during its evaluation; no outputs written".into(),
+        );
+    }
     // The results are computed: a full disk or a failing share must not throw them away.
     // Retry the writing here, with the evaluation kept in memory.
     let mut written = submission::write_outputs(&eval, &prepared.dir);

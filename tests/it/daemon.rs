@@ -586,6 +586,13 @@ fn kill_9_during_an_evaluation_then_restart_gives_exactly_one_report() {
     let dir = evaluation_in_flight(&env, &d, "t/acme/k", 25);
     d.kill9();
     assert!(!dir.join("summary.json").exists());
+    // The store still says running; status says no service runs it.
+    let status = crate::util::run_ok(evald().args(["status", "--config"]).arg(&env.cfg));
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        text.contains("no evald serve is running on this state folder"),
+        "{text}"
+    );
     assert_eq!(
         env.for_path(&dir)[0].state,
         State::Running,

@@ -535,3 +535,93 @@ fn a_file_still_open_for_writing_is_not_evaluated() {
     assert_eq!(env.for_path(&dir).len(), 1);
     assert_eq!(s.model_sha256.as_deref(), Some(sha256(&model).as_str()));
 }
+
+/// A vendor deletes the folder while it is evaluated: nothing is written back (the
+/// folder used to be recreated and mailed about). A hard link to a file elsewhere is
+/// refused like a symbolic link. A second service on the same state folder refuses to
+/// start.
+#[test]
+fn a_withdrawn_folder_stays_gone_and_hard_links_and_second_services_are_refused() {
+    let env = Env::new(Opts {
+        cases: 6,
+        ..Opts::default()
+    });
+    let d = Daemon::start(&env);
+    let second = crate::util::evald()
+        .args(["serve", "--config"])
+        .arg(&env.cfg)
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        err.contains("another evald serve runs on this state folder"),
+        "{err}"
+    );
+
+    let dir = evaluation_in_flight(&env, &d, "t/acme/gone", 400);
+    std::fs::remove_dir_all(&dir).unwrap();
+    let s = wait_state(&env, &d, &dir, &[State::Failed, State::Mailed]);
+    assert_eq!(s.state, State::Failed);
+    assert!(
+        s.error
+            .as_deref()
+            .unwrap_or("")
+            .contains("deleted during its evaluation"),
+        "{s:?}"
+    );
+    assert!(!dir.exists(), "the folder was recreated");
+    assert_eq!(env.emails_for("gone"), 0);
+
+    let elsewhere = env.path("elsewhere.pt");
+    std::fs::write(&elsewhere, demo_model()).unwrap();
+    let linked = env.sub("t/acme/hardlink");
+    std::fs::create_dir_all(&linked).unwrap();
+    std::fs::hard_link(&elsewhere, linked.join("model.pt")).unwrap();
+    wait_state(&env, &d, &linked, &[State::Rejected]);
+    let txt = std::fs::read_to_string(linked.join("REJECTED.txt")).unwrap();
+    assert!(txt.contains("is a hard link"), "{txt}");
+}
+
+/// A broken reference label in the test set used to fail the case as the model's fault,
+/// with the test set's absolute path in the vendor's report. Now the case fails as a
+/// `reference` problem without folders, the admin's log has the whole error, and
+/// `check-config` finds the broken file before any vendor does.
+#[test]
+fn a_broken_reference_is_the_test_sets_problem_and_check_config_finds_it() {
+    let env = Env::new(Opts::default());
+    let broken = env.labels.join("case_001.nii.gz");
+    std::fs::write(&broken, b"not a NIfTI file").unwrap();
+    let check = crate::util::evald()
+        .args(["check-config", "--config"])
+        .arg(&env.cfg)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&check.stdout);
+    assert_eq!(check.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains("tasks.t.labels") && text.contains("case_001.nii.gz"),
+        "{text}"
+    );
+
+    let d = Daemon::start(&env);
+    let dir = env.sub("t/acme/v1");
+    write_files(&dir, &[("model.pt", &demo_model())]);
+    wait_state(&env, &d, &dir, &[State::Mailed]);
+    let summary = read_json(&dir.join("summary.json"));
+    let failures = summary["evald"]["failures"].as_array().unwrap();
+    assert_eq!(failures.len(), 1, "{failures:?}");
+    assert_eq!(failures[0]["stage"], "reference");
+    let reason = failures[0]["reason"].as_str().unwrap();
+    assert!(reason.contains("case_001.nii.gz"), "{reason}");
+    let labels_dir = env.labels.display().to_string();
+    assert!(
+        !reason.contains(&labels_dir),
+        "test-set folder in the report: {reason}"
+    );
+    assert!(
+        d.log().contains("test-set problem, not the model's"),
+        "{}",
+        d.log()
+    );
+}
