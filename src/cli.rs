@@ -218,7 +218,7 @@ pub fn progress_reporter(what: &str) -> impl Fn(Progress) + Sync {
         }
         (None, Progress::Failed { failure, done }) => tracing::warn!(
             case = failure.case,
-            stage = failure.stage,
+            stage = failure.stage.as_str(),
             reason = failure.reason,
             done,
             "case failed"

@@ -12,12 +12,60 @@ use crate::metrics::{CaseMetrics, EvalSpec};
 pub struct Failure {
     /// Case id.
     pub case: String,
-    /// Stage that failed: `read`, `inference`, `metrics`, `missing`, `timeout`, `worker`.
-    pub stage: String,
+    /// Stage that failed.
+    pub stage: Stage,
     /// One-line reason (what, where, what to do).
     pub reason: String,
     /// Attempts made (1 for deterministic failures).
     pub attempts: u32,
+}
+
+/// Where a case failed: one type for the pipeline, the pool, the report, the email and
+/// `summary.json` (where it is the lower-case name).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stage {
+    /// The image (or, for `evald score`, the prediction file) could not be read.
+    Read,
+    /// The model raised, returned unusable output, or ran out of memory.
+    Inference,
+    /// The worker process died, stopped answering, or could not hand its result over.
+    Worker,
+    /// The case exceeded `pool.case_timeout_secs`.
+    Timeout,
+    /// Not run: the evaluation was stopped early (consecutive timeouts, budget).
+    Aborted,
+    /// The test set's reference label cannot be used (the evaluation team's to fix).
+    Reference,
+    /// Scoring failed (e.g. prediction and reference on different grids).
+    Metrics,
+    /// The test set has a reference but no image for this case.
+    Missing,
+    /// The evaluation stopped (shutdown) before this case ran.
+    Cancelled,
+}
+
+impl Stage {
+    /// The name used in reports and `summary.json`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Read => "read",
+            Stage::Inference => "inference",
+            Stage::Worker => "worker",
+            Stage::Timeout => "timeout",
+            Stage::Aborted => "aborted",
+            Stage::Reference => "reference",
+            Stage::Metrics => "metrics",
+            Stage::Missing => "missing",
+            Stage::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl std::fmt::Display for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// Where and how an evaluation ran.

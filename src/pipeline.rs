@@ -16,7 +16,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::Instant;
 
 use crate::dataset::{CaseFiles, Dataset};
-use crate::evaluation::Failure;
+use crate::evaluation::{Failure, Stage};
 use crate::infer::{InferError, Model, PredictStats};
 use crate::metrics::{self, CaseMetrics, EvalSpec};
 use crate::volume::{self, LabelVolume};
@@ -74,7 +74,7 @@ impl LocalPredictor {
 pub fn inference_failure(case: &str, e: &InferError, attempts: u32) -> Failure {
     Failure {
         case: case.to_string(),
-        stage: "inference".into(),
+        stage: Stage::Inference,
         reason: e.to_string(),
         attempts,
     }
@@ -88,7 +88,7 @@ impl Predictor for LocalPredictor {
     fn predict(&self, case: &CaseFiles) -> Result<Prediction, Failure> {
         let image = volume::read_image(&case.input).map_err(|e| Failure {
             case: case.id.clone(),
-            stage: "read".into(),
+            stage: Stage::Read,
             reason: e.to_string(),
             attempts: 1,
         })?;
@@ -257,7 +257,7 @@ pub fn evaluate(
                         tracing::error!(case = %case.id, "test-set problem, not the model's: {e}");
                         record_failure(Failure {
                             case: case.id.clone(),
-                            stage: "reference".into(),
+                            stage: Stage::Reference,
                             reason: format!(
                                 "the test set's reference label {} cannot be used; the \
                                  evaluation team has been told (not a problem of the model)",
@@ -293,7 +293,7 @@ pub fn evaluate(
                     }
                     Err(e) => record_failure(Failure {
                         case: case.id.clone(),
-                        stage: "metrics".into(),
+                        stage: Stage::Metrics,
                         reason: e.to_string(),
                         attempts: 1,
                     }),
@@ -305,7 +305,7 @@ pub fn evaluate(
     for id in &data.missing {
         failures.push(Failure {
             case: id.clone(),
-            stage: "missing".into(),
+            stage: Stage::Missing,
             reason: format!("case {id} has a reference but no input file"),
             attempts: 0,
         });
@@ -322,7 +322,7 @@ pub fn evaluate(
             .filter(|c| !seen.contains(c.id.as_str()))
             .map(|c| Failure {
                 case: c.id.clone(),
-                stage: "cancelled".into(),
+                stage: Stage::Cancelled,
                 reason: "evaluation stopped before this case ran".into(),
                 attempts: 0,
             })
@@ -353,9 +353,9 @@ pub fn score_folder(
             2
         }
         fn predict(&self, case: &CaseFiles) -> Result<Prediction, Failure> {
-            let fail = |stage: &str, reason: String| Failure {
+            let fail = |stage: Stage, reason: String| Failure {
                 case: case.id.clone(),
-                stage: stage.into(),
+                stage,
                 reason,
                 attempts: 1,
             };
@@ -377,7 +377,7 @@ pub fn score_folder(
                                 reference: case.label.clone(),
                                 detail,
                             };
-                            return Err(fail("metrics", e.to_string()));
+                            return Err(fail(Stage::Metrics, e.to_string()));
                         }
                     }
                     volume::ReadLimits {
@@ -396,7 +396,7 @@ pub fn score_folder(
                 },
             };
             let labels = volume::read_labels_with(&case.input, limits)
-                .map_err(|e| fail("read", e.to_string()))?;
+                .map_err(|e| fail(Stage::Read, e.to_string()))?;
             Ok(Prediction {
                 labels,
                 file: Some(case.input.clone()),

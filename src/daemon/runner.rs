@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::Settings;
-use crate::evaluation::Evaluation;
+use crate::evaluation::{Evaluation, Stage};
 use crate::mail;
 use crate::pipeline::{Predictor, Progress};
 use crate::pool::protocol::FatalKind;
@@ -235,7 +235,7 @@ fn evaluate(
                 tracing::warn!(
                     id,
                     case = failure.case,
-                    stage = failure.stage,
+                    stage = failure.stage.as_str(),
                     reason = failure.reason,
                     "case failed"
                 );
@@ -273,13 +273,13 @@ fn evaluate(
         Ok(e) => e,
         Err(e) => return Outcome::Failed(e.to_string()),
     };
-    if cancel.load(Ordering::SeqCst) && eval.failures.iter().any(|f| f.stage == "cancelled") {
+    if cancel.load(Ordering::SeqCst) && eval.failures.iter().any(|f| f.stage == Stage::Cancelled) {
         return Outcome::Cancelled {
             done: eval.total_cases()
                 - eval
                     .failures
                     .iter()
-                    .filter(|f| f.stage == "cancelled")
+                    .filter(|f| f.stage == Stage::Cancelled)
                     .count(),
             total: eval.total_cases(),
         };

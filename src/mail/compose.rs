@@ -988,7 +988,7 @@ fn html_body(
                 h,
                 "<tr><td style=\"{TD_L}white-space:nowrap;\">{}</td><td style=\"{TD_L}\">{}</td><td style=\"{TD}\">{}</td><td style=\"{TD_L}font-size:13px;\">{}</td></tr>",
                 escape(&fl.case),
-                escape(&fl.stage),
+                escape(fl.stage.as_str()),
                 fl.attempts,
                 escape(&fl.reason)
             );

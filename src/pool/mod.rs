@@ -50,7 +50,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::PoolSettings;
 use crate::dataset::CaseFiles;
-use crate::evaluation::Failure;
+use crate::evaluation::{Failure, Stage};
 use crate::infer::{InferSpec, PredictStats};
 use crate::pipeline::{Prediction, Predictor};
 use crate::volume::{self, Volume};
@@ -482,7 +482,7 @@ impl PoolPredictor {
         let _ = std::fs::remove_file(mask);
         let fail = |reason: String| Failure {
             case: case.id.clone(),
-            stage: "worker".into(),
+            stage: Stage::Worker,
             reason,
             attempts,
         };
@@ -512,20 +512,21 @@ impl Predictor for PoolPredictor {
     }
 
     fn predict(&self, case: &CaseFiles) -> Result<Prediction, Failure> {
-        let fail = |stage: &str, reason: String| Failure {
+        let fail = |stage: Stage, reason: String| Failure {
             case: case.id.clone(),
-            stage: stage.into(),
+            stage,
             reason,
             attempts: 1,
         };
         if let Some(why) = self.shared.aborted.lock().expect("aborted lock").clone() {
-            return Err(fail(supervisor::ABORTED, format!("not run: {why}")));
+            return Err(fail(Stage::Aborted, format!("not run: {why}")));
         }
         if let Some(b) = self.shared.broken.lock().expect("broken lock").clone() {
-            return Err(fail("worker", b));
+            return Err(fail(Stage::Worker, b));
         }
         // The supervisor takes the grid from the image itself, never from the worker.
-        let geom = volume::read_geometry(&case.input).map_err(|e| fail("read", e.to_string()))?;
+        let geom =
+            volume::read_geometry(&case.input).map_err(|e| fail(Stage::Read, e.to_string()))?;
         let (tx, rx) = mpsc::channel();
         let task = Task {
             id: NEXT_ID.fetch_add(1, Ordering::SeqCst),
@@ -539,7 +540,7 @@ impl Predictor for PoolPredictor {
             let mut q = self.shared.queue.lock().expect("queue lock");
             // Under the queue lock: see `supervisor::requeue`.
             if let Some(why) = self.shared.aborted.lock().expect("aborted lock").clone() {
-                return Err(fail(supervisor::ABORTED, format!("not run: {why}")));
+                return Err(fail(Stage::Aborted, format!("not run: {why}")));
             }
             q.push_back(task);
         }
@@ -561,7 +562,7 @@ impl Predictor for PoolPredictor {
                 })
             }
             Ok(Outcome::Failed(f)) => Err(f),
-            Err(_) => Err(fail("worker", "the worker pool stopped".into())),
+            Err(_) => Err(fail(Stage::Worker, "the worker pool stopped".into())),
         }
     }
 }

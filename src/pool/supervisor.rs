@@ -17,7 +17,7 @@ use super::protocol::{
 use super::spawn::{self, SpawnSpec};
 use super::{Event, Outcome, PoolError, Shared, Task, WINDOW};
 use crate::config::PoolSettings;
-use crate::evaluation::Failure;
+use crate::evaluation::{Failure, Stage};
 use crate::infer::{InferSpec, InputKind, OutputKind, Window};
 
 /// A worker must say hello this soon after exec.
@@ -33,8 +33,6 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const START_FAILURES: u32 = 3;
 /// How long a worker gets to exit after its stdin closes, before SIGKILL.
 const EXIT_GRACE: Duration = Duration::from_secs(2);
-/// Failure stage of the cases not run because the evaluation was stopped early.
-pub(crate) const ABORTED: &str = "aborted";
 
 /// How long loading the model may take.
 pub(crate) fn load_timeout(s: &PoolSettings) -> Duration {
@@ -143,12 +141,14 @@ impl Cause {
         }
     }
 
-    fn stage(&self) -> &'static str {
+    fn stage(&self) -> Stage {
         match self {
-            Cause::Crash(_) | Cause::Silent(_) | Cause::Case(CaseErrorKind::Write, _) => "worker",
-            Cause::Timeout(_) => "timeout",
-            Cause::Case(CaseErrorKind::Read, _) => "read",
-            Cause::Case(_, _) => "inference",
+            Cause::Crash(_) | Cause::Silent(_) | Cause::Case(CaseErrorKind::Write, _) => {
+                Stage::Worker
+            }
+            Cause::Timeout(_) => Stage::Timeout,
+            Cause::Case(CaseErrorKind::Read, _) => Stage::Read,
+            Cause::Case(_, _) => Stage::Inference,
         }
     }
 
@@ -194,7 +194,7 @@ fn abort(sh: &Shared, why: String) {
     }
     let tasks: Vec<Task> = sh.queue.lock().expect("queue lock").drain(..).collect();
     for t in tasks {
-        reply_failed(sh, t, ABORTED, format!("not run: {why}"));
+        reply_failed(sh, t, Stage::Aborted, format!("not run: {why}"));
     }
     sh.wake_all();
 }
@@ -205,7 +205,7 @@ pub(crate) fn fail_queued(sh: &Shared, why: &str) {
     for t in tasks {
         let _ = t.reply.send(Outcome::Failed(Failure {
             case: t.case,
-            stage: "worker".into(),
+            stage: Stage::Worker,
             reason: why.to_string(),
             attempts: t.attempts,
         }));
@@ -580,7 +580,7 @@ fn serve(sh: &Shared, slot: usize, live: &mut Live, rx: &mpsc::Receiver<Event>) 
         if shutting_down(sh) {
             let n = held.len();
             for t in held.drain(..) {
-                reply_failed(sh, t, "worker", "the worker pool stopped".into());
+                reply_failed(sh, t, Stage::Worker, "the worker pool stopped".into());
             }
             if n > 0 {
                 // Do not wait for a case in flight: the model may never return.
@@ -591,7 +591,7 @@ fn serve(sh: &Shared, slot: usize, live: &mut Live, rx: &mpsc::Receiver<Event>) 
         if let Some(why) = aborted(sh) {
             let n = held.len();
             for t in held.drain(..) {
-                reply_failed(sh, t, ABORTED, format!("not run to the end: {why}"));
+                reply_failed(sh, t, Stage::Aborted, format!("not run to the end: {why}"));
             }
             update(&held);
             // The model may be stuck in the case it holds: never wait for it.
@@ -783,11 +783,11 @@ fn pop_head(held: &mut std::collections::VecDeque<Task>, id: u64) -> Option<Task
     }
 }
 
-fn reply_failed(sh: &Shared, t: Task, stage: &str, reason: String) {
+fn reply_failed(sh: &Shared, t: Task, stage: Stage, reason: String) {
     sh.totals.lock().expect("totals lock").failed += 1;
     let _ = t.reply.send(Outcome::Failed(Failure {
         case: t.case,
-        stage: stage.into(),
+        stage,
         reason,
         attempts: t.attempts,
     }));
@@ -834,7 +834,7 @@ pub(crate) fn requeue(sh: &Shared, t: Task) {
         None => q.push_front(t),
         Some(why) => {
             drop(q);
-            reply_failed(sh, t, ABORTED, format!("not run: {why}"));
+            reply_failed(sh, t, Stage::Aborted, format!("not run: {why}"));
         }
     }
 }
@@ -916,11 +916,11 @@ mod tests {
             3
         );
         assert_eq!(Cause::Case(CaseErrorKind::Torch, "m".into()).limit(3), 3);
-        assert_eq!(Cause::Timeout(SILENCE).stage(), "timeout");
-        assert_eq!(Cause::Crash("x".into()).stage(), "worker");
+        assert_eq!(Cause::Timeout(SILENCE).stage(), Stage::Timeout);
+        assert_eq!(Cause::Crash("x".into()).stage(), Stage::Worker);
         assert_eq!(
             Cause::Case(CaseErrorKind::Model, "m".into()).stage(),
-            "inference"
+            Stage::Inference
         );
     }
 }

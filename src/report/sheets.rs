@@ -620,7 +620,7 @@ pub(crate) fn failures(
     for (i, f) in eval.failures.iter().enumerate() {
         let r = 1 + i as u32;
         ws.write_string(r, 0, &f.case)?;
-        ws.write_string(r, 1, &f.stage)?;
+        ws.write_string(r, 1, f.stage.as_str())?;
         ws.write_string_with_format(r, 2, &f.reason, &st.wrap)?;
         ws.write_number(r, 3, f.attempts)?;
     }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use evald::config::{PoolSettings, SandboxPolicy};
 use evald::dataset::{self, Dataset};
-use evald::evaluation::Failure;
+use evald::evaluation::{Failure, Stage};
 use evald::infer::{InferSpec, InputKind, OutputKind, Window};
 use evald::metrics::{CaseMetrics, EvalSpec};
 use evald::pipeline;
@@ -274,11 +274,15 @@ fn a_model_that_always_hangs_is_stopped_after_consecutive_timeouts() {
         .stopped_early()
         .expect("the pool says it stopped early");
     assert!(why.contains("2 case attempts in a row timed out"), "{why}");
-    let stages = |st: &str| failures.iter().filter(|f| f.stage == st).count();
-    assert!(stages("timeout") >= 1, "{failures:?}");
-    assert!(stages("aborted") >= 1, "{failures:?}");
-    assert_eq!(stages("timeout") + stages("aborted"), n, "{failures:?}");
-    for f in failures.iter().filter(|f| f.stage == "aborted") {
+    let stages = |st: Stage| failures.iter().filter(|f| f.stage == st).count();
+    assert!(stages(Stage::Timeout) >= 1, "{failures:?}");
+    assert!(stages(Stage::Aborted) >= 1, "{failures:?}");
+    assert_eq!(
+        stages(Stage::Timeout) + stages(Stage::Aborted),
+        n,
+        "{failures:?}"
+    );
+    for f in failures.iter().filter(|f| f.stage == Stage::Aborted) {
         assert!(f.reason.contains("in a row timed out"), "{f:?}");
     }
     // Without the limit every case would time out twice (12 timeouts).
@@ -304,7 +308,7 @@ fn an_evaluation_past_its_budget_stops_and_says_why() {
     assert!(cases.is_empty());
     assert_eq!(failures.len(), 3, "{failures:?}");
     assert!(
-        failures.iter().all(|f| f.stage == "aborted"),
+        failures.iter().all(|f| f.stage == Stage::Aborted),
         "{failures:?}"
     );
     let why = pool.stopped_early().expect("stopped early");

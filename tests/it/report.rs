@@ -13,7 +13,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use calamine::{open_workbook, Data, Reader, Xlsx};
-use evald::evaluation::{Evaluation, Failure, RunMeta};
+use evald::evaluation::{Evaluation, Failure, RunMeta, Stage};
 use evald::metrics::{self, aggregate::CLASS_KEYS, EvalSpec};
 
 use crate::util::data;
@@ -60,7 +60,7 @@ pub fn openkbp_eval(name: &str, predictions: Option<&Path>) -> Evaluation {
             Ok(m) => cases.push(m),
             Err(e) => failures.push(Failure {
                 case: case.clone(),
-                stage: "read".into(),
+                stage: Stage::Read,
                 reason: e.to_string(),
                 attempts: 1,
             }),
@@ -724,7 +724,7 @@ fn a_run_where_every_case_failed_still_gets_a_report_and_an_email() {
             .unwrap_err();
             Failure {
                 case: case.to_string(),
-                stage: "read".into(),
+                stage: Stage::Read,
                 reason: e.to_string(),
                 attempts: 3,
             }
