@@ -9,8 +9,9 @@
 //! - [`spawn`]: one long-lived spawner thread forks every worker (`PR_SET_PDEATHSIG` is
 //!   tied to the forking *thread*), own process group, cleared environment.
 //! - [`cgroup`]: the per-worker memory cap (cgroup v2, never `RLIMIT_AS`).
-//! - `supervisor` (private): one thread per worker slot running the worker state machine
-//!   `Starting -> Ready <-> Busy -> Dead -> (backoff) -> Starting`.
+//! - `supervisor` (private): one thread per worker slot running the worker life cycle
+//!   [`SlotState`] `Starting -> Ready <-> Busy -> Backoff -> Starting`, `Stopped` final;
+//!   its transitions are the pure [`SlotState::on`].
 //!
 //! # What happens when things go wrong (the retry policy)
 //! | what | counted against the case | attempts allowed | stage in the report |
@@ -123,12 +124,77 @@ pub struct WorkerInfo {
     pub device: String,
     /// Current process, if one is running.
     pub pid: Option<u32>,
-    /// `starting`, `ready`, `busy`, `backoff`, `stopped`.
-    pub state: &'static str,
+    /// Where the slot is in its life.
+    pub state: SlotState,
     /// Cases it holds (running first).
     pub cases: Vec<String>,
     /// Times its worker was restarted.
     pub restarts: u32,
+}
+
+/// A worker slot's state. Its transitions are the pure function [`SlotState::on`], so
+/// the whole life cycle is tested without processes; the slot thread only reports what
+/// happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SlotState {
+    /// A worker process is being started (spawned, saying hello, loading the model).
+    Starting,
+    /// Ready and holding no case.
+    Ready,
+    /// Holding one or two cases (the running one and the prefetched one).
+    Busy,
+    /// Its worker ended; waiting before the next start.
+    Backoff,
+    /// Gave up (repeated failed starts, a fatal error), or the pool stopped. Final.
+    Stopped,
+}
+
+/// What happened to a slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotEvent {
+    /// A new worker is being started.
+    Spawn,
+    /// The worker said it is ready.
+    Ready,
+    /// It holds at least one case now.
+    Took,
+    /// It holds no case any more.
+    Idle,
+    /// The worker ended (died, killed, failed to start); another start follows.
+    Lost,
+    /// No more workers for this slot (gave up, fatal, shutdown, evaluation stopped).
+    Stop,
+}
+
+impl SlotState {
+    /// The state after `e`. Events that make no sense in a state (a `Took` while
+    /// starting) leave it unchanged; `Stopped` is final.
+    pub fn on(self, e: SlotEvent) -> SlotState {
+        use SlotEvent as E;
+        use SlotState as S;
+        match (self, e) {
+            (S::Stopped, _) => S::Stopped,
+            (_, E::Stop) => S::Stopped,
+            (S::Starting | S::Backoff, E::Spawn) => S::Starting,
+            (S::Starting, E::Ready) => S::Ready,
+            (S::Ready | S::Busy, E::Took) => S::Busy,
+            (S::Ready | S::Busy, E::Idle) => S::Ready,
+            (S::Starting | S::Ready | S::Busy, E::Lost) => S::Backoff,
+            (s, _) => s,
+        }
+    }
+
+    /// The lower-case name (status displays).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SlotState::Starting => "starting",
+            SlotState::Ready => "ready",
+            SlotState::Busy => "busy",
+            SlotState::Backoff => "backoff",
+            SlotState::Stopped => "stopped",
+        }
+    }
 }
 
 /// Counters over the pool's life.
@@ -362,7 +428,7 @@ impl PoolPredictor {
                     slot,
                     device,
                     pid: None,
-                    state: "starting",
+                    state: SlotState::Starting,
                     cases: Vec::new(),
                     restarts: 0,
                 }),

@@ -15,7 +15,7 @@ use super::protocol::{
     self, CaseErrorKind, FatalKind, FromWorker, Init, Policy, ProbeReport, ToWorker, PROTO_VERSION,
 };
 use super::spawn::{self, SpawnSpec};
-use super::{Event, Outcome, PoolError, Shared, Task, WINDOW};
+use super::{Event, Outcome, PoolError, Shared, SlotEvent, SlotState, Task, WINDOW};
 use crate::config::PoolSettings;
 use crate::evaluation::{Failure, Stage};
 use crate::infer::{InferSpec, InputKind, OutputKind, Window};
@@ -231,7 +231,7 @@ pub(crate) fn run_slot(sh: &Arc<Shared>, slot: usize, rx: &mpsc::Receiver<Event>
     while !shutting_down(sh) && aborted(sh).is_none() {
         gen += 1;
         set_info(sh, slot, |i| {
-            i.state = "starting";
+            i.state = i.state.on(SlotEvent::Spawn);
             i.pid = None;
         });
         let mut live = match start_worker(sh, slot, gen, rx) {
@@ -268,7 +268,7 @@ pub(crate) fn run_slot(sh: &Arc<Shared>, slot: usize, rx: &mpsc::Receiver<Event>
                     give_up(sh, slot, &msg);
                     break;
                 }
-                set_info(sh, slot, |i| i.state = "backoff");
+                set_info(sh, slot, |i| i.state = i.state.on(SlotEvent::Lost));
                 sleep_interruptible(rx, sh, backoff);
                 backoff = (backoff * 2).min(BACKOFF_MAX);
                 continue;
@@ -296,7 +296,7 @@ pub(crate) fn run_slot(sh: &Arc<Shared>, slot: usize, rx: &mpsc::Receiver<Event>
             backoff = BACKOFF_START;
         }
         set_info(sh, slot, |i| {
-            i.state = "backoff";
+            i.state = i.state.on(SlotEvent::Lost);
             i.pid = None;
             i.restarts += 1;
         });
@@ -304,7 +304,7 @@ pub(crate) fn run_slot(sh: &Arc<Shared>, slot: usize, rx: &mpsc::Receiver<Event>
         backoff = (backoff * 2).min(BACKOFF_MAX);
     }
     set_info(sh, slot, |i| {
-        i.state = "stopped";
+        i.state = i.state.on(SlotEvent::Stop);
         i.pid = None;
         i.cases.clear();
     });
@@ -312,11 +312,11 @@ pub(crate) fn run_slot(sh: &Arc<Shared>, slot: usize, rx: &mpsc::Receiver<Event>
 
 /// A slot stops for good; when it was the last one, queued work fails.
 fn give_up(sh: &Shared, slot: usize, why: &str) {
-    set_info(sh, slot, |i| i.state = "stopped");
+    set_info(sh, slot, |i| i.state = i.state.on(SlotEvent::Stop));
     let all_stopped = sh
         .slots
         .iter()
-        .all(|s| s.info.lock().expect("info lock").state == "stopped");
+        .all(|s| s.info.lock().expect("info lock").state == SlotState::Stopped);
     if all_stopped {
         *sh.broken.lock().expect("broken lock") = Some(format!("no worker can run: {why}"));
         fail_queued(sh, &format!("no worker can run: {why}"));
@@ -468,7 +468,7 @@ fn start_worker(
                         missing.join("; ")
                     );
                 }
-                set_info(sh, slot, |i| i.state = "ready");
+                set_info(sh, slot, |i| i.state = i.state.on(SlotEvent::Ready));
                 live.sandbox = sandbox;
                 return Ok(live);
             }
@@ -557,7 +557,7 @@ fn other_idle(sh: &Shared, slot: usize) -> bool {
     sh.slots.iter().enumerate().any(|(i, s)| {
         i != slot && {
             let info = s.info.lock().expect("info lock");
-            info.state == "ready" && info.cases.is_empty()
+            info.state == SlotState::Ready && info.cases.is_empty()
         }
     })
 }
@@ -573,7 +573,11 @@ fn serve(sh: &Shared, slot: usize, live: &mut Live, rx: &mpsc::Receiver<Event>) 
     let update = |held: &std::collections::VecDeque<Task>| {
         set_info(sh, slot, |i| {
             i.cases = held.iter().map(|t| t.case.clone()).collect();
-            i.state = if held.is_empty() { "ready" } else { "busy" };
+            i.state = i.state.on(if held.is_empty() {
+                SlotEvent::Idle
+            } else {
+                SlotEvent::Took
+            });
         });
     };
     loop {
@@ -922,5 +926,34 @@ mod tests {
             Cause::Case(CaseErrorKind::Model, "m".into()).stage(),
             Stage::Inference
         );
+    }
+
+    #[test]
+    fn a_slot_lives_through_its_states_and_stopped_is_final() {
+        use SlotEvent as E;
+        use SlotState as S;
+        let run = |events: &[E]| events.iter().fold(S::Starting, |s, &e| s.on(e));
+        assert_eq!(run(&[E::Spawn, E::Ready]), S::Ready);
+        assert_eq!(run(&[E::Spawn, E::Ready, E::Took]), S::Busy);
+        assert_eq!(run(&[E::Spawn, E::Ready, E::Took, E::Idle]), S::Ready);
+        // A worker lost while busy backs off, then starts again.
+        assert_eq!(run(&[E::Spawn, E::Ready, E::Took, E::Lost]), S::Backoff);
+        assert_eq!(
+            run(&[E::Spawn, E::Ready, E::Took, E::Lost, E::Spawn]),
+            S::Starting
+        );
+        // A failed start backs off too.
+        assert_eq!(run(&[E::Spawn, E::Lost]), S::Backoff);
+        // Nonsense leaves the state alone.
+        assert_eq!(run(&[E::Spawn, E::Took]), S::Starting);
+        assert_eq!(run(&[E::Spawn, E::Ready, E::Spawn]), S::Ready);
+        // Stopped is final, from anywhere.
+        for before in [S::Starting, S::Ready, S::Busy, S::Backoff] {
+            let s = before.on(E::Stop);
+            assert_eq!(s, S::Stopped);
+            for e in [E::Spawn, E::Ready, E::Took, E::Idle, E::Lost, E::Stop] {
+                assert_eq!(s.on(e), S::Stopped);
+            }
+        }
     }
 }

@@ -155,7 +155,7 @@ fn kill_9_mid_case_gives_the_same_result_as_an_undisturbed_run() {
                 if let Some(w) = pool
                     .workers()
                     .into_iter()
-                    .find(|w| w.state == "busy" && w.pid.is_some())
+                    .find(|w| w.state == evald::pool::SlotState::Busy && w.pid.is_some())
                 {
                     let pid = w.pid.unwrap();
                     // SAFETY: SIGKILL to a worker process this test started.
