@@ -353,13 +353,25 @@ pub fn kill_group(pid: u32) {
 pub fn reap(child: &mut Child, grace: Duration) -> ExitStatus {
     let deadline = Instant::now() + grace;
     loop {
-        match child.try_wait() {
-            Ok(Some(s)) => {
-                // Anything the worker forked dies with its group.
+        match exited_unreaped(child.id()) {
+            Ok(true) => {
+                // Anything the worker forked dies with its group. Signalled while the
+                // leader is a zombie, not yet reaped: until then its pid, and so the
+                // group id, cannot be given to another process.
                 kill_group(child.id());
-                return s;
+                if let Ok(s) = child.wait() {
+                    return s;
+                }
+                return std::os::unix::process::ExitStatusExt::from_raw(9);
             }
-            Ok(None) if Instant::now() < deadline => {
+            // Reaped already (an earlier `reap`): its group was signalled then; the pid
+            // may be someone else's now, so nothing is sent. std keeps the status.
+            Err(e) if e.raw_os_error() == Some(libc::ECHILD) => {
+                return child
+                    .wait()
+                    .unwrap_or_else(|_| std::os::unix::process::ExitStatusExt::from_raw(9));
+            }
+            Ok(false) if Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(10));
             }
             _ => {
@@ -372,6 +384,26 @@ pub fn reap(child: &mut Child, grace: Duration) -> ExitStatus {
             }
         }
     }
+}
+
+/// Whether the child `pid` has exited, without reaping it (`waitid` with `WNOWAIT`).
+fn exited_unreaped(pid: u32) -> std::io::Result<bool> {
+    // SAFETY: a zeroed siginfo_t is a valid out-parameter for waitid.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: waitid on our own child's pid, with a valid out-pointer.
+    let rc = unsafe {
+        libc::waitid(
+            libc::P_PID,
+            pid as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: si_pid is set by waitid (0 when no child changed state, with WNOHANG).
+    Ok(unsafe { info.si_pid() } != 0)
 }
 
 /// An exit status in words: `exit code 3`, `signal 9 (SIGKILL)`.
@@ -429,5 +461,41 @@ mod tests {
         let later = t0 + Duration::from_secs(10);
         assert_eq!(l.admit(later), Admit::Yes { suppressed: 2 });
         assert_eq!(l.admit(later), Admit::Yes { suppressed: 0 });
+    }
+
+    #[test]
+    fn reap_signals_the_group_before_the_leader_is_reaped_and_only_once() {
+        use std::os::unix::process::CommandExt;
+        // A leader that forks a grandchild into its own group, then exits.
+        let mut child = std::process::Command::new("sh")
+            .arg("-c")
+            .arg("sleep 600 & echo $! ; exit 3")
+            .stdout(Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let grandchild: i32 = line.trim().parse().unwrap();
+        let status = reap(&mut child, Duration::from_secs(20));
+        assert_eq!(status.code(), Some(3), "the leader's own status");
+        // The grandchild got the group's SIGKILL (it is our grandchild, so it ends as a
+        // zombie of init or a dead pid: either way not running).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let st = std::fs::read_to_string(format!("/proc/{grandchild}/stat"))
+                .ok()
+                .and_then(|s| s.rsplit_once(')').map(|(_, r)| r.trim().chars().next()))
+                .flatten();
+            if st.is_none() || st == Some('Z') {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the group was not killed");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // A second reap of the same child signals nothing and keeps the status.
+        assert_eq!(reap(&mut child, Duration::ZERO).code(), Some(3));
     }
 }
