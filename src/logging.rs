@@ -173,6 +173,67 @@ pub fn init_cli() {
         .try_init();
 }
 
+/// A worker's stderr: one JSON object per event, no timestamp (the supervisor parses it
+/// with [`WorkerRecord::parse`] and logs it once, at its level, with its own time).
+pub fn init_worker() {
+    let _ = tracing_subscriber::fmt()
+        .json()
+        .flatten_event(true)
+        .with_current_span(false)
+        .without_time()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter())
+        .try_init();
+}
+
+/// One line a worker wrote to stderr: its own log record, or anything else (libtorch and
+/// CUDA print plain text).
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerRecord {
+    /// The record's level (`INFO` for plain text).
+    pub level: tracing::Level,
+    /// The message, with the record's other fields appended as `key=value`.
+    pub text: String,
+}
+
+impl WorkerRecord {
+    /// Read a line: a JSON record from [`init_worker`], or plain text.
+    pub fn parse(line: &str) -> WorkerRecord {
+        let plain = || WorkerRecord {
+            level: tracing::Level::INFO,
+            text: line.to_string(),
+        };
+        let Ok(serde_json::Value::Object(mut m)) = serde_json::from_str(line) else {
+            return plain();
+        };
+        let level = match m.remove("level").as_ref().and_then(|v| v.as_str()) {
+            Some("ERROR") => tracing::Level::ERROR,
+            Some("WARN") => tracing::Level::WARN,
+            Some("INFO") => tracing::Level::INFO,
+            Some("DEBUG") => tracing::Level::DEBUG,
+            Some("TRACE") => tracing::Level::TRACE,
+            _ => return plain(),
+        };
+        // The supervisor names the worker (slot, pid) itself.
+        for k in ["target", "slot", "pid"] {
+            m.remove(k);
+        }
+        let mut text = match m.remove("message") {
+            Some(serde_json::Value::String(s)) => s,
+            Some(v) => v.to_string(),
+            None => String::new(),
+        };
+        for (k, v) in m {
+            let v = match v {
+                serde_json::Value::String(s) => s,
+                v => v.to_string(),
+            };
+            text.push_str(&format!(" {k}={v}"));
+        }
+        WorkerRecord { level, text }
+    }
+}
+
 /// Rolling files in `log_dir` plus stderr, for `evald serve`.
 ///
 /// # Errors
@@ -275,6 +336,20 @@ mod tests {
             b"\x1b[32mok\x1b[0m x\\ny\n".to_vec()
         );
         assert_eq!(through(b"plain line\n", false), b"plain line\n".to_vec());
+    }
+
+    #[test]
+    fn a_worker_record_is_logged_once_with_its_level_and_fields() {
+        let r = WorkerRecord::parse(
+            r#"{"level":"WARN","message":"case failed: boom","case":"c1","target":"evald::worker"}"#,
+        );
+        assert_eq!(r.level, tracing::Level::WARN);
+        assert_eq!(r.text, "case failed: boom case=c1");
+        let p = WorkerRecord::parse("libtorch says hi {not json");
+        assert_eq!(p.level, tracing::Level::INFO);
+        assert_eq!(p.text, "libtorch says hi {not json");
+        // JSON that is not a record stays text.
+        assert_eq!(WorkerRecord::parse("[1,2]").text, "[1,2]");
     }
 
     #[test]

@@ -7,8 +7,11 @@ use clap::Parser;
 fn main() -> ExitCode {
     let cli = evald::cli::Cli::parse();
     // The service sets up its own logging (files + stderr) once it has read its config.
-    if !matches!(cli.command, evald::cli::Command::Serve(_)) {
-        evald::logging::init_cli();
+    match cli.command {
+        evald::cli::Command::Serve(_) => {}
+        // The supervisor logs a worker's records once, with its own time and fields.
+        evald::cli::Command::Worker(_) => evald::logging::init_worker(),
+        _ => evald::logging::init_cli(),
     }
     match evald::cli::run(cli) {
         Ok(()) => ExitCode::SUCCESS,

@@ -232,6 +232,7 @@ pub fn forward_stderr(
                 if line.is_empty() {
                     continue;
                 }
+                let rec = crate::logging::WorkerRecord::parse(&line);
                 match limiter.admit(Instant::now()) {
                     Admit::Yes { suppressed } => {
                         if suppressed > 0 {
@@ -243,7 +244,19 @@ pub fn forward_stderr(
                                 LOG_WINDOW.as_secs()
                             );
                         }
-                        tracing::info!(target: "evald::worker", worker = slot, pid, "{line}");
+                        let t = &rec.text;
+                        match rec.level {
+                            tracing::Level::ERROR => {
+                                tracing::error!(target: "evald::worker", worker = slot, pid, "{t}")
+                            }
+                            tracing::Level::WARN => {
+                                tracing::warn!(target: "evald::worker", worker = slot, pid, "{t}")
+                            }
+                            tracing::Level::INFO => {
+                                tracing::info!(target: "evald::worker", worker = slot, pid, "{t}")
+                            }
+                            _ => tracing::debug!(target: "evald::worker", worker = slot, pid, "{t}"),
+                        }
                     }
                     Admit::No => {}
                 }
@@ -251,7 +264,7 @@ pub fn forward_stderr(
                 if t.len() == STDERR_KEEP {
                     t.remove(0);
                 }
-                t.push(line);
+                t.push(format!("{} {}", rec.level, rec.text));
             }
         })?;
     Ok((tail, h))
