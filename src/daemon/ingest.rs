@@ -325,23 +325,14 @@ pub(crate) fn rejected_text(sub: &Submission, rej: &Rejection) -> String {
          \n\
          How to fix it:\n  {fix}\n\
          \n\
-         Folder:      {dir}\n\
-         Task:        {task}\n\
-         Vendor:      {vendor}\n\
-         Submission:  {name}\n\
-         Checked:     {at} by evald {version}\n\
+         {about}\
          \n\
          evald looks at this folder again by itself when its files change. A report.xlsx or\n\
          summary.json in this folder, if any, is from an earlier evaluation.\n",
         id = sub.id,
         problem = rej.problem,
         fix = rej.fix,
-        dir = sub.path.display(),
-        task = sub.task,
-        vendor = sub.vendor,
-        name = sub.name,
-        at = crate::store::now(),
-        version = env!("CARGO_PKG_VERSION"),
+        about = about(sub),
     )
 }
 
@@ -381,13 +372,21 @@ pub(crate) fn failed_text(sub: &Submission, reason: &str) -> String {
          This is a problem on the evaluation side, not with your submission: the evaluation\n\
          team has been told and evaluates it again once it is fixed. Nothing to change here.\n\
          \n\
-         Folder:      {dir}\n\
+         {about}",
+        id = sub.id,
+        reason = crate::logging::bounded(reason, crate::logging::MAX_QUOTED),
+        about = about(sub),
+    )
+}
+
+/// The lines naming the submission at the end of `REJECTED.txt` and `FAILED.txt`.
+fn about(sub: &Submission) -> String {
+    format!(
+        "Folder:      {dir}\n\
          Task:        {task}\n\
          Vendor:      {vendor}\n\
          Submission:  {name}\n\
          Checked:     {at} by evald {version}\n",
-        id = sub.id,
-        reason = crate::logging::bounded(reason, crate::logging::MAX_QUOTED),
         dir = sub.path.display(),
         task = sub.task,
         vendor = sub.vendor,

@@ -95,11 +95,7 @@ pub(crate) fn notify_team(
         let queued = outbox.entry_by_key(&key).map_err(|e| e.to_string())?;
         return Ok(queued.map(|e| format!("outbox #{}", e.id)));
     };
-    let recipients = settings
-        .tasks
-        .get(&sub.task)
-        .map(|t| t.recipients.clone())
-        .unwrap_or_default();
+    let recipients = recipients_of(settings, &sub.task);
     if recipients.is_empty() {
         tracing::info!(id = sub.id, task = %sub.task, "task has no recipients: no email");
         return Ok(Some("no recipients configured".into()));
@@ -499,17 +495,22 @@ async fn tell_failed(shared: &Shared, settings: &Arc<Settings>, sub: Submission,
     }
 }
 
+/// The team's addresses for `task` (none for a task no longer configured).
+fn recipients_of(settings: &Settings, task: &str) -> Vec<String> {
+    settings
+        .tasks
+        .get(task)
+        .map(|t| t.recipients.clone())
+        .unwrap_or_default()
+}
+
 /// Queue (and try once) the team's email about a failed submission.
 fn notify_team_failed(
     settings: &Settings,
     sub: &Submission,
     reason: &str,
 ) -> Result<String, String> {
-    let recipients = settings
-        .tasks
-        .get(&sub.task)
-        .map(|t| t.recipients.clone())
-        .unwrap_or_default();
+    let recipients = recipients_of(settings, &sub.task);
     if recipients.is_empty() {
         return Ok("task has no recipients: no email".into());
     }

@@ -1137,22 +1137,7 @@ pub fn compose(
             ContentType::parse(XLSX_MIME).expect("valid MIME type"),
         ));
     }
-    // The Message-ID is fixed here, before the outbox records the bytes: a resend after a
-    // crash carries the same id, so mail clients can recognise the duplicate.
-    let mut builder = Message::builder()
-        .from(from)
-        .subject(subject.clone())
-        .message_id(None)
-        .user_agent(format!("evald {}", env!("CARGO_PKG_VERSION")));
-    for mb in to {
-        builder = builder.to(mb);
-    }
-    let message = builder
-        .multipart(body)
-        .map_err(|source| ComposeError::Build {
-            what: what.clone(),
-            source,
-        })?;
+    let message = build_message(from, to, &subject, body, &what)?;
     Ok(Composed {
         message,
         subject,
@@ -1162,6 +1147,32 @@ pub fn compose(
         report: report_state,
         label: label_of(eval),
     })
+}
+
+/// The message with evald's headers. The Message-ID is fixed here, before the outbox
+/// records the bytes: a resend after a crash carries the same id, so mail clients can
+/// recognise the duplicate.
+fn build_message(
+    from: Mailbox,
+    to: Vec<Mailbox>,
+    subject: &str,
+    body: MultiPart,
+    what: &str,
+) -> Result<Message, ComposeError> {
+    let mut builder = Message::builder()
+        .from(from)
+        .subject(subject)
+        .message_id(None)
+        .user_agent(format!("evald {}", env!("CARGO_PKG_VERSION")));
+    for mb in to {
+        builder = builder.to(mb);
+    }
+    builder
+        .multipart(body)
+        .map_err(|source| ComposeError::Build {
+            what: what.to_string(),
+            source,
+        })
 }
 
 /// A plain-text notice to the team that a submission ended without a report (`failed`):
@@ -1207,20 +1218,7 @@ pub fn compose_failure(
     let body = MultiPart::alternative()
         .singlepart(SinglePart::plain(text.clone()))
         .singlepart(SinglePart::html(html.clone()));
-    let mut builder = Message::builder()
-        .from(from)
-        .subject(subject.clone())
-        .message_id(None)
-        .user_agent(format!("evald {}", env!("CARGO_PKG_VERSION")));
-    for mb in to {
-        builder = builder.to(mb);
-    }
-    let message = builder
-        .multipart(body)
-        .map_err(|source| ComposeError::Build {
-            what: who.to_string(),
-            source,
-        })?;
+    let message = build_message(from, to, &subject, body, who)?;
     Ok(Composed {
         message,
         subject,
