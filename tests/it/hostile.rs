@@ -223,6 +223,12 @@ fn a_model_that_always_hangs_ends_with_a_report_and_an_email_that_say_why() {
     assert!(why.contains("1 case attempts in a row timed out"), "{why}");
     assert_eq!(summary["evald"]["cases_scored"], 0);
     assert!(dir.join("report.xlsx").is_file());
+    // Nothing scored: the store's headline says n/a, never NaN.
+    let headline = s.headline.clone().unwrap_or_default();
+    assert!(
+        headline.contains("thyroid n/a") && !headline.contains("NaN"),
+        "{headline}"
+    );
     assert_eq!(s.state, State::Mailed);
     assert_eq!(env.emails_for("hang"), 1);
     let eml = std::fs::read_dir(env.dir.path().join("outbox"))
@@ -624,4 +630,61 @@ fn a_broken_reference_is_the_test_sets_problem_and_check_config_finds_it() {
         "{}",
         d.log()
     );
+}
+
+/// A full disk used to throw a finished evaluation away (a lone summary.json, no report,
+/// no email). Now the computed results wait in memory and the outputs are written again
+/// once there is room. (A full file system needs a small tmpfs: root, as CI runs.)
+#[test]
+fn a_full_disk_keeps_the_results_until_they_can_be_written() {
+    let o = Opts::default();
+    let env = Env::new(o);
+    let text = env.config_text(o, &["t"]).replace(
+        "settle_secs = 1\n",
+        "settle_secs = 1\nretry_backoff_secs = 1\n",
+    );
+    std::fs::write(&env.cfg, text).unwrap();
+    let dir = env.sub("t/acme/full");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(&dir)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("skipped: mounting a small tmpfs needs root");
+        return;
+    }
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _unmount = Unmount(dir.clone());
+    let model = demo_model();
+    std::fs::write(dir.join("model.pt"), &model).unwrap();
+    // Fill the rest: not even summary.json fits.
+    let filler = dir.join(".filler");
+    {
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![0u8; 4096];
+        while std::io::Write::write_all(&mut f, &chunk).is_ok() {}
+    }
+    let d = Daemon::start(&env);
+    d.wait_log("cannot write the outputs (retrying in");
+    assert!(!dir.join("report.xlsx").exists());
+    std::fs::remove_file(&filler).unwrap();
+    let s = wait_state(&env, &d, &dir, &[State::Mailed, State::Failed]);
+    assert_eq!(s.state, State::Mailed, "{}", d.log());
+    assert!(dir.join("report.xlsx").is_file());
+    assert_eq!(
+        read_json(&dir.join("summary.json"))["evald"]["cases_scored"],
+        2
+    );
+    assert_eq!(env.emails_for("full"), 1);
+    assert_eq!(env.for_path(&dir).len(), 1, "evaluated once");
 }
