@@ -794,6 +794,30 @@ impl Store {
         )
     }
 
+    /// `queued -> queued` with new model content: the folder changed before its evaluation
+    /// started (an upload that reopens its file per chunk), so the waiting submission takes
+    /// the new content in its place in the queue instead of a new row per chunk.
+    ///
+    /// # Errors
+    /// [`StoreError::Transition`] unless queued; SQLite errors.
+    pub fn replace_queued_model(
+        &mut self,
+        id: i64,
+        model_sha256: &str,
+        model_bytes: u64,
+    ) -> Result<Submission, StoreError> {
+        let sha = model_sha256.to_string();
+        let bytes = model_bytes as i64;
+        self.transition(
+            id,
+            &[State::Queued],
+            State::Queued,
+            Some("the model changed before its evaluation started: new content, same place"),
+            "model_sha256 = ?5, model_bytes = ?6",
+            &[&sha, &bytes],
+        )
+    }
+
     /// `seen | queued | running -> rejected` with the reason shown in `REJECTED.txt`.
     ///
     /// # Errors

@@ -222,8 +222,9 @@ pub(crate) fn ingest(
         fingerprint: r.fingerprint.digest.clone(),
     };
     let row = match &latest {
-        // A crash between recording and validating left it `seen`: reuse it.
-        Some(l) if l.state == State::Seen => {
+        // A crash between recording and validating left it `seen`, or it is still waiting
+        // in the queue: reuse it (one row per upload, not one per chunk of it).
+        Some(l) if matches!(l.state, State::Seen | State::Queued) => {
             let (id, fp) = (l.id, new.fingerprint.clone());
             store.call_blocking(move |s| {
                 s.set_fingerprint(id, &fp)?;
@@ -270,15 +271,18 @@ pub(crate) fn ingest(
         );
         return reject(store, &row, &rej, Some((sha, bytes)));
     }
-    if let Some(l) = latest.filter(|l| l.state == State::Queued) {
-        let note = format!(
-            "superseded by #{}: the model in the folder changed before it was evaluated",
-            row.id
-        );
-        store.call_blocking(move |s| s.fail(l.id, &note))?;
-    }
     let id = row.id;
-    store.call_blocking(move |s| s.queue(id, &sha, bytes))?;
+    if row.state == State::Queued && row.model_sha256.as_deref() == Some(sha.as_str()) {
+        // Other files changed; the model it waits with is the same.
+    } else if row.state == State::Queued {
+        store.call_blocking(move |s| s.replace_queued_model(id, &sha, bytes))?;
+        tracing::info!(
+            id,
+            "the model changed before its evaluation started; the queued submission takes the new content"
+        );
+    } else {
+        store.call_blocking(move |s| s.queue(id, &sha, bytes))?;
+    }
     remove_stale_rejection(&prepared.dir);
     Ok(Ingested::Queued)
 }

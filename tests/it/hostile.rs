@@ -688,3 +688,62 @@ fn a_full_disk_keeps_the_results_until_they_can_be_written() {
     assert_eq!(env.emails_for("full"), 1);
     assert_eq!(env.for_path(&dir).len(), 1, "evaluated once");
 }
+
+/// An upload that reopens its file for every chunk, pausing longer than the settle time
+/// while another evaluation holds the queue, used to leave one "failed (superseded)" row
+/// per chunk. Now the waiting submission takes each new content in its place: one row,
+/// with the complete model.
+#[test]
+fn an_upload_in_chunks_while_the_queue_is_busy_is_one_submission() {
+    use std::io::Write;
+    let env = Env::new(Opts {
+        cases: 3,
+        ..Opts::default()
+    });
+    let d = Daemon::start(&env);
+    // Hold the queue: a model that never returns (case timeout 600 s).
+    let hang = std::fs::read(crate::util::data("models/pool_hang.pt")).unwrap();
+    let busy = env.sub("t/acme/busy");
+    write_files(
+        &busy,
+        &[
+            ("model.pt", &hang),
+            (
+                "submission.toml",
+                b"input = \"slices2d\"\nwindow = { level = -2000, width = 10 }\n",
+            ),
+        ],
+    );
+    wait_state(&env, &d, &busy, &[State::Running]);
+
+    let model = demo_model();
+    let dir = env.sub("t/acme/chunked");
+    std::fs::create_dir_all(&dir).unwrap();
+    let chunks: Vec<&[u8]> = model.chunks(model.len() / 3 + 1).collect();
+    for (i, c) in chunks.iter().enumerate() {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("model.pt"))
+            .unwrap();
+        f.write_all(c).unwrap();
+        drop(f);
+        if i + 1 < chunks.len() {
+            let before = sha256(&std::fs::read(dir.join("model.pt")).unwrap());
+            // Each partial file is queued (the queue is busy, so it waits there).
+            wait_until("the partial upload queued", &d, || {
+                env.for_path(&dir)
+                    .pop()
+                    .filter(|s| s.model_sha256.as_deref() == Some(before.as_str()))
+            });
+        }
+    }
+    let s = wait_until("the complete model queued", &d, || {
+        env.for_path(&dir).pop().filter(|s| {
+            s.state == State::Queued && s.model_sha256.as_deref() == Some(sha256(&model).as_str())
+        })
+    });
+    let rows = env.for_path(&dir);
+    assert_eq!(rows.len(), 1, "one submission for one upload: {rows:#?}");
+    assert_eq!(rows[0].id, s.id);
+}
