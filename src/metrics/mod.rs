@@ -225,6 +225,49 @@ pub struct CaseMetrics {
     pub voxel_mm3: f64,
     /// Set when the prediction was reoriented onto the reference grid.
     pub reoriented: Option<String>,
+    /// Labels found in either map that are not among the task's classes (they count as
+    /// background in every metric; listed so that nobody takes that for granted: a model
+    /// with more output channels than the task's classes, a reference with an extra
+    /// structure).
+    pub unevaluated: Vec<UnevaluatedLabel>,
+}
+
+/// A label outside the task's classes, with its voxels in each map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct UnevaluatedLabel {
+    /// The label value.
+    pub label: u8,
+    /// Voxels of it in the reference.
+    pub reference_voxels: u64,
+    /// Voxels of it in the prediction.
+    pub prediction_voxels: u64,
+}
+
+impl UnevaluatedLabel {
+    /// `label 3 (prediction 120 voxels, reference 0)`.
+    pub fn describe(&self) -> String {
+        format!(
+            "label {} (prediction {} voxels, reference {})",
+            self.label, self.prediction_voxels, self.reference_voxels
+        )
+    }
+}
+
+/// Labels of `reference` / `prediction` outside `labels` (0 is background).
+fn unevaluated_labels(reference: &[u8], prediction: &[u8], labels: &[u8]) -> Vec<UnevaluatedLabel> {
+    let (r, p) = rayon::join(
+        || overlap::label_histogram(reference),
+        || overlap::label_histogram(prediction),
+    );
+    (1..=255u8)
+        .filter(|l| !labels.contains(l))
+        .filter(|&l| r[l as usize] + p[l as usize] > 0)
+        .map(|l| UnevaluatedLabel {
+            label: l,
+            reference_voxels: r[l as usize],
+            prediction_voxels: p[l as usize],
+        })
+        .collect()
 }
 
 /// Why a case could not be scored.
@@ -286,6 +329,7 @@ pub fn evaluate_case(
         &labels,
     );
     let vol = tally.volume();
+    let unevaluated = unevaluated_labels(&reference.data, &prediction.data, &labels);
     let voxel_mm3 = reference.geom.voxel_mm3();
     let needs_boxes = spec.surface || spec.classes.iter().any(|c| c.lesion);
     // One scan per volume finds every label's box; surface and lesion work stays inside.
@@ -383,6 +427,7 @@ pub fn evaluate_case(
         confusion: vol,
         voxel_mm3,
         reoriented,
+        unevaluated,
     })
 }
 

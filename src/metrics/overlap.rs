@@ -29,6 +29,35 @@ pub fn class_lut(labels: &[u8]) -> [u8; 256] {
     lut
 }
 
+/// Voxels per label value (background runs are skipped 8 at a time, as in [`tally`]).
+pub fn label_histogram(data: &[u8]) -> [u64; 256] {
+    data.par_chunks(1 << 20)
+        .map(|c| {
+            let mut h = [0u64; 256];
+            let (words, tail) = c.split_at(c.len() / 8 * 8);
+            for w in words.chunks_exact(8) {
+                if u64::from_ne_bytes(w.try_into().expect("8 bytes")) != 0 {
+                    for &v in w {
+                        h[v as usize] += 1;
+                    }
+                }
+            }
+            for &v in tail {
+                h[v as usize] += 1;
+            }
+            h
+        })
+        .reduce(
+            || [0u64; 256],
+            |mut a, b| {
+                for (x, y) in a.iter_mut().zip(b) {
+                    *x += y;
+                }
+                a
+            },
+        )
+}
+
 /// Count `reference` against `prediction` (same length, `slice_len` voxels per slice).
 pub fn tally(reference: &[u8], prediction: &[u8], slice_len: usize, labels: &[u8]) -> Tally {
     assert_eq!(

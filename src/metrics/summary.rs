@@ -170,6 +170,20 @@ pub fn to_json(eval: &Evaluation) -> Value {
                 .map(|r| json!({"case": c.case, "note": r}))
         })
         .collect();
+    let unevaluated: Vec<Value> = eval
+        .cases
+        .iter()
+        .flat_map(|c| {
+            c.unevaluated.iter().map(move |u| {
+                json!({
+                    "case": c.case,
+                    "label": u.label,
+                    "reference_voxels": u.reference_voxels,
+                    "prediction_voxels": u.prediction_voxels,
+                })
+            })
+        })
+        .collect();
     json!({
         "foreground_mean": fg,
         "mean": mean,
@@ -187,6 +201,7 @@ pub fn to_json(eval: &Evaluation) -> Value {
             "lesions": lesions,
             "confusion_matrix": {"labels": labels, "rows_are": "reference", "matrix": matrix},
             "reoriented": reoriented,
+            "unevaluated_labels": unevaluated,
             "run": eval.meta,
         }
     })

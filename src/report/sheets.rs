@@ -387,8 +387,19 @@ pub(crate) fn cases(
             first_file_col + 1,
             case.prediction_file.display().to_string(),
         )?;
-        if let Some(note) = &case.reoriented {
-            ws.write_string(r, first_file_col + 2, note)?;
+        let mut notes: Vec<String> = case.reoriented.iter().cloned().collect();
+        if !case.unevaluated.is_empty() {
+            notes.push(format!(
+                "outside the task's classes, scored as background: {}",
+                case.unevaluated
+                    .iter()
+                    .map(|u| u.describe())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        if !notes.is_empty() {
+            ws.write_string(r, first_file_col + 2, notes.join("; "))?;
         }
     }
     ws.set_freeze_panes(1, 2)?;

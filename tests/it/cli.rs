@@ -116,3 +116,68 @@ fn an_installed_binary_loads_libtorch_from_beside_itself() {
         );
     }
 }
+
+/// Labels outside the task's classes (a model with an extra output channel, a reference
+/// with an extra structure) count as background: the Cases sheet and summary.json say so,
+/// with their voxel counts, instead of scoring them silently.
+#[test]
+fn labels_outside_the_task_are_listed_not_scored_silently() {
+    use evald::volume;
+    use serde_json::json;
+    let dir = tempfile::tempdir().unwrap();
+    let set = evald::phantom::generate(&dir.path().join("d"), 1, [24, 24, 6], [1.0, 1.0, 2.0], 3)
+        .unwrap();
+    let case = &set.cases[0].id;
+    let ref_file = set.labels.join(format!("{case}.nii.gz"));
+    let mut pred = volume::read_labels(&ref_file).unwrap();
+    // 7 voxels of a label the task does not have (classes 1 and 2).
+    let background: Vec<usize> = (0..pred.data.len())
+        .filter(|&i| pred.data[i] == 0)
+        .collect();
+    for &i in background.iter().take(7) {
+        pred.data[i] = 5;
+    }
+    let preds = dir.path().join("p");
+    std::fs::create_dir_all(&preds).unwrap();
+    volume::write_volume(&preds.join(format!("{case}.nii.gz")), &pred).unwrap();
+    let out = dir.path().join("s.json");
+    let report = dir.path().join("r.xlsx");
+    run_ok(
+        evald()
+            .args(["score", "--classes", "1,2", "--no-surface", "--labels"])
+            .arg(&set.labels)
+            .arg("--predictions")
+            .arg(&preds)
+            .arg("--out")
+            .arg(&out)
+            .arg("--report")
+            .arg(&report),
+    );
+    let s = read_json(&out);
+    let listed = s["evald"]["unevaluated_labels"].as_array().unwrap();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["label"], 5);
+    assert_eq!(listed[0]["prediction_voxels"], 7);
+    assert_eq!(listed[0]["reference_voxels"], 0);
+    // Scored as background: the prediction equals the reference on the task's classes.
+    let m = &s["metric_per_case"][0]["metrics"];
+    for class in ["1", "2"] {
+        assert_eq!(
+            (&m[class]["FP"], &m[class]["FN"]),
+            (&json!(0), &json!(0)),
+            "{m}"
+        );
+    }
+    use calamine::{open_workbook, Reader, Xlsx};
+    let mut wb: Xlsx<_> = open_workbook(&report).unwrap();
+    let cases = wb.worksheet_range("Cases").unwrap();
+    let note = cases
+        .rows()
+        .flat_map(|r| r.iter().map(|c| c.to_string()))
+        .find(|c| c.contains("outside the task's classes"))
+        .expect("a note in the Cases sheet");
+    assert!(
+        note.contains("label 5 (prediction 7 voxels, reference 0)"),
+        "{note}"
+    );
+}
