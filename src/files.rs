@@ -150,6 +150,17 @@ pub fn read_text_bounded(path: &Path, limit: u64) -> Result<String, FileError> {
     })
 }
 
+/// sha256 of everything `r` yields, hex (model identity for dedup, reports, snapshots).
+///
+/// # Errors
+/// I/O errors reading.
+pub fn sha256_hex(mut r: impl Read) -> std::io::Result<String> {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    std::io::copy(&mut r, &mut h)?;
+    Ok(hex::encode(h.finalize()))
+}
+
 /// A temp file (`.tmp*.tmp`, which the drop-folder watcher ignores) in `dir` for an
 /// output that is then renamed into place: mode 0666 less the process umask, group from
 /// the folder where it is set-group-ID.

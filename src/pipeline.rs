@@ -408,14 +408,3 @@ pub fn score_folder(
     }
     evaluate(data, spec, &Files, on_progress, &AtomicBool::new(false))
 }
-
-/// sha256 of everything `r` yields, hex (model identity for dedup and reports).
-///
-/// # Errors
-/// I/O errors reading.
-pub fn sha256_reader(mut r: impl std::io::Read) -> std::io::Result<String> {
-    use sha2::Digest;
-    let mut h = sha2::Sha256::new();
-    std::io::copy(&mut r, &mut h)?;
-    Ok(hex::encode(h.finalize()))
-}

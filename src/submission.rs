@@ -202,7 +202,7 @@ pub fn prepare(dir: &Path, task: &TaskSettings) -> Result<Prepared, SubmissionEr
         return Err(model_err("is empty (was the copy interrupted?)".into()));
     }
     let model_sha256 =
-        pipeline::sha256_reader(file).map_err(|e| model_err(format!("unreadable: {e}")))?;
+        crate::files::sha256_hex(file).map_err(|e| model_err(format!("unreadable: {e}")))?;
     let infer = manifest.infer_spec(dir, task)?;
     let abs = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
     let name = abs.file_name().map(|s| s.to_string_lossy().into_owned());

@@ -258,7 +258,7 @@ impl Model {
     ) -> Result<Self, InferError> {
         let device = device::parse(device_name)?;
         let bytes = crate::files::read_bounded(path, MAX_MODEL_BYTES)?;
-        let found = crate::pipeline::sha256_reader(&bytes[..])
+        let found = crate::files::sha256_hex(&bytes[..])
             .map_err(|e| InferError::Torch(format!("hashing {}: {e}", path.display())))?;
         if found != sha256 {
             return Err(InferError::Changed {

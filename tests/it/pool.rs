@@ -347,7 +347,7 @@ fn workers_load_only_the_model_bytes_that_were_recorded() {
     );
     assert!(e.to_string().contains("is not the 000000"), "{e}");
     let bytes = std::fs::read(&j.model).unwrap();
-    j.model_sha256 = Some(evald::pipeline::sha256_reader(&bytes[..]).unwrap());
+    j.model_sha256 = Some(evald::files::sha256_hex(&bytes[..]).unwrap());
     let pool = start(&settings(1, 60, 1), &j);
     let (cases, failures, _) = evaluate(&pool, &data);
     assert_eq!((cases.len(), failures.len()), (1, 0), "{failures:?}");
