@@ -15,6 +15,22 @@ use crate::daemon::{
 };
 use crate::util::read_json;
 
+/// A submission whose model never returns: the pool's hang fixture on input windowed so
+/// that every voxel is 1.0 (the fixture's "bright" input, on which it loops forever).
+fn write_hanging_submission(dir: &Path) {
+    let hang = std::fs::read(crate::util::data("models/pool_hang.pt")).unwrap();
+    write_files(
+        dir,
+        &[
+            ("model.pt", &hang),
+            (
+                "submission.toml",
+                b"input = \"slices2d\"\nwindow = { level = -2000, width = 10 }\n",
+            ),
+        ],
+    );
+}
+
 fn mkfifo(p: &Path) {
     let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
     // SAFETY: a valid NUL-terminated path.
@@ -202,19 +218,8 @@ fn a_model_that_always_hangs_ends_with_a_report_and_an_email_that_say_why() {
         ..Opts::default()
     });
     let d = Daemon::start(&env);
-    let hang = std::fs::read(crate::util::data("models/pool_hang.pt")).unwrap();
     let dir = env.sub("t/acme/hang");
-    // Every windowed voxel is 1.0: the fixture's "bright" input, on which it loops forever.
-    write_files(
-        &dir,
-        &[
-            ("model.pt", &hang),
-            (
-                "submission.toml",
-                b"input = \"slices2d\"\nwindow = { level = -2000, width = 10 }\n",
-            ),
-        ],
-    );
+    write_hanging_submission(&dir);
     let s = wait_state(&env, &d, &dir, &[State::Mailed]);
     let summary = read_json(&dir.join("summary.json"));
     let why = summary["evald"]["run"]["stopped_early"]
@@ -702,18 +707,8 @@ fn an_upload_in_chunks_while_the_queue_is_busy_is_one_submission() {
     });
     let d = Daemon::start(&env);
     // Hold the queue: a model that never returns (case timeout 600 s).
-    let hang = std::fs::read(crate::util::data("models/pool_hang.pt")).unwrap();
     let busy = env.sub("t/acme/busy");
-    write_files(
-        &busy,
-        &[
-            ("model.pt", &hang),
-            (
-                "submission.toml",
-                b"input = \"slices2d\"\nwindow = { level = -2000, width = 10 }\n",
-            ),
-        ],
-    );
+    write_hanging_submission(&busy);
     wait_state(&env, &d, &busy, &[State::Running]);
 
     let model = demo_model();
