@@ -15,7 +15,7 @@ use crate::config::{self, Settings, TaskSettings};
 use crate::dataset;
 use crate::evaluation::{fixed, Evaluation, RunMeta};
 use crate::infer::Model;
-use crate::metrics::{self, EvalSpec};
+use crate::metrics::EvalSpec;
 use crate::pipeline::{self, LocalPredictor, Progress};
 use crate::submission;
 
@@ -169,7 +169,10 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Run(a) => run_submission(a).map(|_| ()),
         Command::Demo(a) => demo(a),
         Command::Serve(a) => crate::daemon::serve(&a.config),
-        Command::CheckConfig(a) => crate::daemon::check_config(&a.config),
+        Command::CheckConfig(a) => match crate::daemon::check_config(&a.config)? {
+            crate::daemon::ConfigCheck::Ok => Ok(()),
+            crate::daemon::ConfigCheck::Problems(_) => Err(Exit(2).into()),
+        },
         Command::Status(a) => crate::daemon::status(&a),
         Command::Requeue(a) => crate::daemon::requeue(&a),
         Command::Worker(a) => {
@@ -281,7 +284,7 @@ fn score(a: ScoreArgs) -> Result<()> {
         ..Default::default()
     };
     let eval = Evaluation::new(spec, cases, failures, meta);
-    metrics::summary::write(&eval, &a.out)
+    crate::evaluation::summary::write(&eval, &a.out)
         .with_context(|| format!("writing {}", a.out.display()))?;
     print_headline(&eval);
     println!("summary: {}", a.out.display());

@@ -336,16 +336,8 @@ pub struct DaemonSettings {
     pub retry_backoff: std::time::Duration,
 }
 
-/// Worker sandbox policy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-pub enum SandboxPolicy {
-    /// Refuse to run a worker without every layer.
-    Required,
-    /// Apply what the kernel offers, warn about the rest.
-    BestEffort,
-    /// No sandbox (trusted models only).
-    Off,
-}
+/// Worker sandbox policy (`pool.sandbox`): one type, owned by the sandbox.
+pub use crate::sandbox::Policy as SandboxPolicy;
 
 /// Validated `[pool]`.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]

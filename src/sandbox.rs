@@ -39,7 +39,17 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::pool::protocol::Policy;
+/// How strictly the worker must sandbox itself (`pool.sandbox` in the config; sent to each worker in its `Init`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Policy {
+    /// Refuse to run unless every layer is in force.
+    Required,
+    /// Apply what the kernel offers, warn about the rest.
+    BestEffort,
+    /// No sandbox.
+    Off,
+}
 
 /// What the worker must be able to reach.
 #[derive(Debug, Clone, PartialEq)]

@@ -290,7 +290,7 @@ pub enum OutputError {
 /// [`OutputError`] naming the file.
 pub fn write_outputs(eval: &Evaluation, dir: &Path) -> Result<(PathBuf, PathBuf), OutputError> {
     let summary = dir.join(SUMMARY_JSON);
-    crate::metrics::summary::write(eval, &summary).map_err(|source| OutputError::Summary {
+    crate::evaluation::summary::write(eval, &summary).map_err(|source| OutputError::Summary {
         path: summary.clone(),
         source,
     })?;

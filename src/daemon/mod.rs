@@ -33,7 +33,9 @@ use crate::evaluation::Evaluation;
 use crate::store::{self, State, StoreError, StoreHandle};
 use crate::watch::{self as dropwatch, Tracker, WatchError};
 
-pub use admin::{check_config, config_problems, requeue, status, RequeueArgs, StatusArgs};
+pub use admin::{
+    check_config, config_problems, requeue, status, ConfigCheck, RequeueArgs, StatusArgs,
+};
 pub use demo::{run_demo, DemoOutcome};
 
 /// Why the daemon could not start or had to stop.

@@ -6,8 +6,9 @@
 //! - [`surface`]: boundary distances (HD, HD95, ASSD, NSD) from one exact EDT per mask pair
 //!   and direction ([`edt`]), on the union bounding box of the masks ([`crop`]);
 //! - [`lesion`]: connected components and one-to-one lesion matching ([`hungarian`]);
-//! - [`aggregate`]: per-class statistics over cases, bootstrap CIs, patient-level diagnosis;
-//! - [`summary`]: `summary.json` (nnU-Net keys, strict JSON).
+//! - [`aggregate`]: per-class statistics over cases, bootstrap CIs, patient-level diagnosis.
+//!
+//! `summary.json` is written from a whole evaluation by [`crate::evaluation::summary`].
 //!
 //! [`evaluate_case`] is the one entry point per case: it checks geometry (reorienting the
 //! prediction when the grids differ only by axis permutation/flips), then computes
@@ -20,7 +21,6 @@ pub mod edt;
 pub mod hungarian;
 pub mod lesion;
 pub mod overlap;
-pub mod summary;
 pub mod surface;
 mod surfel_table;
 

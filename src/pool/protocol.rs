@@ -33,27 +33,7 @@ pub const MAX_FRAME: usize = 1 << 20;
 /// The worker's protocol output descriptor (a copy of its original stdout pipe).
 pub const PROTO_FD: i32 = 3;
 
-/// How strictly the worker must sandbox itself (mirrors `pool.sandbox`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Policy {
-    /// Refuse to run unless every layer is in force.
-    Required,
-    /// Apply what the kernel offers, warn about the rest.
-    BestEffort,
-    /// No sandbox.
-    Off,
-}
-
-impl From<crate::config::SandboxPolicy> for Policy {
-    fn from(p: crate::config::SandboxPolicy) -> Self {
-        match p {
-            crate::config::SandboxPolicy::Required => Policy::Required,
-            crate::config::SandboxPolicy::BestEffort => Policy::BestEffort,
-            crate::config::SandboxPolicy::Off => Policy::Off,
-        }
-    }
-}
+pub use crate::sandbox::Policy;
 
 /// Everything a worker needs before it can take cases.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -12,7 +12,7 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use super::protocol::{
-    self, CaseErrorKind, FatalKind, FromWorker, Init, Policy, ProbeReport, ToWorker, PROTO_VERSION,
+    self, CaseErrorKind, FatalKind, FromWorker, Init, ProbeReport, ToWorker, PROTO_VERSION,
 };
 use super::spawn::{self, SpawnSpec};
 use super::{Event, Outcome, PoolError, Shared, SlotEvent, SlotState, Task, WINDOW};
@@ -433,7 +433,7 @@ fn start_worker(
         threads: sh.settings.threads_per_worker.max(1),
         read_only: sh.read_only.clone(),
         scratch,
-        sandbox: Policy::from(sh.settings.sandbox),
+        sandbox: sh.settings.sandbox,
         heartbeat_ms: HEARTBEAT.as_millis() as u64,
     };
     if let Err(e) = live.send(&ToWorker::Init(init)) {

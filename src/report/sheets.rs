@@ -322,7 +322,7 @@ pub(crate) fn summary(
     // Conventions.
     r += 3;
     ws.write_string_with_format(r, 0, "Conventions used", &st.subtitle)?;
-    let conv = crate::metrics::summary::conventions(eval);
+    let conv = crate::evaluation::summary::conventions(eval);
     if let Some(obj) = conv.as_object() {
         for (k, v) in obj {
             r += 1;

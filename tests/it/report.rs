@@ -96,7 +96,7 @@ pub fn openkbp_predictions() -> PathBuf {
 /// Write summary.json and report.xlsx of `eval` into `dir`.
 pub fn write_both(eval: &Evaluation, dir: &Path) -> (serde_json::Value, PathBuf) {
     let summary = dir.join("summary.json");
-    metrics::summary::write(eval, &summary).unwrap();
+    evald::evaluation::summary::write(eval, &summary).unwrap();
     let report = dir.join("report.xlsx");
     evald::report::write(eval, &report).unwrap();
     (crate::util::read_json(&summary), report)

@@ -8,8 +8,8 @@ use std::path::Path;
 
 use serde_json::{json, Map, Value};
 
-use super::aggregate::{class_value, CLASS_KEYS};
-use crate::evaluation::Evaluation;
+use super::Evaluation;
+use crate::metrics::aggregate::{class_value, CLASS_KEYS};
 
 /// The conventions used, named in every output.
 pub fn conventions(eval: &Evaluation) -> Value {

@@ -1,5 +1,8 @@
 //! The result of one evaluation, as every output (summary.json, report, email, store)
-//! sees it: scored cases, failed cases, aggregates and what produced them.
+//! sees it: scored cases, failed cases, aggregates and what produced them; [`summary`]
+//! writes it as `summary.json` (nnU-Net keys, strict JSON).
+
+pub mod summary;
 
 use std::path::PathBuf;
 
