@@ -7,6 +7,7 @@
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
+use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -14,9 +15,10 @@ use clap::{Parser, Subcommand};
 use crate::config::{self, Settings, TaskSettings};
 use crate::dataset;
 use crate::evaluation::{fixed, Evaluation, RunMeta};
+use crate::exec::InProcess;
 use crate::infer::Model;
 use crate::metrics::EvalSpec;
-use crate::pipeline::{self, LocalPredictor, Progress};
+use crate::pipeline::{self, Progress};
 use crate::submission;
 
 /// evald: evaluates vendors' 3D segmentation models on a held-out CT test set.
@@ -229,10 +231,6 @@ pub fn progress_reporter(what: &str) -> impl Fn(Progress) + Sync {
     }
 }
 
-fn now() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-}
-
 fn score(a: ScoreArgs) -> Result<()> {
     let data = dataset::pair_predictions(&a.predictions, &a.labels)?;
     for p in &data.problems {
@@ -269,7 +267,7 @@ fn score(a: ScoreArgs) -> Result<()> {
         c.nsd_tolerance_mm = a.nsd_tolerance;
         c.lesion = a.lesion_classes.contains(&c.label);
     }
-    let started = now();
+    let started = crate::evaluation::timestamp_now();
     let (cases, failures, times) =
         pipeline::score_folder(&data, &spec, &progress_reporter("scoring"));
     let meta = RunMeta {
@@ -279,7 +277,7 @@ fn score(a: ScoreArgs) -> Result<()> {
         dataset_hash: dataset::manifest_hash(&data),
         evald_version: env!("CARGO_PKG_VERSION").into(),
         started,
-        finished: now(),
+        finished: crate::evaluation::timestamp_now(),
         timings: times.pairs(),
         ..Default::default()
     };
@@ -359,12 +357,10 @@ pub fn resolve_task<'a>(
             )
         });
     }
-    let from_path = submission.canonicalize().ok().and_then(|p| {
-        p.parent()?
-            .parent()?
-            .file_name()
-            .map(|s| s.to_string_lossy().into_owned())
-    });
+    let from_path = submission
+        .canonicalize()
+        .ok()
+        .and_then(|p| crate::layout::named(&p).task);
     if let Some(t) = from_path.and_then(|t| settings.tasks.get(&t)) {
         return Ok(t);
     }
@@ -394,18 +390,17 @@ pub fn run_submission(a: RunArgs) -> Result<Evaluation> {
             &device,
             sub.infer.clone(),
         )?;
-        let predictor = LocalPredictor::new(model, &device);
+        let backend = InProcess::new(model, &device);
         submission::evaluate(
             &sub,
             task,
-            &predictor,
-            vec![device],
+            &backend,
             Some(settings.digest()),
             &progress_reporter("evaluating"),
             &AtomicBool::new(false),
         )?
     } else {
-        crate::pool::evaluate_with_pool(
+        evaluate_with_backend(
             &settings,
             &sub,
             task,
@@ -421,6 +416,44 @@ pub fn run_submission(a: RunArgs) -> Result<Evaluation> {
         Ok(sent) => println!("email: {sent}"),
         Err(e) => println!("email: not sent: {e}"),
     }
+    Ok(eval)
+}
+
+/// Evaluate a prepared submission with the configured execution backend (`device`
+/// replaces `pool.devices` when given), on a snapshot of its model in a scratch folder of
+/// this run. Logs forward time against wall time.
+fn evaluate_with_backend(
+    settings: &Settings,
+    sub: &submission::Prepared,
+    task: &TaskSettings,
+    device: Option<&str>,
+    on_progress: &(dyn Fn(Progress) + Sync),
+) -> Result<Evaluation> {
+    let mut settings = settings.clone();
+    if let Some(d) = device {
+        settings.pool.devices = vec![d.to_string()];
+    }
+    let scratch = tempfile::Builder::new()
+        .prefix("evald-pool-")
+        .tempdir()
+        .context("creating the workers' scratch folder")?;
+    // Workers load this copy, never the file a vendor may still be replacing.
+    let model = sub.snapshot(&scratch.path().join("models"))?;
+    let t0 = Instant::now();
+    let backend = crate::backend::start(&settings, &sub.job(&model, task, scratch.path()))
+        .with_context(|| format!("starting the workers for {}", sub.model_path.display()))?;
+    let started = t0.elapsed().as_secs_f64();
+    let eval = submission::evaluate(
+        sub,
+        task,
+        backend.as_ref(),
+        Some(settings.digest()),
+        on_progress,
+        &AtomicBool::new(false),
+    )?;
+    backend
+        .totals()
+        .log(backend.workers(), started, t0.elapsed().as_secs_f64());
     Ok(eval)
 }
 

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use sha2::Digest;
 
-use crate::infer::{InputKind, OutputKind, Window};
+use crate::infer::{rules, InputKind, OutputKind, SpecError, Window};
 use crate::metrics::{ClassSpec, EvalSpec};
 
 /// Default configuration file.
@@ -530,12 +530,10 @@ fn parse_enum<T: Copy>(
     }
 }
 
-/// Check a device name (`cpu`, `cuda`, `cuda:N`).
+/// Check a device name (`cpu`, `cuda`, `cuda:N`; the grammar is
+/// [`crate::infer::device::DeviceName`]'s).
 pub fn valid_device(d: &str) -> bool {
-    d == "cpu"
-        || d == "cuda"
-        || d.strip_prefix("cuda:")
-            .is_some_and(|n| n.parse::<usize>().is_ok())
+    crate::infer::device::DeviceName::parse(d).is_some()
 }
 
 impl RawSettings {
@@ -845,53 +843,29 @@ fn validate_task(name: &str, t: &RawTask, p: &mut Vec<Problem>) -> Option<TaskSe
             }),
         }
     }
-    if !(t.window.width.is_finite() && t.window.width > 0.0 && t.window.level.is_finite()) {
-        p.push(Problem {
-            key: key("window"),
-            message: "width must be > 0 and level a number".into(),
-        });
-    }
-    let input = match t.input.as_str() {
-        "slices2d" => Some(InputKind::Slices2d),
-        "volume3d" => Some(InputKind::Volume3d),
-        other => {
+    // The same rules as a vendor's submission.toml (infer::rules): a default the admin
+    // can set is one every vendor's manifest may keep.
+    let mut check = |r: Result<(), SpecError>| {
+        if let Err(e) = r {
             p.push(Problem {
-                key: key("input"),
-                message: format!("'{other}' is not slices2d or volume3d"),
+                key: key(e.key),
+                message: e.message,
             });
-            None
         }
     };
-    let output = match OutputKind::parse(&t.output) {
-        Some(o) => Some(o),
-        None => {
-            p.push(Problem {
-                key: key("output"),
-                message: format!("'{}' is not logits, probabilities or labels", t.output),
-            });
-            None
-        }
-    };
-    let overlap = t.overlap.unwrap_or(0.5);
-    if !(0.0..0.95).contains(&overlap) {
-        p.push(Problem {
-            key: key("overlap"),
-            message: "must be in [0, 0.95)".into(),
-        });
-    }
+    let window = rules::window(t.window.level, t.window.width);
+    check(window.as_ref().map(|_| ()).map_err(Clone::clone));
+    let input = rules::input(&t.input);
+    check(input.as_ref().map(|_| ()).map_err(Clone::clone));
+    let output = rules::output(&t.output);
+    check(output.as_ref().map(|_| ()).map_err(Clone::clone));
+    let overlap = rules::overlap(t.overlap.unwrap_or(0.5));
+    check(overlap.as_ref().map(|_| ()).map_err(Clone::clone));
     if let Some(b) = t.batch_size {
-        if !(1..=4096).contains(&b) {
-            p.push(Problem {
-                key: key("batch_size"),
-                message: "must be 1..=4096".into(),
-            });
-        }
+        check(rules::batch_size(b).map(|_| ()));
     }
-    if t.patch_size.is_some_and(|ps| ps.contains(&0)) {
-        p.push(Problem {
-            key: key("patch_size"),
-            message: "every patch dimension must be at least 1".into(),
-        });
+    if let Some(ps) = t.patch_size {
+        check(rules::patch_size(ps).map(|_| ()));
     }
     for r in &t.recipients {
         if r.parse::<lettre::message::Mailbox>().is_err() {
@@ -922,22 +896,18 @@ fn validate_task(name: &str, t: &RawTask, p: &mut Vec<Problem>) -> Option<TaskSe
         min_lesion_mm3: t.min_lesion_mm3,
         lesion_iou_threshold: t.lesion_iou_threshold,
     };
-    let input = input?;
+    let (Ok(window), Ok(input), Ok(output), Ok(overlap)) = (window, input, output, overlap) else {
+        return None;
+    };
     Some(TaskSettings {
         name: name.to_string(),
         images: t.images.clone(),
         labels: t.labels.clone(),
         eval,
-        window: Window {
-            level: t.window.level as f32,
-            width: t.window.width as f32,
-        },
+        window,
         input,
-        output: output?,
-        batch_size: t.batch_size.unwrap_or(match input {
-            InputKind::Slices2d => 16,
-            InputKind::Volume3d => 1,
-        }),
+        output,
+        batch_size: t.batch_size.unwrap_or(input.default_batch_size()),
         patch_size: t.patch_size.unwrap_or([64, 128, 128]),
         overlap,
         recipients: t.recipients.clone(),
@@ -953,6 +923,49 @@ mod tests {
         let p = dir.join("evald.toml");
         std::fs::write(&p, body).unwrap();
         p
+    }
+
+    #[test]
+    fn task_defaults_follow_the_same_rules_as_a_vendor_manifest() {
+        let dir = tempfile::tempdir().unwrap();
+        for (sub, file) in [("images", "c_0000.nii.gz"), ("labels", "c.nii.gz")] {
+            std::fs::create_dir(dir.path().join(sub)).unwrap();
+            std::fs::write(dir.path().join(sub).join(file), b"").unwrap();
+        }
+        let task = |extra: &str| {
+            format!(
+                "[tasks.t]\nimages = \"{0}/images\"\nlabels = \"{0}/labels\"\nclasses = {{ 1 = \"a\" }}\n{extra}\n",
+                dir.path().display()
+            )
+        };
+        // A default the manifest would refuse (patch over 1024) once made every vendor's
+        // submission fail: it is the admin's error, reported by the config.
+        let p = write(
+            dir.path(),
+            &task(
+                "patch_size = [1025, 64, 64]\noverlap = 0.95\nwindow = { level = 40, width = 0 }",
+            ),
+        );
+        let ConfigError::Invalid { problems, .. } = load(&p).unwrap_err() else {
+            panic!("expected Invalid");
+        };
+        let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+        for k in ["tasks.t.patch_size", "tasks.t.overlap", "tasks.t.window"] {
+            assert!(keys.contains(&k), "{k} missing from {keys:?}");
+        }
+        // The largest defaults the config takes are ones an empty manifest keeps.
+        let p = write(
+            dir.path(),
+            &task("input = \"volume3d\"\npatch_size = [1024, 1024, 1024]\nbatch_size = 4096\noverlap = 0.94"),
+        );
+        let s = load(&p).unwrap();
+        let spec = crate::manifest::Manifest::default()
+            .infer_spec(dir.path(), &s.tasks["t"])
+            .unwrap();
+        assert_eq!(
+            (spec.patch_size, spec.batch_size),
+            ([1024, 1024, 1024], 4096)
+        );
     }
 
     #[test]

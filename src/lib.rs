@@ -1,39 +1,57 @@
 //! evald evaluates vendors' 3D medical-image segmentation models.
 //!
-//! A vendor drops a TorchScript model into a folder; evald runs it over a held-out CT test
-//! set, scores every case against the reference labels, writes an Excel report and a
+//! A vendor drops a model into a folder; evald runs it over a held-out CT test set,
+//! scores every case against the reference labels, writes an Excel report and a
 //! `summary.json` next to the submission and emails the team.
 //!
-//! # Layout (data flows top to bottom)
+//! # Layers (each imports only from the layers below it; no two modules import each other)
+//! Edges: the service and the command line.
+//! - [`daemon`]: the service (`evald serve`), signals, systemd, admin commands;
+//! - [`cli`]: the command line (raw arguments -> the library);
+//! - [`worker`]: the inside of one sandboxed worker process (`evald worker`).
+//!
+//! Submissions and their outputs.
+//! - [`watch`]: the drop folder: which submission folders exist, when each is complete;
+//! - [`submission`]: one vendor submission folder: validate, the execution job it asks
+//!   for, evaluate, write outputs;
+//! - [`mail`]: the summary email and its durable outbox;
+//! - [`report`]: the Excel workbook; [`plot`]: the Dice box/strip plot (PNG);
+//! - [`manifest`]: the vendor's `submission.toml`.
+//!
+//! One evaluation.
+//! - [`pipeline`]: predict and score cases concurrently, on any execution backend;
+//! - [`evaluation`]: the result of an evaluation as every output sees it, and
+//!   `summary.json`;
+//! - [`metrics`]: every number in METRICS.md, case by case and aggregated.
+//!
+//! Execution (knows nothing of submissions, reports or mail).
+//! - [`backend`]: which execution backend runs an evaluation (today the local pool);
+//! - [`exec`]: the backend interface the pipeline calls ([`exec::Backend`], [`exec::Job`]);
+//! - [`pool`]: the supervised local worker pool; [`sandbox`]: what a worker may still do;
+//! - [`infer`]: model formats and their runtimes (TorchScript via libtorch), the
+//!   runtime-neutral windowing and tiling, devices.
+//!
+//! Foundations.
 //! - [`config`]: the admin's TOML, raw -> validated [`config::Settings`];
+//! - [`layout`]: the drop folder's layout `<task>/<vendor>/<name>` and its file names;
+//! - [`dataset`]: test-set folders, case pairing (nnU-Net naming);
+//! - [`volume`]: NIfTI reading/writing with limits, grids and reorientation;
 //! - [`files`]: opening files others control (regular files only, bounded reads) and
 //!   creating outputs others read (umask, not 0600);
-//! - [`dataset`]: test-set folders, case pairing (nnU-Net naming);
-//! - [`manifest`]: the vendor's `submission.toml`;
-//! - [`volume`]: NIfTI reading/writing with limits, grids and reorientation;
-//! - [`infer`]: TorchScript inference (2D slices, 3D sliding window), devices;
-//! - [`pipeline`]: one evaluation: predict and score cases concurrently;
-//! - [`pool`], [`worker`], [`sandbox`]: inference in supervised, sandboxed worker processes;
-//! - [`metrics`]: every number in METRICS.md, and `summary.json`;
-//! - [`evaluation`]: the result of an evaluation as every output sees it;
-//! - [`submission`]: one vendor submission folder: validate, evaluate, write outputs;
-//! - [`report`]: the Excel workbook;
-//! - [`plot`]: the Dice box/strip plot (PNG) for the report and the email;
-//! - [`mail`]: the summary email and its durable outbox;
-//! - [`phantom`]: generated CT-like data and a generated model (demo, tests, benches);
-//! - [`watch`]: the drop folder: which submission folders exist, when each is complete;
 //! - [`store`]: the SQLite record of every submission and its state;
-//! - [`daemon`]: the service (`evald serve`), signals, systemd, admin commands;
 //! - [`logging`]: stderr for commands, rolling files + stderr for the service;
-//! - [`cli`]: the command line.
+//! - [`phantom`]: generated CT-like data and a generated model (demo, tests, benches).
 
+pub mod backend;
 pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod dataset;
 pub mod evaluation;
+pub mod exec;
 pub mod files;
 pub mod infer;
+pub mod layout;
 pub mod logging;
 pub mod mail;
 pub mod manifest;

@@ -7,12 +7,10 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::config::TaskSettings;
-use crate::infer::{InferSpec, InputKind, OutputKind, Window};
+use crate::infer::{rules, InferSpec, ModelFormat, SpecError};
 
 /// Manifest file name in a submission folder.
-pub const MANIFEST: &str = "submission.toml";
-/// Default model file name in a submission folder.
-pub const MODEL: &str = "model.pt";
+pub use crate::layout::MANIFEST;
 /// A manifest is a dozen short keys; anything larger is refused unread (bytes a vendor
 /// controls are never amplified into logs, the store or `REJECTED.txt`).
 pub const MAX_MANIFEST_BYTES: u64 = 64 * 1024;
@@ -21,7 +19,9 @@ pub const MAX_MANIFEST_BYTES: u64 = 64 * 1024;
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Manifest {
-    /// Model file inside the submission folder (default `model.pt`).
+    /// Model format (default `torchscript`).
+    pub format: Option<String>,
+    /// Model file inside the submission folder (default: the format's, `model.pt`).
     pub model: Option<String>,
     /// `slices2d` | `volume3d`.
     pub input: Option<String>,
@@ -95,12 +95,33 @@ pub fn read(dir: &Path) -> Result<Manifest, ManifestError> {
 }
 
 impl Manifest {
-    /// The model file this manifest names, inside `dir` (no path separators allowed).
+    /// The model's format: `format` as written, or TorchScript.
     ///
     /// # Errors
-    /// [`ManifestError::Value`] when `model` is not a plain file name.
+    /// [`ManifestError::Value`] naming the formats evald runs.
+    pub fn format(&self, dir: &Path) -> Result<ModelFormat, ManifestError> {
+        let Some(f) = self.format.as_deref() else {
+            return Ok(ModelFormat::TorchScript);
+        };
+        ModelFormat::parse(f).ok_or_else(|| ManifestError::Value {
+            path: dir.join(MANIFEST),
+            key: "format",
+            message: format!(
+                "'{f}' is not a model format evald runs; use one of: {}",
+                ModelFormat::ALL.map(ModelFormat::key).join(", ")
+            ),
+        })
+    }
+
+    /// The model file this manifest names, inside `dir` (no path separators allowed), or
+    /// the format's default file name.
+    ///
+    /// # Errors
+    /// [`ManifestError::Value`] when `model` is not a plain file name or `format` is
+    /// unknown.
     pub fn model_path(&self, dir: &Path) -> Result<PathBuf, ManifestError> {
-        let name = self.model.as_deref().unwrap_or(MODEL);
+        let default = self.format(dir)?.default_file();
+        let name = self.model.as_deref().unwrap_or(default);
         if name.is_empty() || name.contains('/') || name == "." || name == ".." {
             return Err(ManifestError::Value {
                 path: dir.join(MANIFEST),
@@ -117,80 +138,34 @@ impl Manifest {
     /// [`ManifestError::Value`] naming the key that is out of range.
     pub fn infer_spec(&self, dir: &Path, task: &TaskSettings) -> Result<InferSpec, ManifestError> {
         let path = dir.join(MANIFEST);
-        let bad = |key: &'static str, message: String| ManifestError::Value {
+        let v = |e: SpecError| ManifestError::Value {
             path: path.clone(),
-            key,
-            message,
+            key: e.key,
+            message: e.message,
         };
         let input = match self.input.as_deref() {
             None => task.input,
-            Some("slices2d") => InputKind::Slices2d,
-            Some("volume3d") => InputKind::Volume3d,
-            Some(o) => {
-                return Err(bad(
-                    "input",
-                    format!("'{o}': use \"slices2d\" or \"volume3d\""),
-                ))
-            }
+            Some(s) => rules::input(s).map_err(v)?,
         };
         let output = match self.output.as_deref() {
             None => task.output,
-            Some(o) => OutputKind::parse(o).ok_or_else(|| {
-                bad(
-                    "output",
-                    format!("'{o}': use \"logits\", \"probabilities\" or \"labels\""),
-                )
-            })?,
+            Some(s) => rules::output(s).map_err(v)?,
         };
-        let batch_size =
-            self.batch_size
-                .unwrap_or(if self.input.is_some() && input != task.input {
-                    if input == InputKind::Slices2d {
-                        16
-                    } else {
-                        1
-                    }
-                } else {
-                    task.batch_size
-                });
-        if !(1..=4096).contains(&batch_size) {
-            return Err(bad("batch_size", format!("{batch_size}: use 1..=4096")));
-        }
-        let patch_size = self.patch_size.unwrap_or(task.patch_size);
-        if patch_size.iter().any(|&p| !(1..=1024).contains(&p)) {
-            return Err(bad(
-                "patch_size",
-                format!("{patch_size:?}: each of D, H, W must be 1..=1024"),
-            ));
-        }
-        let overlap = self.overlap.unwrap_or(task.overlap);
-        if !(0.0..0.95).contains(&overlap) {
-            return Err(bad(
-                "overlap",
-                format!("{overlap}: use a fraction in [0, 0.95)"),
-            ));
-        }
-        let pad_multiple = self.pad_multiple.unwrap_or(1);
-        if !(1..=256).contains(&pad_multiple) {
-            return Err(bad("pad_multiple", format!("{pad_multiple}: use 1..=256")));
-        }
+        // A manifest that changes the input kind gets that kind's default batch, not the
+        // task's (a 2D default of 16 would be 16 3D patches per call).
+        let batch_size = match self.batch_size {
+            Some(b) => b,
+            None if self.input.is_some() && input != task.input => input.default_batch_size(),
+            None => task.batch_size,
+        };
+        let batch_size = rules::batch_size(batch_size).map_err(v)?;
+        let patch_size =
+            rules::patch_size(self.patch_size.unwrap_or(task.patch_size)).map_err(v)?;
+        let overlap = rules::overlap(self.overlap.unwrap_or(task.overlap)).map_err(v)?;
+        let pad_multiple = rules::pad_multiple(self.pad_multiple.unwrap_or(1)).map_err(v)?;
         let window = match self.window {
             None => task.window,
-            Some(w) if w.width > 0.0 && w.width.is_finite() && w.level.is_finite() => Window {
-                level: w.level as f32,
-                width: w.width as f32,
-            },
-            Some(w) => {
-                let why = if !w.level.is_finite() {
-                    "level must be a finite number of HU"
-                } else {
-                    "width must be a finite number of HU > 0"
-                };
-                return Err(bad(
-                    "window",
-                    format!("level {} width {}: {why}", w.level, w.width),
-                ));
-            }
+            Some(w) => rules::window(w.level, w.width).map_err(v)?,
         };
         let num_classes = task
             .eval

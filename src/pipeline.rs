@@ -1,8 +1,9 @@
 //! One evaluation, start to finish: cases -> predictions -> scores -> [`Evaluation`].
 //!
 //! Two stages run at once so neither the model nor the CPU waits for the other:
-//! - **predict**: `Predictor::concurrency()` threads take cases in order and ask the
-//!   [`Predictor`] for a label map (in this process, or from the worker pool);
+//! - **predict**: `Backend::concurrency()` threads take cases in order and ask the
+//!   execution [`Backend`] for a label map (the worker pool, this process, or a folder of
+//!   finished predictions);
 //! - **score**: scoring threads take finished predictions from a bounded queue, decode the
 //!   reference labels and compute every metric.
 //!
@@ -10,101 +11,16 @@
 //! `concurrency + QUEUE + scorers` predictions exist at any time. Failures of one case (a
 //! model error, a bad reference file, a timeout) are recorded and the rest goes on.
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Instant;
 
 use crate::dataset::{CaseFiles, Dataset};
 use crate::evaluation::{Failure, Stage};
-use crate::infer::{InferError, Model, PredictStats};
+use crate::exec::{Backend, Prediction};
+use crate::infer::PredictStats;
 use crate::metrics::{self, CaseMetrics, EvalSpec};
-use crate::volume::{self, LabelVolume};
-
-/// A prediction for one case.
-#[derive(Debug)]
-pub struct Prediction {
-    /// The label map on the image grid.
-    pub labels: LabelVolume,
-    /// Where it was written, if it was (pool workers write files; shown in summary.json).
-    pub file: Option<PathBuf>,
-    /// Timings.
-    pub stats: PredictStats,
-    /// Device that produced it.
-    pub device: String,
-    /// Attempts it took.
-    pub attempts: u32,
-}
-
-/// Produces label maps for cases. Implemented in-process by [`LocalPredictor`] and by the
-/// worker pool.
-pub trait Predictor: Sync {
-    /// How many `predict` calls may run at once.
-    fn concurrency(&self) -> usize;
-    /// Predict one case.
-    ///
-    /// # Errors
-    /// A [`Failure`] for this case (stage, reason, attempts).
-    fn predict(&self, case: &CaseFiles) -> Result<Prediction, Failure>;
-    /// Why this predictor stopped taking cases before the evaluation ended (the cases
-    /// it refused then are failures saying so); `None` while it runs normally.
-    fn stopped_early(&self) -> Option<String> {
-        None
-    }
-}
-
-/// Runs a [`Model`] in this process (used by `evald run --in-process`, tests and as the
-/// fallback when worker processes are unavailable).
-pub struct LocalPredictor {
-    model: Model,
-    device: String,
-}
-
-impl LocalPredictor {
-    /// Wrap a loaded model.
-    pub fn new(model: Model, device: &str) -> Self {
-        LocalPredictor {
-            model,
-            device: device.to_string(),
-        }
-    }
-}
-
-/// A failure record from an inference error.
-pub fn inference_failure(case: &str, e: &InferError, attempts: u32) -> Failure {
-    Failure {
-        case: case.to_string(),
-        stage: Stage::Inference,
-        reason: e.to_string(),
-        attempts,
-    }
-}
-
-impl Predictor for LocalPredictor {
-    fn concurrency(&self) -> usize {
-        1
-    }
-
-    fn predict(&self, case: &CaseFiles) -> Result<Prediction, Failure> {
-        let image = volume::read_image(&case.input).map_err(|e| Failure {
-            case: case.id.clone(),
-            stage: Stage::Read,
-            reason: e.to_string(),
-            attempts: 1,
-        })?;
-        let (labels, stats) = self
-            .model
-            .predict(&image)
-            .map_err(|e| inference_failure(&case.id, &e, 1))?;
-        Ok(Prediction {
-            labels,
-            file: None,
-            stats,
-            device: self.device.clone(),
-            attempts: 1,
-        })
-    }
-}
+use crate::volume;
 
 /// Progress of an evaluation, for bars and log lines.
 #[derive(Debug, Clone)]
@@ -166,7 +82,7 @@ const QUEUE: usize = 2;
 pub fn evaluate(
     data: &Dataset,
     spec: &EvalSpec,
-    predictor: &dyn Predictor,
+    backend: &dyn Backend,
     on_progress: &(dyn Fn(Progress) + Sync),
     cancel: &AtomicBool,
 ) -> (Vec<CaseMetrics>, Vec<Failure>, StageTimes) {
@@ -190,7 +106,7 @@ pub fn evaluate(
         results.lock().expect("results lock").1.push(f);
     };
     std::thread::scope(|s| {
-        for _ in 0..predictor.concurrency().max(1) {
+        for _ in 0..backend.concurrency().max(1) {
             let tx = tx.clone();
             let (next, results, record_failure) = (&next, &results, &record_failure);
             s.spawn(move || loop {
@@ -200,7 +116,7 @@ pub fn evaluate(
                 let i = next.fetch_add(1, Ordering::SeqCst);
                 let Some(case) = data.cases.get(i) else { break };
                 let t = Instant::now();
-                match predictor.predict(case) {
+                match backend.predict(case) {
                     Ok(p) => {
                         {
                             let mut r = results.lock().expect("results lock");
@@ -348,7 +264,10 @@ pub fn score_folder(
     on_progress: &(dyn Fn(Progress) + Sync),
 ) -> (Vec<CaseMetrics>, Vec<Failure>, StageTimes) {
     struct Files;
-    impl Predictor for Files {
+    impl Backend for Files {
+        fn devices(&self) -> Vec<String> {
+            vec!["file".into()]
+        }
         fn concurrency(&self) -> usize {
             2
         }

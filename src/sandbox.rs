@@ -23,14 +23,18 @@
 //! `pool.sandbox = "required"` refuses to run unless landlock (at least partially) and
 //! seccomp are both in force; `best-effort` logs what is missing; `off` applies nothing.
 //!
+//! What a runtime needs beyond the system's library folders is not decided here: the
+//! worker asks the model's format (`infer::ModelFormat::sandbox_needs`) and passes it in
+//! the [`Plan`] (read-only folders, read-write folders, device nodes).
+//!
 //! GPU path (not testable on the CPU machines this was written on, kept conservative):
 //! the CUDA driver is initialised *before* the sandbox (the worker loads libtorch_cuda and
-//! counts devices first), and the landlock rules add read-write + ioctl on `/dev/nvidia*`
-//! and `/dev/nvidia-caps`, read-write on `/dev/shm`, and read on the CUDA library folders
-//! (`/usr/local/cuda*`, `/usr/local/nvidia`, `LD_LIBRARY_PATH`, the Python site folder
-//! holding libtorch and the `nvidia/*` wheels). If a driver needs more, the worker fails
-//! with a load or forward error naming the denied file, and `pool.sandbox = "off"` is the
-//! escape hatch until the rule is added here.
+//! counts devices first), and the TorchScript runtime asks for read-write + ioctl on
+//! `/dev/nvidia*`, read-write on `/dev/shm`, and read on the CUDA library folders
+//! (`/usr/local/cuda*`, `/usr/local/nvidia`, the Python site folder holding libtorch and
+//! the `nvidia/*` wheels; `LD_LIBRARY_PATH` is granted to every runtime). If a driver
+//! needs more, the worker fails with a load or forward error naming the denied file, and
+//! `pool.sandbox = "off"` is the escape hatch until the rule is added to the runtime.
 //!
 //! The memory cap is not a sandbox layer here: it is a cgroup set up by the supervisor
 //! (`pool::cgroup`), because `RLIMIT_AS` breaks CUDA's address-space reservations.
@@ -60,8 +64,8 @@ pub struct Plan {
     pub read_only: Vec<PathBuf>,
     /// Folders readable and writable (scratch).
     pub read_write: Vec<PathBuf>,
-    /// Whether the worker uses CUDA (adds the GPU device nodes and library folders).
-    pub gpu: bool,
+    /// Device nodes opened read-write with ioctls (the runtime's, e.g. `/dev/nvidia*`).
+    pub devices: Vec<PathBuf>,
 }
 
 /// State of one layer.
@@ -243,8 +247,10 @@ fn unshare_net() -> Layer {
     ))
 }
 
-/// Folders of shared libraries that libtorch / CUDA may `dlopen` after the sandbox is on.
-fn library_dirs(gpu: bool) -> Vec<PathBuf> {
+/// The system's shared-library folders and the loader's configuration, which any runtime
+/// may `dlopen` from after the sandbox is on (a runtime's own folders come in the plan,
+/// from what its runtime declares it needs).
+fn library_dirs() -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = ["/usr/lib", "/usr/lib64", "/lib", "/lib64"]
         .iter()
         .map(PathBuf::from)
@@ -252,29 +258,11 @@ fn library_dirs(gpu: bool) -> Vec<PathBuf> {
     for f in ["/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d"] {
         v.push(f.into());
     }
-    if let Some(lib) = crate::infer::device::libtorch_dir() {
-        // <site>/torch/lib: the site folder also holds the nvidia/* wheels libtorch loads.
-        v.push(lib.ancestors().nth(2).unwrap_or(&lib).to_path_buf());
-    }
     if let Ok(exe) = std::env::current_exe() {
         v.push(exe);
     }
     if let Some(p) = std::env::var_os("LD_LIBRARY_PATH") {
         v.extend(std::env::split_paths(&p).filter(|p| p.is_absolute()));
-    }
-    if gpu {
-        v.extend(
-            ["/usr/local/cuda", "/usr/local/nvidia", "/opt/nvidia"]
-                .iter()
-                .map(PathBuf::from),
-        );
-        if let Ok(d) = std::fs::read_dir("/usr/local") {
-            v.extend(
-                d.flatten()
-                    .map(|e| e.path())
-                    .filter(|p| p.to_string_lossy().starts_with("/usr/local/cuda")),
-            );
-        }
     }
     v
 }
@@ -300,7 +288,7 @@ fn apply_landlock(plan: &Plan) -> Result<(Layer, bool), SandboxError> {
     for p in &plan.read_only {
         rules.push((p.clone(), read));
     }
-    for p in library_dirs(plan.gpu) {
+    for p in library_dirs() {
         rules.push((p, read));
     }
     for p in ["/proc", "/sys", "/dev/urandom", "/dev/random"] {
@@ -312,15 +300,8 @@ fn apply_landlock(plan: &Plan) -> Result<(Layer, bool), SandboxError> {
     for p in &plan.read_write {
         rules.push((p.clone(), rw));
     }
-    if plan.gpu {
-        rules.push(("/dev/shm".into(), rw));
-        if let Ok(d) = std::fs::read_dir("/dev") {
-            for e in d.flatten() {
-                if e.file_name().to_string_lossy().starts_with("nvidia") {
-                    rules.push((e.path(), dev_rw));
-                }
-            }
-        }
+    for p in &plan.devices {
+        rules.push((p.clone(), dev_rw));
     }
 
     let mut created = Ruleset::default()

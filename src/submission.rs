@@ -1,5 +1,6 @@
 //! One vendor submission folder (`<drop>/<task>/<vendor>/<name>/`): validating it (what a
-//! rejection says), evaluating it with any [`Predictor`], and writing its outputs next to it.
+//! rejection says), the execution [`Job`] it asks for, evaluating it with any execution
+//! [`Backend`], and writing its outputs next to it.
 //!
 //! Shared by `evald run` and the daemon, so both accept and refuse exactly the same things.
 
@@ -9,19 +10,12 @@ use std::sync::atomic::AtomicBool;
 use crate::config::TaskSettings;
 use crate::dataset::{self, Dataset};
 use crate::evaluation::{Evaluation, RunMeta};
-use crate::infer::InferSpec;
+use crate::exec::{Backend, Job};
+use crate::infer::{InferSpec, ModelFormat};
 use crate::manifest::{self, Manifest};
-use crate::pipeline::{self, Predictor, Progress};
+use crate::pipeline::{self, Progress};
 
-/// Output file names inside a submission folder.
-pub const SUMMARY_JSON: &str = "summary.json";
-/// The Excel report.
-pub const REPORT_XLSX: &str = "report.xlsx";
-/// Written instead of the outputs when the submission is refused.
-pub const REJECTED_TXT: &str = "REJECTED.txt";
-/// Written instead of the outputs when evald could not finish the evaluation for reasons
-/// that are not the vendor's (after its retries).
-pub const FAILED_TXT: &str = "FAILED.txt";
+pub use crate::layout::{FAILED_TXT, REJECTED_TXT, REPORT_XLSX, SUMMARY_JSON};
 
 /// Why a submission cannot be evaluated (goes to `REJECTED.txt` for the vendor).
 #[derive(Debug, thiserror::Error)]
@@ -105,7 +99,7 @@ impl Prepared {
         let path = dir.path().join(
             self.model_path
                 .file_name()
-                .unwrap_or(std::ffi::OsStr::new(crate::manifest::MODEL)),
+                .unwrap_or(std::ffi::OsStr::new(self.format.default_file())),
         );
         let mut dst = std::fs::File::create(&path).map_err(snap_err)?;
         let mut h = sha2::Sha256::new();
@@ -141,6 +135,23 @@ impl Prepared {
     }
 }
 
+impl Prepared {
+    /// The execution job for this submission on `task`: the snapshot's bytes (every
+    /// worker checks its hash), the merged inference settings, the task's images (and its
+    /// labels, only so that workers are kept away from them).
+    pub fn job(&self, model: &Snapshot, task: &TaskSettings, scratch: &Path) -> Job {
+        Job {
+            format: self.format,
+            model: model.path.clone(),
+            model_sha256: Some(model.sha256.clone()),
+            spec: self.infer.clone(),
+            images: task.images.clone(),
+            labels: Some(task.labels.clone()),
+            scratch: scratch.to_path_buf(),
+        }
+    }
+}
+
 /// A validated submission, ready to evaluate.
 #[derive(Debug, Clone)]
 pub struct Prepared {
@@ -148,6 +159,8 @@ pub struct Prepared {
     pub dir: PathBuf,
     /// The vendor's manifest (defaults when absent).
     pub manifest: Manifest,
+    /// The model's format (what runs it).
+    pub format: ModelFormat,
     /// The model file.
     pub model_path: PathBuf,
     /// sha256 of the model, hex.
@@ -167,6 +180,7 @@ pub struct Prepared {
 /// [`SubmissionError`] with a message meant for the vendor.
 pub fn prepare(dir: &Path, task: &TaskSettings) -> Result<Prepared, SubmissionError> {
     let manifest = manifest::read(dir)?;
+    let format = manifest.format(dir)?;
     let model_path = manifest.model_path(dir)?;
     let model_err = |reason: String| SubmissionError::Model {
         path: model_path.clone(),
@@ -176,9 +190,11 @@ pub fn prepare(dir: &Path, task: &TaskSettings) -> Result<Prepared, SubmissionEr
     // are those of the file that was checked.
     let file = crate::files::open_regular(&model_path).map_err(|e| {
         model_err(match &e {
-            e if e.is_not_found() => "missing: copy your TorchScript file there as model.pt \
-                                      (or name it in submission.toml)"
-                .into(),
+            e if e.is_not_found() => format!(
+                "missing: copy your {} file there as {} (or name it in submission.toml)",
+                format.name(),
+                format.default_file()
+            ),
             crate::files::FileError::NotRegular { kind, .. } => {
                 format!("is a {kind}, not a regular file: copy the model file itself")
             }
@@ -204,14 +220,10 @@ pub fn prepare(dir: &Path, task: &TaskSettings) -> Result<Prepared, SubmissionEr
     let model_sha256 =
         crate::files::sha256_hex(file).map_err(|e| model_err(format!("unreadable: {e}")))?;
     let infer = manifest.infer_spec(dir, task)?;
-    let abs = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
-    let name = abs.file_name().map(|s| s.to_string_lossy().into_owned());
-    let vendor = abs
-        .parent()
-        .and_then(Path::file_name)
-        .map(|s| s.to_string_lossy().into_owned());
+    let crate::layout::Named { vendor, name, .. } = crate::layout::named(dir);
     Ok(Prepared {
         dir: dir.to_path_buf(),
+        format,
         manifest,
         model_path,
         model_sha256,
@@ -221,11 +233,7 @@ pub fn prepare(dir: &Path, task: &TaskSettings) -> Result<Prepared, SubmissionEr
     })
 }
 
-fn now() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-}
-
-/// Evaluate a prepared submission on the task's test set with `predictor`.
+/// Evaluate a prepared submission on the task's test set with `backend`.
 ///
 /// # Errors
 /// [`SubmissionError::Dataset`] when the test set cannot be listed; per-case problems are
@@ -233,8 +241,7 @@ fn now() -> String {
 pub fn evaluate(
     sub: &Prepared,
     task: &TaskSettings,
-    predictor: &dyn Predictor,
-    devices: Vec<String>,
+    backend: &dyn Backend,
     config_digest: Option<String>,
     on_progress: &(dyn Fn(Progress) + Sync),
     cancel: &AtomicBool,
@@ -243,9 +250,9 @@ pub fn evaluate(
     for p in &data.problems {
         tracing::warn!(task = task.name, "{p}");
     }
-    let started = now();
+    let started = crate::evaluation::timestamp_now();
     let (cases, failures, times) =
-        pipeline::evaluate(&data, &task.eval, predictor, on_progress, cancel);
+        pipeline::evaluate(&data, &task.eval, backend, on_progress, cancel);
     let meta = RunMeta {
         task: task.name.clone(),
         vendor: sub.vendor.clone(),
@@ -255,14 +262,14 @@ pub fn evaluate(
         labels_dir: task.labels.clone(),
         inputs_dir: task.images.clone(),
         dataset_hash: dataset::manifest_hash(&data),
-        devices,
+        devices: backend.devices(),
         evald_version: env!("CARGO_PKG_VERSION").into(),
-        torch_version: Some(crate::infer::torch_version()),
+        torch_version: Some(sub.format.runtime_version()),
         config_digest,
         started,
-        finished: now(),
+        finished: crate::evaluation::timestamp_now(),
         timings: times.pairs(),
-        stopped_early: predictor.stopped_early(),
+        stopped_early: backend.stopped_early(),
     };
     Ok(Evaluation::new(task.eval.clone(), cases, failures, meta))
 }

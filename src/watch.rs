@@ -11,8 +11,7 @@
 //! overflow, changes made on the server of a network mount).
 //!
 //! evald's own outputs (`summary.json`, `report*.xlsx`, `REJECTED.txt`, `FAILED.txt`,
-//! temp files) and
-//! office lock files are not part of a fingerprint, so writing or opening a report never
+//! temp files; named in [`crate::layout`]) and office lock files are not part of a fingerprint, so writing or opening a report never
 //! makes a folder new again. Hidden folders (`.staging/`) are ignored: vendors can upload
 //! there and rename into place. [`Tracker`] is synchronous and owns no thread: the daemon
 //! feeds it events and calls [`Tracker::poll`] from a blocking thread.
@@ -27,10 +26,10 @@ use notify::{Event, EventKind};
 use sha2::Digest;
 
 use crate::config::WatchMode;
-use crate::submission::{FAILED_TXT, REJECTED_TXT, SUMMARY_JSON};
+use crate::layout::{
+    is_evald_output, is_partial_upload, locate, Located, SubmissionDir, READY_MARKER,
+};
 
-/// A vendor creates this file to say "complete" when the task requires a marker.
-pub const READY_MARKER: &str = "READY";
 /// At most this many entries in one submission folder (a mistaken copy of a whole disk
 /// must not stall the daemon).
 pub const MAX_ENTRIES: usize = 10_000;
@@ -57,48 +56,6 @@ pub enum WatchError {
         /// notify's message, with a hint.
         message: String,
     },
-}
-
-/// Whether a file name is one of evald's outputs (or a temp file or office lock file
-/// next to them): such files never make a folder new.
-pub fn is_evald_output(name: &str) -> bool {
-    name == SUMMARY_JSON
-        || name == FAILED_TXT
-        // `<name>.REJECTED.txt` beside a submission folder that is a link.
-        || name.strip_suffix(REJECTED_TXT).is_some_and(|n| n.is_empty() || n.ends_with('.'))
-        || (name.starts_with("report") && name.ends_with(".xlsx"))
-        || name.ends_with(".tmp")
-        || name.starts_with(".tmp")
-        // LibreOffice and Excel lock files while someone reads the report on the share.
-        || name.starts_with(".~lock.")
-        || name.starts_with("~$")
-}
-
-/// Whether a file name says an upload is still in progress (browsers, WinSCP, rsync
-/// `--partial-dir` conventions, and the protocol documented for vendors).
-pub fn is_partial_upload(name: &str) -> bool {
-    [
-        ".partial",
-        ".part",
-        ".crdownload",
-        ".filepart",
-        ".uploading",
-    ]
-    .iter()
-    .any(|s| name.ends_with(s))
-}
-
-/// Where a submission folder is and what its path says.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SubmissionDir {
-    /// `<drop_dir>/<task>/<vendor>/<name>`.
-    pub dir: PathBuf,
-    /// Task (first level).
-    pub task: String,
-    /// Vendor (second level).
-    pub vendor: String,
-    /// Submission name (third level).
-    pub name: String,
 }
 
 /// What a folder looks like now.
@@ -217,45 +174,6 @@ pub fn fingerprint(dir: &Path) -> Result<Fingerprint, WatchError> {
     }
     fp.digest = hex::encode(h.finalize());
     Ok(fp)
-}
-
-/// Where a path sits in the drop tree.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Located {
-    /// The drop folder itself.
-    Root,
-    /// A task or vendor folder (scan below it).
-    Upper(PathBuf),
-    /// In or at a submission folder; `file` is the entry's name when deeper.
-    Submission(SubmissionDir, Option<String>),
-    /// Outside the drop folder or in a hidden folder.
-    Ignored,
-}
-
-fn locate(drop_dir: &Path, path: &Path) -> Located {
-    let Ok(rel) = path.strip_prefix(drop_dir) else {
-        return Located::Ignored;
-    };
-    let parts: Vec<String> = rel
-        .components()
-        .map(|c| c.as_os_str().to_string_lossy().into_owned())
-        .collect();
-    if parts.iter().take(3).any(|p| p.starts_with('.')) {
-        return Located::Ignored;
-    }
-    match parts.len() {
-        0 => Located::Root,
-        1 | 2 => Located::Upper(path.to_path_buf()),
-        n => Located::Submission(
-            SubmissionDir {
-                dir: drop_dir.join(&parts[0]).join(&parts[1]).join(&parts[2]),
-                task: parts[0].clone(),
-                vendor: parts[1].clone(),
-                name: parts[2].clone(),
-            },
-            (n > 3).then(|| parts[n - 1].clone()),
-        ),
-    }
 }
 
 /// A complete submission folder, handed to ingestion once per distinct content.
@@ -467,8 +385,11 @@ impl Tracker {
                     } else if !is_evald_output(&name) {
                         self.warn_once(
                             &path,
-                            "a file outside any submission folder is ignored: submissions are \
-                             <drop>/<task>/<vendor>/<name>/model.pt",
+                            &format!(
+                                "a file outside any submission folder is ignored: submissions \
+                                 are {}",
+                                crate::layout::HINT
+                            ),
                         );
                     }
                 } else if ft.is_dir() {
@@ -481,8 +402,10 @@ impl Tracker {
                 } else {
                     self.warn_once(
                         &path,
-                        "a file outside any submission folder is ignored: submissions are \
-                         <drop>/<task>/<vendor>/<name>/model.pt",
+                        &format!(
+                            "a file outside any submission folder is ignored: submissions are {}",
+                            crate::layout::HINT
+                        ),
                     );
                 }
             }
@@ -779,28 +702,6 @@ mod tests {
         assert_ne!(b.digest, a.digest);
         std::fs::write(d.path().join("model.pt.partial"), b"").unwrap();
         assert_eq!(fingerprint(d.path()).unwrap().partial.len(), 1);
-    }
-
-    #[test]
-    fn locate_maps_paths_to_submission_folders() {
-        let drop = Path::new("/drop");
-        assert_eq!(locate(drop, drop), Located::Root);
-        assert_eq!(
-            locate(drop, Path::new("/drop/t/v")),
-            Located::Upper("/drop/t/v".into())
-        );
-        let Located::Submission(s, f) = locate(drop, Path::new("/drop/t/v/n/sub/model.pt")) else {
-            panic!()
-        };
-        assert_eq!(
-            (s.dir.as_path(), s.task.as_str(), f.as_deref()),
-            (Path::new("/drop/t/v/n"), "t", Some("model.pt"))
-        );
-        assert_eq!(
-            locate(drop, Path::new("/drop/t/.staging/n")),
-            Located::Ignored
-        );
-        assert_eq!(locate(drop, Path::new("/elsewhere/x")), Located::Ignored);
     }
 
     #[test]

@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::infer::{InferError, Model};
+use crate::infer::{InferError, Model, ModelFormat};
 use crate::pool::protocol::{
     self, CaseErrorKind, FatalKind, FromWorker, Init, Probe, ProbeOutcome, ProbeReport, ToWorker,
     PROTO_FD, PROTO_VERSION,
@@ -120,18 +120,24 @@ pub fn main(slot: usize) -> Result<i32, WorkerError> {
             ),
         );
     }
-    let gpu = init.device.starts_with("cuda");
+    let gpu = crate::infer::device::DeviceName::parse(&init.device).is_some_and(|d| d.is_gpu());
     if gpu {
         // Conservative GPU path: let the driver open what it needs before the sandbox.
         if let Err(e) = crate::infer::device::parse(&init.device) {
             fatal(&out, FatalKind::Device, e.to_string());
         }
     }
+    // What the runtime needs besides the model, the images and the scratch folder.
+    let needs = ModelFormat::TorchScript.sandbox_needs(gpu);
+    let mut read_write = vec![init.scratch.clone()];
+    read_write.extend(needs.read_write);
+    let mut read_only = init.read_only.clone();
+    read_only.extend(needs.read_only);
     let plan = sandbox::Plan {
         policy: init.sandbox,
-        read_only: init.read_only.clone(),
-        read_write: vec![init.scratch.clone()],
-        gpu,
+        read_only,
+        read_write,
+        devices: needs.devices,
     };
     let report = match sandbox::apply(&plan) {
         Ok(r) => r,

@@ -8,8 +8,9 @@
 use std::path::{Path, PathBuf};
 
 use crate::config::Settings;
+use crate::layout::{FAILED_TXT, REJECTED_TXT};
 use crate::store::{NewSubmission, State, StoreError, StoreHandle, Submission};
-use crate::submission::{self, Prepared, SubmissionError, FAILED_TXT, REJECTED_TXT};
+use crate::submission::{self, Prepared, SubmissionError};
 use crate::watch::Ready;
 
 use super::Finished;
@@ -18,15 +19,59 @@ use super::Finished;
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Rejection {
     /// Machine-readable kind (stored in `reject_code`).
-    pub code: &'static str,
+    pub code: RejectCode,
     /// What is wrong.
     pub problem: String,
     /// What to do about it.
     pub fix: String,
 }
 
+/// Why a submission was refused, as stored in `reject_code` and counted by `evald status`.
+/// The spellings are stable: existing databases hold them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RejectCode {
+    /// The folder is not under a configured task.
+    UnknownTask,
+    /// A symbolic link where a file or the folder itself must be.
+    Symlink,
+    /// Too many entries, or folders too deep, to look at.
+    TooManyFiles,
+    /// The task's test set is unusable (the admin's to fix; the vendor is told).
+    TestSet,
+    /// `submission.toml` is wrong.
+    Manifest,
+    /// The model file is missing, empty, a link or unreadable.
+    Model,
+    /// The model file could not be loaded by the runtime of its format.
+    NotLoadable,
+    /// The same model was already submitted elsewhere.
+    Duplicate,
+}
+
+impl RejectCode {
+    /// The stored spelling.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            RejectCode::UnknownTask => "unknown-task",
+            RejectCode::Symlink => "symlink",
+            RejectCode::TooManyFiles => "too-many-files",
+            RejectCode::TestSet => "test-set",
+            RejectCode::Manifest => "manifest",
+            RejectCode::Model => "model",
+            RejectCode::NotLoadable => "not-torchscript",
+            RejectCode::Duplicate => "duplicate",
+        }
+    }
+}
+
+impl std::fmt::Display for RejectCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 impl Rejection {
-    pub(crate) fn new(code: &'static str, problem: String, fix: impl Into<String>) -> Self {
+    pub(crate) fn new(code: RejectCode, problem: String, fix: impl Into<String>) -> Self {
         Rejection {
             code,
             // Problems quote what the vendor wrote (a manifest line, a loader's message):
@@ -41,14 +86,14 @@ impl Rejection {
     pub(crate) fn from_submission_error(e: &SubmissionError) -> Option<Self> {
         match e {
             SubmissionError::Manifest(m) => Some(Rejection::new(
-                "manifest",
+                RejectCode::Manifest,
                 m.to_string(),
                 "Correct submission.toml (keys: model, input, output, batch_size, patch_size, \
                  overlap, pad_multiple, window, description; see the vendor guide), or remove \
                  it to use the task's defaults.",
             )),
             SubmissionError::Model { .. } => Some(Rejection::new(
-                "model",
+                RejectCode::Model,
                 e.to_string(),
                 "Copy your TorchScript model into this folder as model.pt (exported with \
                  torch.jit.trace or torch.jit.script and saved with .save()), or name the file \
@@ -79,7 +124,7 @@ fn examine(r: &Ready, settings: &Settings) -> Result<Prepared, Rejection> {
     let drop_dir = &settings.daemon.drop_dir;
     if let Some(target) = &r.symlinked_to {
         return Err(Rejection::new(
-            "symlink",
+            RejectCode::Symlink,
             format!(
                 "the submission folder {} is a symbolic link (to {})",
                 r.sub.dir.display(),
@@ -90,7 +135,7 @@ fn examine(r: &Ready, settings: &Settings) -> Result<Prepared, Rejection> {
     }
     if r.fingerprint.overflow {
         return Err(Rejection::new(
-            "too-many-files",
+            RejectCode::TooManyFiles,
             format!(
                 "the folder {} holds more than {} files and folders",
                 r.sub.dir.display(),
@@ -102,7 +147,7 @@ fn examine(r: &Ready, settings: &Settings) -> Result<Prepared, Rejection> {
     }
     let Some(task) = settings.tasks.get(&r.sub.task) else {
         return Err(Rejection::new(
-            "unknown-task",
+            RejectCode::UnknownTask,
             format!(
                 "'{}' is not a task evaluated here (the first folder under the drop folder names the task)",
                 r.sub.task
@@ -125,7 +170,7 @@ fn examine(r: &Ready, settings: &Settings) -> Result<Prepared, Rejection> {
             Ok(resolved) if resolved.starts_with(&root) => {}
             Ok(resolved) => {
                 return Err(Rejection::new(
-                    "symlink",
+                    RejectCode::Symlink,
                     format!(
                         "{rel} is a symbolic link to {} ({}), outside the drop folder",
                         target.display(),
@@ -136,7 +181,7 @@ fn examine(r: &Ready, settings: &Settings) -> Result<Prepared, Rejection> {
             }
             Err(e) => {
                 return Err(Rejection::new(
-                    "symlink",
+                    RejectCode::Symlink,
                     format!(
                         "{rel} is a symbolic link to {} that cannot be followed ({e})",
                         target.display()
@@ -150,7 +195,7 @@ fn examine(r: &Ready, settings: &Settings) -> Result<Prepared, Rejection> {
         Rejection::from_submission_error(&e).unwrap_or_else(|| {
             // Not the vendor's fault, but the submission cannot go on; say so plainly.
             Rejection::new(
-                "test-set",
+                RejectCode::TestSet,
                 e.to_string(),
                 "Nothing to change on your side: the evaluation team has been told (see the \
                  evald log); the submission is looked at again when the folder changes.",
@@ -160,9 +205,9 @@ fn examine(r: &Ready, settings: &Settings) -> Result<Prepared, Rejection> {
     // evald writes these names itself: a model by such a name would be overwritten by the
     // report and never make the folder look new.
     if let Some(name) = prepared.model_path.file_name().map(|n| n.to_string_lossy()) {
-        if crate::watch::is_evald_output(&name) {
+        if crate::layout::is_evald_output(&name) {
             return Err(Rejection::new(
-                "manifest",
+                RejectCode::Manifest,
                 format!("model = \"{name}\" names a file evald writes itself"),
                 "Name the model file differently (e.g. model.pt) and set model = \"model.pt\" \
                  in submission.toml.",
@@ -253,7 +298,7 @@ pub(crate) fn ingest(
         );
         let same_vendor = d.vendor == row.vendor;
         let rej = Rejection::new(
-            "duplicate",
+            RejectCode::Duplicate,
             format!(
                 "this model (sha256 {}) was already submitted for this task{}",
                 &sha[..12.min(sha.len())],
@@ -303,7 +348,7 @@ pub(crate) fn reject(
     let rejected = store.call_blocking(move |s| {
         s.reject(
             id,
-            code,
+            code.as_str(),
             &text,
             model.as_ref().map(|(sha, n)| (sha.as_str(), *n)),
         )
@@ -345,11 +390,12 @@ pub(crate) fn rejected_text(sub: &Submission, rej: &Rejection) -> String {
 /// folder: writing through the link would write outside the drop folder.
 pub(crate) fn rejection_path(dir: &Path) -> PathBuf {
     let is_link = std::fs::symlink_metadata(dir).is_ok_and(|m| m.file_type().is_symlink());
-    match (is_link, dir.parent(), dir.file_name()) {
-        (true, Some(parent), Some(name)) => {
-            parent.join(format!("{}.{REJECTED_TXT}", name.to_string_lossy()))
-        }
-        _ => dir.join(REJECTED_TXT),
+    match is_link
+        .then(|| crate::layout::rejected_beside(dir))
+        .flatten()
+    {
+        Some(beside) => beside,
+        None => dir.join(REJECTED_TXT),
     }
 }
 
@@ -360,7 +406,7 @@ pub(crate) fn write_rejected(sub: &Submission, rej: &Rejection) -> std::io::Resu
     let mut path = rejection_path(&sub.path);
     if path.file_name().is_some_and(|n| n.len() > 255) {
         if let Some(parent) = path.parent() {
-            path = parent.join(format!("#{}.{REJECTED_TXT}", sub.id));
+            path = crate::layout::rejected_by_id(parent, sub.id);
         }
     }
     write_vendor_file(&path, &rejected_text(sub, rej))
@@ -430,10 +476,7 @@ fn write_vendor_file(path: &Path, text: &str) -> std::io::Result<PathBuf> {
 /// A new evaluation of a folder makes an earlier rejection or failure notice wrong (inside
 /// it, or beside it from when it was a link).
 pub(crate) fn remove_stale_rejection(dir: &Path) {
-    let beside = dir
-        .file_name()
-        .zip(dir.parent())
-        .map(|(n, parent)| parent.join(format!("{}.{REJECTED_TXT}", n.to_string_lossy())));
+    let beside = crate::layout::rejected_beside(dir);
     let inside = [dir.join(REJECTED_TXT), dir.join(FAILED_TXT)];
     for p in inside.into_iter().chain(beside) {
         match std::fs::remove_file(&p) {

@@ -16,13 +16,11 @@ use std::time::{Duration, Instant};
 use crate::config::Settings;
 use crate::evaluation::{Evaluation, Stage};
 use crate::mail;
-use crate::pipeline::{Predictor, Progress};
-use crate::pool::protocol::FatalKind;
-use crate::pool::{PoolError, PoolPredictor};
+use crate::pipeline::Progress;
 use crate::store::{ReportedOutcome, State, Submission};
-use crate::submission::{self, Prepared};
+use crate::submission;
 
-use super::ingest::{self, Rejection};
+use super::ingest::{self, RejectCode, Rejection};
 use super::{sd, DaemonEvent, Finished, Shared};
 
 /// How often an idle runner looks at the queue even without a wake-up (another process,
@@ -53,19 +51,6 @@ enum Outcome {
 
 /// Longest wait between retries of evald's own failures.
 const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(15 * 60);
-
-/// The one place that decides what runs the model: the supervised worker pool
-/// (`pool.workers` sandboxed `evald worker` processes on `pool.devices`).
-fn make_predictor(
-    settings: &Settings,
-    sub: &Prepared,
-    model: &submission::Snapshot,
-    task: &crate::config::TaskSettings,
-) -> Result<(Box<dyn Predictor>, Vec<String>), PoolError> {
-    let scratch = settings.daemon.state_dir.join("scratch");
-    let pool = PoolPredictor::for_submission(&settings.pool, sub, model, task, &scratch)?;
-    Ok((Box::new(pool), settings.pool.devices.clone()))
-}
 
 /// Where evaluations keep the snapshot of the model they run (one folder each, removed
 /// when the evaluation ends; whatever is left there at start is from a crash).
@@ -155,7 +140,7 @@ fn evaluate(
 ) -> Outcome {
     let Some(task) = settings.tasks.get(&sub.task) else {
         return Outcome::Rejected(Rejection::new(
-            "unknown-task",
+            RejectCode::UnknownTask,
             format!("'{}' is no longer a task evaluated here", sub.task),
             format!(
                 "Put the submission under one of: {}.",
@@ -191,18 +176,14 @@ fn evaluate(
         }
         Err(e) => return Outcome::Failed(e.to_string()),
     };
-    let (predictor, devices) = match make_predictor(settings, &prepared, &model, task) {
-        Ok(p) => p,
+    let job = prepared.job(&model, task, &settings.daemon.state_dir.join("scratch"));
+    let backend = match crate::backend::start(settings, &job) {
+        Ok(b) => b,
         // The worker could not load the model (not the device, not the sandbox): the
         // vendor's file is at fault.
-        Err(
-            e @ PoolError::Fatal {
-                kind: Some(FatalKind::Load),
-                ..
-            },
-        ) => {
+        Err(e) if e.is_model_problem() => {
             return Outcome::Rejected(Rejection::new(
-                "not-torchscript",
+                RejectCode::NotLoadable,
                 e.to_string(),
                 "Export the model with torch.jit.trace or torch.jit.script, save it with \
                  .save(\"model.pt\") using PyTorch 2.x, and check that torch.jit.load(\"model.pt\") \
@@ -260,8 +241,7 @@ fn evaluate(
     let eval = match submission::evaluate(
         &prepared,
         task,
-        predictor.as_ref(),
-        devices,
+        backend.as_ref(),
         Some(settings.digest()),
         &on_progress,
         cancel,

@@ -9,6 +9,12 @@ use std::path::PathBuf;
 use crate::metrics::aggregate::{self, Summary};
 use crate::metrics::{CaseMetrics, EvalSpec};
 
+/// The time now as every output writes it (`started`, `finished`): RFC 3339 UTC to the
+/// second. (The store writes milliseconds, so that its rows sort by time as text.)
+pub fn timestamp_now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
 /// A case that could not be scored, and why. Failed cases are listed and counted in every
 /// output, never dropped.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]

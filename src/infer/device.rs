@@ -73,19 +73,46 @@ pub fn cuda_devices() -> Result<i64, String> {
     .clone()
 }
 
+/// A device name as the config and the worker protocol write it: `cpu`, `cuda` (= the
+/// first GPU) or `cuda:N`. The one grammar for device names; whether the device exists
+/// is [`parse`]'s question.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceName {
+    /// The CPU.
+    Cpu,
+    /// CUDA device N.
+    Cuda(usize),
+}
+
+impl DeviceName {
+    /// Parse the spelling; `None` for anything else.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "cpu" => Some(DeviceName::Cpu),
+            "cuda" => Some(DeviceName::Cuda(0)),
+            _ => name
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse::<usize>().ok())
+                .map(DeviceName::Cuda),
+        }
+    }
+
+    /// Whether it is a GPU.
+    pub fn is_gpu(self) -> bool {
+        matches!(self, DeviceName::Cuda(_))
+    }
+}
+
 /// Parse a device name, checking that CUDA devices exist.
 ///
 /// # Errors
 /// [`DeviceError::Name`] for a malformed name, [`DeviceError::NoCuda`] for a CUDA device
 /// this machine does not have.
 pub fn parse(name: &str) -> Result<Device, DeviceError> {
-    let index = match name {
-        "cpu" => return Ok(Device::Cpu),
-        "cuda" => 0,
-        _ => name
-            .strip_prefix("cuda:")
-            .and_then(|n| n.parse::<usize>().ok())
-            .ok_or_else(|| DeviceError::Name(name.to_string()))?,
+    let index = match DeviceName::parse(name) {
+        Some(DeviceName::Cpu) => return Ok(Device::Cpu),
+        Some(DeviceName::Cuda(i)) => i,
+        None => return Err(DeviceError::Name(name.to_string())),
     };
     match cuda_devices() {
         Ok(n) if (index as i64) < n => Ok(Device::Cuda(index)),

@@ -1,29 +1,35 @@
-//! Running a vendor's TorchScript model over a CT volume to get a label map.
+//! Running a vendor's model over a CT volume to get a label map.
 //!
+//! Runtime-neutral (this module): what a model takes and gives ([`InferSpec`], one set of
+//! [`rules`] for its settings), the [`ModelFormat`]s evald knows and what each needs from
+//! the worker's sandbox ([`SandboxNeeds`]), errors, timings, and [`Model`]: load once
+//! (checking the bytes' hash), then [`Model::predict`] per case, whatever runs it.
+//! - [`tiling`]: the HU window into model input, the 3D sliding window's tile positions
+//!   and Gaussian importance map, with no tensor library;
+//! - runtimes, one per format: [`torchscript`] (libtorch via tch; [`sliding`] is its 3D
+//!   accumulation);
 //! - [`device`]: `cpu` / `cuda:N` parsing, and loading libtorch's CUDA library at run time
-//!   so one binary serves CPU-only machines and GPUs;
-//! - [`Model`]: load once, then [`Model::predict`] per case: HU window, `slices2d` batches
-//!   along the third voxel axis or `volume3d` sliding windows with Gaussian blending
-//!   ([`sliding`]), and the model's output (`logits` | `probabilities` | `labels`) turned
-//!   into a label map on the image grid.
+//!   so one binary serves CPU-only machines and GPUs.
 //!
 //! Tensor layout: NIfTI data is `[x, y, z]` with `x` fastest, which is exactly a C-order
 //! `[z, y, x]` buffer; so a 2D slice is `[H = ny, W = nx]` and a volume `[D = nz, H, W]`
 //! (what SimpleITK's `GetArrayFromImage` gives Python pipelines) without any copy.
 //!
-//! Every tch call uses the fallible `f_*` variant: a model that throws, returns the wrong
-//! shape or NaN is a [`InferError`] for that case, never a panic. CUDA out-of-memory is
-//! recognised by message and handled by halving the batch before giving up.
+//! A model that throws, returns the wrong shape or NaN is an [`InferError`] for that case,
+//! never a panic. CUDA out-of-memory halves the batch before giving up
+//! ([`halve_on_oom`], the one place that rule lives).
 
 pub mod device;
 pub mod sliding;
+pub mod tiling;
+pub mod torchscript;
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use tch::{Device, Kind, Tensor};
+use crate::volume::{ImageVolume, LabelVolume};
 
-use crate::volume::{ImageVolume, LabelVolume, Volume};
+pub use torchscript::first_line;
 
 /// How the model wants its input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -35,6 +41,26 @@ pub enum InputKind {
     /// `[B, 1, D, H, W]` patches of a sliding window.
     #[serde(rename = "volume3d")]
     Volume3d,
+}
+
+impl InputKind {
+    /// Parse the config/manifest spelling.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "slices2d" => Some(InputKind::Slices2d),
+            "volume3d" => Some(InputKind::Volume3d),
+            _ => None,
+        }
+    }
+
+    /// Forward-call batch when neither the task nor the manifest says: a stack of 2D
+    /// slices is cheap, a 3D patch is not.
+    pub fn default_batch_size(self) -> usize {
+        match self {
+            InputKind::Slices2d => 16,
+            InputKind::Volume3d => 1,
+        }
+    }
 }
 
 /// What the model returns.
@@ -99,6 +125,124 @@ pub struct InferSpec {
     pub num_classes: usize,
 }
 
+/// A value of an inference setting out of range: the key and what is accepted. The one
+/// set of rules for these keys, whether a task's default (config) or a vendor's
+/// `submission.toml` sets them, so a default the admin can write is one a vendor may
+/// write too.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{key}: {message}")]
+pub struct SpecError {
+    /// The key (`batch_size`, `patch_size`, ...).
+    pub key: &'static str,
+    /// What is wrong and what is accepted.
+    pub message: String,
+}
+
+/// The rules for each inference setting (see [`SpecError`]).
+pub mod rules {
+    use super::{InputKind, OutputKind, SpecError, Window};
+
+    fn bad(key: &'static str, message: String) -> SpecError {
+        SpecError { key, message }
+    }
+
+    /// `input`: `slices2d` | `volume3d`.
+    ///
+    /// # Errors
+    /// Any other spelling.
+    pub fn input(s: &str) -> Result<InputKind, SpecError> {
+        InputKind::parse(s)
+            .ok_or_else(|| bad("input", format!("'{s}': use \"slices2d\" or \"volume3d\"")))
+    }
+
+    /// `output`: `logits` | `probabilities` | `labels`.
+    ///
+    /// # Errors
+    /// Any other spelling.
+    pub fn output(s: &str) -> Result<OutputKind, SpecError> {
+        OutputKind::parse(s).ok_or_else(|| {
+            bad(
+                "output",
+                format!("'{s}': use \"logits\", \"probabilities\" or \"labels\""),
+            )
+        })
+    }
+
+    /// `batch_size`: 1..=4096.
+    ///
+    /// # Errors
+    /// Out of range.
+    pub fn batch_size(b: usize) -> Result<usize, SpecError> {
+        if (1..=4096).contains(&b) {
+            Ok(b)
+        } else {
+            Err(bad("batch_size", format!("{b}: use 1..=4096")))
+        }
+    }
+
+    /// `patch_size`: each of D, H, W in 1..=1024.
+    ///
+    /// # Errors
+    /// A dimension out of range.
+    pub fn patch_size(p: [usize; 3]) -> Result<[usize; 3], SpecError> {
+        if p.iter().all(|d| (1..=1024).contains(d)) {
+            Ok(p)
+        } else {
+            Err(bad(
+                "patch_size",
+                format!("{p:?}: each of D, H, W must be 1..=1024"),
+            ))
+        }
+    }
+
+    /// `overlap`: a fraction in [0, 0.95).
+    ///
+    /// # Errors
+    /// Out of range (or NaN).
+    pub fn overlap(o: f64) -> Result<f64, SpecError> {
+        if (0.0..0.95).contains(&o) {
+            Ok(o)
+        } else {
+            Err(bad("overlap", format!("{o}: use a fraction in [0, 0.95)")))
+        }
+    }
+
+    /// `pad_multiple`: 1..=256.
+    ///
+    /// # Errors
+    /// Out of range.
+    pub fn pad_multiple(m: usize) -> Result<usize, SpecError> {
+        if (1..=256).contains(&m) {
+            Ok(m)
+        } else {
+            Err(bad("pad_multiple", format!("{m}: use 1..=256")))
+        }
+    }
+
+    /// `window`: a finite level and a finite width > 0, in HU.
+    ///
+    /// # Errors
+    /// Not finite, or a width <= 0.
+    pub fn window(level: f64, width: f64) -> Result<Window, SpecError> {
+        if !level.is_finite() {
+            Err(bad(
+                "window",
+                format!("level {level} width {width}: level must be a finite number of HU"),
+            ))
+        } else if !(width.is_finite() && width > 0.0) {
+            Err(bad(
+                "window",
+                format!("level {level} width {width}: width must be a finite number of HU > 0"),
+            ))
+        } else {
+            Ok(Window {
+                level: level as f32,
+                width: width as f32,
+            })
+        }
+    }
+}
+
 /// Largest model file a worker reads into memory to verify and load (far above any
 /// segmentation network; a bound so a sparse multi-terabyte file cannot exhaust memory).
 pub const MAX_MODEL_BYTES: u64 = 16 << 30;
@@ -106,11 +250,13 @@ pub const MAX_MODEL_BYTES: u64 = 16 << 30;
 /// Why inference failed.
 #[derive(Debug, thiserror::Error)]
 pub enum InferError {
-    /// The file is not a loadable TorchScript module.
-    #[error("model {path}: cannot load as TorchScript on {device}: {message} (export it with torch.jit.trace or torch.jit.script and save with .save())")]
+    /// The file cannot be loaded as its format.
+    #[error("model {path}: cannot load as {format} on {device}: {message} ({hint})", format = format.name(), hint = format.export_hint())]
     Load {
         /// Model file.
         path: PathBuf,
+        /// The format it was loaded as.
+        format: ModelFormat,
         /// Device.
         device: String,
         /// libtorch's message, first line.
@@ -163,37 +309,6 @@ impl InferError {
     }
 }
 
-/// First line of a libtorch error (they carry long C++ backtraces).
-pub fn first_line(e: &tch::TchError) -> String {
-    let s = e.to_string();
-    let mut lines = s.lines().map(str::trim).filter(|l| !l.is_empty());
-    let first = lines.next().unwrap_or("");
-    // An exception raised by the model's own TorchScript code: the first line is the
-    // interpreter's preamble; the model's message is the traceback's exception line.
-    let line = if first.contains("The following operation failed in the TorchScript interpreter") {
-        let rest: Vec<&str> = lines.collect();
-        rest.iter()
-            .find(|l| {
-                l.starts_with("builtins.") || l.contains("Error: ") || l.contains("Exception: ")
-            })
-            .or(rest.last())
-            .copied()
-            .unwrap_or(first)
-    } else {
-        first
-    };
-    line.chars().take(500).collect()
-}
-
-fn is_oom(e: &tch::TchError) -> bool {
-    let s = e.to_string();
-    s.contains("out of memory") || s.contains("OutOfMemoryError")
-}
-
-fn torch(e: tch::TchError) -> InferError {
-    InferError::Torch(first_line(&e))
-}
-
 /// Timings of one prediction.
 #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct PredictStats {
@@ -207,39 +322,131 @@ pub struct PredictStats {
     pub forward_calls: usize,
 }
 
-/// A loaded TorchScript model bound to one device.
+/// A model file format, and with it the runtime that runs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelFormat {
+    /// A `torch.jit` module saved with `.save()`, run by libtorch.
+    TorchScript,
+}
+
+impl ModelFormat {
+    /// Every format evald runs.
+    pub const ALL: [ModelFormat; 1] = [ModelFormat::TorchScript];
+
+    /// Its name in messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            ModelFormat::TorchScript => "TorchScript",
+        }
+    }
+
+    /// Its spelling in `submission.toml` (`format = "torchscript"`).
+    pub fn key(self) -> &'static str {
+        match self {
+            ModelFormat::TorchScript => "torchscript",
+        }
+    }
+
+    /// Parse the `submission.toml` spelling.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|f| f.key() == s)
+    }
+
+    /// The file a submission holds when its manifest names none.
+    pub fn default_file(self) -> &'static str {
+        match self {
+            ModelFormat::TorchScript => "model.pt",
+        }
+    }
+
+    /// How a vendor makes a file of this format (for load errors and rejections).
+    pub fn export_hint(self) -> &'static str {
+        match self {
+            ModelFormat::TorchScript => {
+                "export it with torch.jit.trace or torch.jit.script and save with .save()"
+            }
+        }
+    }
+
+    /// The version of the library that runs it, for the report's provenance.
+    pub fn runtime_version(self) -> String {
+        match self {
+            ModelFormat::TorchScript => torchscript::libtorch_version(),
+        }
+    }
+
+    /// What a worker running this format needs from its sandbox, beyond the model, the
+    /// images and its scratch folder.
+    pub fn sandbox_needs(self, gpu: bool) -> SandboxNeeds {
+        match self {
+            ModelFormat::TorchScript => torchscript::sandbox_needs(gpu),
+        }
+    }
+}
+
+/// What a runtime must be granted inside the worker's sandbox: the libraries it loads
+/// after the sandbox is on, and device nodes. The sandbox adds nothing runtime-specific
+/// of its own.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SandboxNeeds {
+    /// Files and folders it reads (shared libraries it `dlopen`s later, their data).
+    pub read_only: Vec<PathBuf>,
+    /// Folders it reads and writes (`/dev/shm` for CUDA's IPC).
+    pub read_write: Vec<PathBuf>,
+    /// Device nodes it opens read-write with ioctls (`/dev/nvidia*`).
+    pub devices: Vec<PathBuf>,
+}
+
+/// What a runtime does with a loaded model: one case in, a label map on its grid out.
+pub trait Runtime: Send + Sync + std::fmt::Debug {
+    /// Predict a label map on `image`'s grid.
+    ///
+    /// # Errors
+    /// [`InferError`] when the model raises, runs out of memory at batch 1, or returns an
+    /// unusable output.
+    fn predict(&self, image: &ImageVolume) -> Result<(LabelVolume, PredictStats), InferError>;
+}
+
+/// A model loaded by the runtime of its format, bound to one device.
 #[derive(Debug)]
 pub struct Model {
-    module: tch::CModule,
-    device: Device,
-    spec: InferSpec,
+    format: ModelFormat,
     path: PathBuf,
+    spec: InferSpec,
+    runtime: Box<dyn Runtime>,
 }
 
 impl Model {
-    /// Load `path` onto `device` (`cpu`, `cuda:N`) in eval mode.
+    /// Load the TorchScript file `path` onto `device` (`cpu`, `cuda:N`).
     ///
     /// # Errors
     /// [`InferError::Device`] for an unusable device, [`InferError::Load`] for a file that
-    /// is not TorchScript.
-    pub fn load(path: &Path, device_name: &str, spec: InferSpec) -> Result<Self, InferError> {
-        let device = device::parse(device_name)?;
-        let mut module =
-            tch::CModule::load_on_device(path, device).map_err(|e| InferError::Load {
-                path: path.to_path_buf(),
-                device: device_name.to_string(),
-                message: first_line(&e),
-            })?;
-        module.f_set_eval().map_err(|e| InferError::Load {
-            path: path.to_path_buf(),
-            device: device_name.to_string(),
-            message: first_line(&e),
-        })?;
+    /// is not of the format.
+    pub fn load(path: &Path, device: &str, spec: InferSpec) -> Result<Self, InferError> {
+        Self::load_as(ModelFormat::TorchScript, path, device, spec)
+    }
+
+    /// Load `path` as `format` onto `device`.
+    ///
+    /// # Errors
+    /// As [`Model::load`].
+    pub fn load_as(
+        format: ModelFormat,
+        path: &Path,
+        device: &str,
+        spec: InferSpec,
+    ) -> Result<Self, InferError> {
+        let runtime: Box<dyn Runtime> = match format {
+            ModelFormat::TorchScript => {
+                Box::new(torchscript::TorchScript::load(path, device, spec.clone())?)
+            }
+        };
         Ok(Model {
-            module,
-            device,
-            spec,
+            format,
             path: path.to_path_buf(),
+            spec,
+            runtime,
         })
     }
 
@@ -253,13 +460,19 @@ impl Model {
     pub fn load_verified(
         path: &Path,
         sha256: &str,
-        device_name: &str,
+        device: &str,
         spec: InferSpec,
     ) -> Result<Self, InferError> {
-        let device = device::parse(device_name)?;
+        let format = ModelFormat::TorchScript;
+        // The device first: a missing GPU is the admin's problem whatever the file holds.
+        device::parse(device)?;
         let bytes = crate::files::read_bounded(path, MAX_MODEL_BYTES)?;
-        let found = crate::files::sha256_hex(&bytes[..])
-            .map_err(|e| InferError::Torch(format!("hashing {}: {e}", path.display())))?;
+        let found = crate::files::sha256_hex(&bytes[..]).map_err(|e| {
+            InferError::File(crate::files::FileError::Io {
+                path: path.to_path_buf(),
+                source: e,
+            })
+        })?;
         if found != sha256 {
             return Err(InferError::Changed {
                 path: path.to_path_buf(),
@@ -267,26 +480,30 @@ impl Model {
                 found,
             });
         }
-        let load_err = |e: tch::TchError| InferError::Load {
-            path: path.to_path_buf(),
-            device: device_name.to_string(),
-            message: first_line(&e),
+        let runtime: Box<dyn Runtime> = match format {
+            ModelFormat::TorchScript => Box::new(torchscript::TorchScript::load_bytes(
+                bytes,
+                path,
+                device,
+                spec.clone(),
+            )?),
         };
-        let mut module =
-            tch::CModule::load_data_on_device(&mut std::io::Cursor::new(bytes), device)
-                .map_err(load_err)?;
-        module.f_set_eval().map_err(load_err)?;
         Ok(Model {
-            module,
-            device,
-            spec,
+            format,
             path: path.to_path_buf(),
+            spec,
+            runtime,
         })
     }
 
     /// The model file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Its format.
+    pub fn format(&self) -> ModelFormat {
+        self.format
     }
 
     /// The spec in use.
@@ -297,240 +514,29 @@ impl Model {
     /// Predict a label map on `image`'s grid.
     ///
     /// # Errors
-    /// [`InferError`] when the model raises, runs out of memory at batch 1, or returns an
-    /// unusable output.
+    /// As [`Runtime::predict`].
     pub fn predict(&self, image: &ImageVolume) -> Result<(LabelVolume, PredictStats), InferError> {
-        let _guard = tch::no_grad_guard();
-        let t0 = Instant::now();
-        let mut stats = PredictStats::default();
-        let data = match self.spec.input {
-            InputKind::Slices2d => self.predict_2d(image, &mut stats)?,
-            InputKind::Volume3d => sliding::predict_3d(self, image, &mut stats)?,
-        };
-        stats.total_secs = t0.elapsed().as_secs_f64();
-        Ok((
-            Volume {
-                geom: image.geom.clone(),
-                data,
-            },
-            stats,
-        ))
-    }
-
-    /// Run `forward` on a CPU tensor (moved to the device here), timing it.
-    pub(crate) fn forward(
-        &self,
-        input: &Tensor,
-        stats: &mut PredictStats,
-    ) -> Result<Tensor, tch::TchError> {
-        let x = input.f_to_device(self.device)?;
-        let t = Instant::now();
-        let y = self.module.forward_ts(&[x])?;
-        if let Device::Cuda(i) = self.device {
-            tch::Cuda::synchronize(i as i64);
-        }
-        stats.forward_secs += t.elapsed().as_secs_f64();
-        stats.forward_calls += 1;
-        Ok(y)
-    }
-
-    pub(crate) fn classify(&self, e: tch::TchError, shape: &[i64], batch: usize) -> InferError {
-        if is_oom(&e) {
-            InferError::OutOfMemory {
-                batch,
-                message: first_line(&e),
-            }
-        } else {
-            InferError::Forward {
-                input_shape: shape.to_vec(),
-                message: first_line(&e),
-            }
-        }
-    }
-
-    pub(crate) fn device(&self) -> Device {
-        self.device
-    }
-
-    fn predict_2d(
-        &self,
-        image: &ImageVolume,
-        stats: &mut PredictStats,
-    ) -> Result<Vec<u8>, InferError> {
-        let [nx, ny, nz] = image.geom.dims;
-        let m = self.spec.pad_multiple.max(1);
-        let (ph, pw) = (ny.div_ceil(m) * m, nx.div_ceil(m) * m);
-        let sl = nx * ny;
-        let mut out = vec![0u8; sl * nz];
-        let mut batch = self.spec.batch_size.max(1);
-        let mut z0 = 0;
-        while z0 < nz {
-            let b = batch.min(nz - z0);
-            let mut buf = vec![0f32; b * ph * pw];
-            for i in 0..b {
-                let src = &image.data[(z0 + i) * sl..(z0 + i + 1) * sl];
-                for y in 0..ny {
-                    let row = &src[y * nx..(y + 1) * nx];
-                    let dst = &mut buf[(i * ph + y) * pw..(i * ph + y) * pw + nx];
-                    for (d, &v) in dst.iter_mut().zip(row) {
-                        *d = self.spec.window.apply(v);
-                    }
-                }
-            }
-            let shape = [b as i64, 1, ph as i64, pw as i64];
-            let x = Tensor::f_from_slice(&buf)
-                .and_then(|t| t.f_view(shape))
-                .map_err(torch)?;
-            match self.forward(&x, stats) {
-                Ok(y) => {
-                    let labels = self.output_to_labels(&y, &[b as i64, ph as i64, pw as i64])?;
-                    for i in 0..b {
-                        for y in 0..ny {
-                            let s = &labels[(i * ph + y) * pw..(i * ph + y) * pw + nx];
-                            let o = (z0 + i) * sl + y * nx;
-                            out[o..o + nx].copy_from_slice(s);
-                        }
-                    }
-                    z0 += b;
-                }
-                Err(e) => {
-                    let err = self.classify(e, &shape, b);
-                    if matches!(err, InferError::OutOfMemory { .. }) && batch > 1 {
-                        batch /= 2;
-                        tracing::warn!(batch, "CUDA out of memory: halving the batch");
-                        continue;
-                    }
-                    return Err(err);
-                }
-            }
-        }
-        stats.batch_used = batch;
-        Ok(out)
-    }
-
-    /// Turn a model output into labels (u8), checking shape and values.
-    /// `want` is the spatial shape with batch first: `[B, H, W]` or `[B, D, H, W]`.
-    pub(crate) fn output_to_labels(&self, y: &Tensor, want: &[i64]) -> Result<Vec<u8>, InferError> {
-        let labels = self.output_to_label_tensor(y, want)?;
-        let n = labels.numel();
-        let mut out = vec![0u8; n];
-        labels
-            .f_to_device(Device::Cpu)
-            .and_then(|t| t.f_contiguous())
-            .and_then(|t| t.f_copy_data_u8(&mut out, n))
-            .map_err(torch)?;
-        Ok(out)
-    }
-
-    /// As [`Self::output_to_labels`], leaving a `Uint8` tensor of shape `want` on the device.
-    pub(crate) fn output_to_label_tensor(
-        &self,
-        y: &Tensor,
-        want: &[i64],
-    ) -> Result<Tensor, InferError> {
-        let size = y.size();
-        let spatial = &want[1..];
-        let kind = y.f_kind().map_err(torch)?;
-        let float = matches!(
-            kind,
-            Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16
-        );
-        let shape_err = |expect: &str| {
-            InferError::BadOutput(format!(
-                "shape {size:?} ({kind:?}); expected {expect} for input batch {} x {spatial:?} with output kind {:?}",
-                want[0], self.spec.output
-            ))
-        };
-        match self.spec.output {
-            OutputKind::Logits | OutputKind::Probabilities => {
-                let ok = size.len() == want.len() + 1
-                    && size[0] == want[0]
-                    && size[2..] == *spatial
-                    && (1..=256).contains(&size[1]);
-                if !ok {
-                    return Err(shape_err("[B, C, spatial...] with 1 <= C <= 256"));
-                }
-                if !float {
-                    return Err(InferError::BadOutput(format!(
-                        "{:?} output has integer type {kind:?}; declare output = \"labels\" in submission.toml",
-                        self.spec.output
-                    )));
-                }
-                let finite = y
-                    .f_isfinite()
-                    .and_then(|t| t.f_all())
-                    .and_then(|t| t.f_int64_value(&[]))
-                    .map_err(torch)?;
-                if finite == 0 {
-                    return Err(InferError::BadOutput(
-                        "output contains NaN or infinity".into(),
-                    ));
-                }
-                let labels = if size[1] == 1 {
-                    let thr = if self.spec.output == OutputKind::Logits {
-                        0.0
-                    } else {
-                        0.5
-                    };
-                    y.f_gt(thr).and_then(|t| t.f_squeeze_dim(1))
-                } else {
-                    y.f_argmax(1, false)
-                };
-                labels.and_then(|t| t.f_to_kind(Kind::Uint8)).map_err(torch)
-            }
-            OutputKind::Labels => {
-                let y = if size.len() == want.len() + 1 && size[1] == 1 {
-                    y.f_squeeze_dim(1).map_err(torch)?
-                } else {
-                    y.shallow_clone()
-                };
-                if y.size() != want {
-                    return Err(shape_err("[B, spatial...] or [B, 1, spatial...]"));
-                }
-                if float {
-                    let bad = y
-                        .f_round()
-                        .and_then(|r| r.f_ne_tensor(&y))
-                        .and_then(|t| t.f_any())
-                        .and_then(|t| t.f_int64_value(&[]))
-                        .map_err(torch)?;
-                    if bad != 0 {
-                        return Err(InferError::BadOutput(
-                            "labels output holds non-integer values (NaN or fractions)".into(),
-                        ));
-                    }
-                }
-                let (lo, hi) = (
-                    y.f_min()
-                        .and_then(|t| t.f_double_value(&[]))
-                        .map_err(torch)?,
-                    y.f_max()
-                        .and_then(|t| t.f_double_value(&[]))
-                        .map_err(torch)?,
-                );
-                if lo < 0.0 || hi > 255.0 {
-                    return Err(InferError::BadOutput(format!(
-                        "labels output ranges {lo}..{hi}; labels must be 0..=255"
-                    )));
-                }
-                y.f_to_kind(Kind::Uint8).map_err(torch)
-            }
-        }
+        self.runtime.predict(image)
     }
 }
 
-/// libtorch version string (`2.11.0`), from the library in use.
+/// The one CUDA out-of-memory rule, for every runtime and input kind: on out-of-memory
+/// with a batch above 1, halve the batch (returns `true`: try again); otherwise the error
+/// stands (`false`). Memory the caching allocator keeps after a failure at batch 1 is
+/// only given back by a fresh process, which the pool's retry policy provides.
+pub fn halve_on_oom(err: &InferError, batch: &mut usize) -> bool {
+    if matches!(err, InferError::OutOfMemory { .. }) && *batch > 1 {
+        *batch /= 2;
+        tracing::warn!(batch = *batch, "CUDA out of memory: halving the batch");
+        true
+    } else {
+        false
+    }
+}
+
+/// libtorch version string (`2.11.0`), for the report's provenance.
 pub fn torch_version() -> String {
-    // libtorch does not export its version through tch; the wheel's version.py sits beside
-    // the lib folder we link against.
-    let lib = device::libtorch_dir();
-    lib.and_then(|d| std::fs::read_to_string(d.parent()?.join("version.py")).ok())
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("__version__ = "))
-                .map(|v| v.trim_matches(|c| c == '\'' || c == '"').to_string())
-        })
-        .unwrap_or_else(|| "unknown".into())
+    ModelFormat::TorchScript.runtime_version()
 }
 
 /// Convenience for callers that time things.

@@ -8,7 +8,7 @@
 //! - [`lesion`]: connected components and one-to-one lesion matching ([`hungarian`]);
 //! - [`aggregate`]: per-class statistics over cases, bootstrap CIs, patient-level diagnosis.
 //!
-//! `summary.json` is written from a whole evaluation by [`crate::evaluation::summary`].
+//! `summary.json` is written from a whole evaluation by the `evaluation` module (`evaluation::summary`).
 //!
 //! [`evaluate_case`] is the one entry point per case: it checks geometry (reorienting the
 //! prediction when the grids differ only by axis permutation/flips), then computes

@@ -1,7 +1,8 @@
 //! The supervised worker pool: inference in `evald worker` child processes that may crash,
 //! hang, run out of memory or be hostile, without taking the evaluation down.
 //!
-//! - [`PoolPredictor`] is the [`Predictor`] `evald run` and the daemon use: `pool.workers`
+//! - [`PoolPredictor`] is the local execution [`Backend`] (`backend.kind = "local"`, chosen
+//!   in the `backend` module) that `evald run` and the daemon use: `pool.workers`
 //!   children of this same binary, bound round-robin to `pool.devices`; each loads the
 //!   model once, sandboxes itself ([`crate::sandbox`]) and takes cases.
 //! - [`protocol`]: length-delimited JSON frames on stdin / a dedicated fd; image paths in,
@@ -31,7 +32,7 @@
 //! ready gives up.
 //!
 //! # Throughput
-//! [`Predictor::concurrency`] is twice the worker count: each worker holds its current case
+//! [`Backend::concurrency`] is twice the worker count: each worker holds its current case
 //! and the next one, which its decode thread reads while the model runs on the current one
 //! (a second case goes to a worker only when no other worker is idle). Scoring happens on
 //! the pipeline's threads meanwhile. [`PoolPredictor::totals`] sums forward and decode
@@ -52,11 +53,12 @@ use std::time::{Duration, Instant};
 use crate::config::PoolSettings;
 use crate::dataset::CaseFiles;
 use crate::evaluation::{Failure, Stage};
-use crate::infer::{InferSpec, PredictStats};
-use crate::pipeline::{Prediction, Predictor};
+use crate::exec::{Backend, Prediction};
+pub use crate::exec::{Job, Totals};
+use crate::infer::PredictStats;
 use crate::volume::{self, Volume};
 
-pub use cli::{evaluate_with_pool, log_totals, selfcheck_cli};
+pub use cli::selfcheck_cli;
 use protocol::FromWorker;
 
 /// Cases a worker holds at once: the one running and the one being decoded.
@@ -94,25 +96,6 @@ pub enum PoolError {
     /// No worker became ready (they kept dying while starting).
     #[error("no worker became ready: {0}")]
     Startup(String),
-}
-
-/// What the workers run: one submission's model on one test set.
-#[derive(Debug, Clone)]
-pub struct Job {
-    /// The TorchScript file (an immutable snapshot, for submissions).
-    pub model: PathBuf,
-    /// The sha256 (hex) every worker checks the model's bytes against before loading
-    /// them (`None`: load whatever is there, for tests and benches of a fixed file).
-    pub model_sha256: Option<String>,
-    /// Inference settings (task defaults + manifest).
-    pub spec: InferSpec,
-    /// The images folder (workers may read it, or only its image files when `labels`
-    /// lies inside it).
-    pub images: PathBuf,
-    /// The labels folder (never readable by workers; used only to decide the grants).
-    pub labels: Option<PathBuf>,
-    /// A folder for the workers' scratch sub-folders (`w<slot>`), on a local disk.
-    pub scratch: PathBuf,
 }
 
 /// One worker slot, for status displays and tests.
@@ -195,27 +178,6 @@ impl SlotState {
             SlotState::Stopped => "stopped",
         }
     }
-}
-
-/// Counters over the pool's life.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Totals {
-    /// Cases predicted.
-    pub done: u64,
-    /// Cases failed for good.
-    pub failed: u64,
-    /// Attempts that were retried.
-    pub retries: u64,
-    /// Workers that died or were killed.
-    pub worker_losses: u64,
-    /// Cases that hit `case_timeout`.
-    pub timeouts: u64,
-    /// Sum of model forward seconds.
-    pub forward_secs: f64,
-    /// Sum of worker-side image decode seconds.
-    pub decode_secs: f64,
-    /// Sum of worker-side prediction seconds (windowing + forward + argmax).
-    pub predict_secs: f64,
 }
 
 /// A case waiting for, or held by, a worker.
@@ -312,7 +274,7 @@ impl Shared {
     }
 }
 
-/// The worker pool as a [`Predictor`]. Dropping it stops every worker (stdin closed, then
+/// The supervised local worker pool as an execution [`Backend`]. Dropping it stops every worker (stdin closed, then
 /// the process group killed) and removes their scratch folders.
 #[derive(Debug)]
 pub struct PoolPredictor {
@@ -332,32 +294,6 @@ impl PoolPredictor {
     /// starting; [`PoolError::Scratch`] / [`PoolError::Spawn`] for local problems.
     pub fn start(settings: &PoolSettings, job: &Job) -> Result<Self, PoolError> {
         Self::start_with(settings, job, Some(job.model.clone()))
-    }
-
-    /// Start for a prepared submission of a task (what `evald run` and the daemon call),
-    /// on the snapshot of its model: every worker, restarted ones included, loads those
-    /// bytes and only those.
-    ///
-    /// # Errors
-    /// As [`Self::start`].
-    pub fn for_submission(
-        settings: &PoolSettings,
-        sub: &crate::submission::Prepared,
-        model: &crate::submission::Snapshot,
-        task: &crate::config::TaskSettings,
-        scratch: &Path,
-    ) -> Result<Self, PoolError> {
-        Self::start(
-            settings,
-            &Job {
-                model: model.path.clone(),
-                model_sha256: Some(model.sha256.clone()),
-                spec: sub.infer.clone(),
-                images: task.images.clone(),
-                labels: Some(task.labels.clone()),
-                scratch: scratch.to_path_buf(),
-            },
-        )
     }
 
     fn start_with(
@@ -568,13 +504,25 @@ impl PoolPredictor {
     }
 }
 
-impl Predictor for PoolPredictor {
+impl Backend for PoolPredictor {
     fn concurrency(&self) -> usize {
         self.shared.slots.len() * WINDOW
     }
 
     fn stopped_early(&self) -> Option<String> {
         PoolPredictor::stopped_early(self)
+    }
+
+    fn devices(&self) -> Vec<String> {
+        PoolPredictor::devices(self)
+    }
+
+    fn totals(&self) -> Totals {
+        PoolPredictor::totals(self)
+    }
+
+    fn workers(&self) -> usize {
+        self.shared.slots.len()
     }
 
     fn predict(&self, case: &CaseFiles) -> Result<Prediction, Failure> {
@@ -708,6 +656,7 @@ pub fn selfcheck_exe(
     let mut one = settings.clone();
     one.workers = 1;
     let job = Job {
+        format: crate::infer::ModelFormat::TorchScript,
         model: PathBuf::new(),
         model_sha256: None,
         spec: supervisor::probe_spec(),

@@ -75,6 +75,7 @@ fn job(dir: &Path, data: &Dataset, model: &str) -> Job {
     let images = data.cases[0].input.parent().unwrap().to_path_buf();
     let labels = data.cases[0].label.parent().unwrap().to_path_buf();
     Job {
+        format: evald::infer::ModelFormat::TorchScript,
         model: data_model(model),
         model_sha256: None,
         spec: spec(),
