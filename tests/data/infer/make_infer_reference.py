@@ -290,9 +290,18 @@ def main():
     vol_zyx = window(np.ascontiguousarray(back.transpose(2, 1, 0)))
 
     m2 = torch.jit.load(os.path.join(MODELS, "unet2d.pt")).eval()
+    # torch.jit.save writes a random serialization id, so a saved model's bytes change on
+    # every run: keep the committed seg3d.pt when it computes what Seg3d computes.
     seg3d = torch.jit.script(Seg3d().eval())
-    seg3d.save(os.path.join(HERE, "seg3d.pt"))
-    m3 = torch.jit.load(os.path.join(HERE, "seg3d.pt")).eval()
+    path3 = os.path.join(HERE, "seg3d.pt")
+    if os.path.exists(path3):
+        probe = torch.from_numpy(vol_zyx)[None, None]
+        with torch.no_grad():
+            same = torch.equal(torch.jit.load(path3)(probe), seg3d(probe))
+        assert same, "seg3d.pt differs from Seg3d: delete it to write a new one"
+    else:
+        seg3d.save(path3)
+    m3 = torch.jit.load(path3).eval()
     # The random 3D U-Net of models/ is useless for label comparisons: for any input its
     # channel-1 minus channel-0 logit stays within about [-0.34, -0.31], so every label is 0.
     u3 = torch.jit.load(os.path.join(MODELS, "unet3d_random.pt")).eval()
