@@ -1,5 +1,6 @@
 //! Overlap metrics against nnU-Net's own numbers on real segmentations (tests/data/conformance):
-//! TP/FP/FN/TN/n_ref/n_pred exactly, Dice and IoU to 1e-9, through the real `evald score`.
+//! TP/FP/FN/TN/n_ref/n_pred exactly, Dice and IoU to 1e-9, through the real `evald score`;
+//! the aggregates `mean` and `foreground_mean` against nnU-Net's own summary to 1e-12 relative.
 
 use std::path::Path;
 
@@ -82,6 +83,56 @@ fn assert_matches_nnunet(set: &str, summary: &serde_json::Value) {
     assert!(checked >= 10, "checked only {checked} case/labels");
 }
 
+/// nnU-Net's own aggregates (`peer-nnunet.nnunet_summary.json`, written by
+/// `compute_metrics_on_folder`): `mean` = per label, the nanmean over cases; `foreground_mean`
+/// = the plain mean over labels of those means. evald's summary.json must carry the same
+/// numbers under the same keys (METRICS.md, "Aggregation" and "summary.json"). Relative
+/// tolerance 1e-12: only the summation order may differ (numpy sums pairwise).
+fn assert_aggregates_match_nnunet(set: &str, summary: &serde_json::Value) {
+    let peer = read_json(&data(&format!(
+        "conformance/{set}/peer-nnunet.nnunet_summary.json"
+    )));
+    let close = |what: &str, ours: &serde_json::Value, theirs: &serde_json::Value| {
+        let t = theirs
+            .as_f64()
+            .unwrap_or_else(|| panic!("{set} {what}: nnU-Net {theirs}"));
+        let o = ours
+            .as_f64()
+            .unwrap_or_else(|| panic!("{set} {what}: ours {ours}, nnU-Net {t}"));
+        assert!(
+            (o - t).abs() <= 1e-12 * t.abs().max(1.0),
+            "{set} {what}: ours {o} nnU-Net {t}"
+        );
+    };
+    const KEYS: [&str; 8] = ["Dice", "IoU", "TP", "FP", "FN", "TN", "n_pred", "n_ref"];
+    let mut checked = 0;
+    let labels = peer["mean"].as_object().unwrap();
+    for (label, theirs) in labels {
+        for k in KEYS {
+            close(
+                &format!("mean[{label}][{k}]"),
+                &summary["mean"][label.as_str()][k],
+                &theirs[k],
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(
+        summary["mean"].as_object().map(|m| m.len()),
+        Some(labels.len()),
+        "{set}: labels in mean"
+    );
+    for k in KEYS {
+        close(
+            &format!("foreground_mean[{k}]"),
+            &summary["foreground_mean"][k],
+            &peer["foreground_mean"][k],
+        );
+        checked += 1;
+    }
+    assert!(checked >= 8 * 8, "{set}: checked only {checked} aggregates");
+}
+
 #[test]
 fn openkbp10_counts_dice_iou_equal_nnunet() {
     let dir = tempfile::tempdir().unwrap();
@@ -92,6 +143,7 @@ fn openkbp10_counts_dice_iou_equal_nnunet() {
         &out,
     );
     assert_matches_nnunet("openkbp10", &s);
+    assert_aggregates_match_nnunet("openkbp10", &s);
     // strict JSON: no bare NaN anywhere
     let text = std::fs::read_to_string(&out).unwrap();
     assert!(!text.contains("NaN") && !text.contains("Infinity"));
@@ -108,6 +160,7 @@ fn ts_abdomen_40_labels_equal_nnunet() {
         &out,
     );
     assert_matches_nnunet("ts-abdomen", &s);
+    assert_aggregates_match_nnunet("ts-abdomen", &s);
 }
 
 /// A prediction saved with permuted and flipped axes (same world grid) scores exactly like

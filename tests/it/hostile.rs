@@ -17,7 +17,7 @@ use crate::util::read_json;
 
 /// A submission whose model never returns: the pool's hang fixture on input windowed so
 /// that every voxel is 1.0 (the fixture's "bright" input, on which it loops forever).
-fn write_hanging_submission(dir: &Path) {
+pub(crate) fn write_hanging_submission(dir: &Path) {
     let hang = std::fs::read(crate::util::data("models/pool_hang.pt")).unwrap();
     write_files(
         dir,

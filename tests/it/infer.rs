@@ -44,34 +44,6 @@ fn python_traced_unet3d_matches_python_numbers() {
     );
 }
 
-/// The same model through evald's sliding window on a volume that is not a multiple of
-/// the patch: a label map on the image grid with only the model's classes.
-#[test]
-fn python_traced_unet3d_runs_through_the_sliding_window() {
-    let m = Model::load(
-        &data("models/unet3d_random.pt"),
-        "cpu",
-        spec(InputKind::Volume3d, OutputKind::Logits),
-    )
-    .unwrap();
-    let g = Geometry::axis_aligned([40, 37, 20], [1.0, 1.0, 2.0], [0.0; 3]);
-    let img = Volume {
-        geom: g.clone(),
-        data: (0..40 * 37 * 20)
-            .map(|i| ((i % 97) as f32) * 5.0 - 200.0)
-            .collect(),
-    };
-    let (labels, stats) = m.predict(&img).unwrap();
-    assert_eq!(labels.geom, g);
-    assert_eq!(labels.data.len(), 40 * 37 * 20);
-    assert!(labels.data.iter().all(|&v| v <= 1));
-    assert!(
-        stats.forward_calls >= 2,
-        "several windows expected, got {}",
-        stats.forward_calls
-    );
-}
-
 /// The demo model traced in Rust segments the phantoms well (it is the demo's vendor).
 #[test]
 fn rust_traced_demo_model_segments_phantoms() {
@@ -90,22 +62,6 @@ fn rust_traced_demo_model_segments_phantoms() {
         evald::metrics::evaluate_case("c", &lab, "r".as_ref(), pred, "p".as_ref(), &spec).unwrap();
     let dice = r.classes[0].counts.dice();
     assert!(dice > 0.8, "thyroid Dice {dice}");
-}
-
-#[test]
-fn the_trained_python_unet2d_runs_on_slices() {
-    let mut s = spec(InputKind::Slices2d, OutputKind::Logits);
-    s.pad_multiple = 8;
-    let m = Model::load(&data("models/unet2d.pt"), "cpu", s).unwrap();
-    // 60 x 50 is not a multiple of 8: padding and cropping must be invisible.
-    let g = Geometry::axis_aligned([60, 50, 3], [0.7, 0.7, 1.5], [0.0; 3]);
-    let img = Volume {
-        geom: g,
-        data: vec![40.0; 60 * 50 * 3],
-    };
-    let (labels, _) = m.predict(&img).unwrap();
-    assert_eq!(labels.data.len(), 60 * 50 * 3);
-    assert!(labels.data.iter().all(|&v| v <= 2));
 }
 
 fn traced(

@@ -6,6 +6,7 @@ mod conformance;
 mod daemon;
 mod hostile;
 mod infer;
+mod infer_peer;
 mod lesion;
 mod mail;
 mod pool;
