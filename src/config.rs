@@ -84,6 +84,10 @@ pub struct RawDaemon {
     /// evaluation is queued again and the queue waits this long, doubling per failure in a
     /// row up to 15 minutes.
     pub retry_backoff_secs: u64,
+    /// Longest sleep of the mail outbox's delivery loop: how soon a message another
+    /// process queued (or one whose wake-up was missed) is picked up. A message the
+    /// service queues itself goes at once.
+    pub outbox_poll_secs: u64,
 }
 
 impl Default for RawDaemon {
@@ -99,6 +103,7 @@ impl Default for RawDaemon {
             log_keep_days: 14,
             shutdown_grace_secs: 30,
             retry_backoff_secs: 60,
+            outbox_poll_secs: 30,
         }
     }
 }
@@ -334,6 +339,8 @@ pub struct DaemonSettings {
     pub shutdown_grace: std::time::Duration,
     /// First wait after a retryable failure (doubles, capped at 15 min).
     pub retry_backoff: std::time::Duration,
+    /// Longest sleep of the mail outbox loop (at least a second).
+    pub outbox_poll: std::time::Duration,
 }
 
 /// Worker sandbox policy.
@@ -735,6 +742,7 @@ impl RawSettings {
                 log_keep_days: d.log_keep_days,
                 shutdown_grace: std::time::Duration::from_secs(d.shutdown_grace_secs),
                 retry_backoff: std::time::Duration::from_secs(d.retry_backoff_secs.max(1)),
+                outbox_poll: std::time::Duration::from_secs(d.outbox_poll_secs.max(1)),
             },
             pool: PoolSettings {
                 workers: pl.workers,

@@ -315,7 +315,6 @@ pub(crate) fn reject(
         evaluation: None,
         summary: None,
         report: None,
-        email: None,
         error: Some(rej.problem.clone()),
     }))
 }
