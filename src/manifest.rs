@@ -186,3 +186,59 @@ impl Manifest {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_config(dir: &Path, body: &str) -> PathBuf {
+        let p = dir.join("evald.toml");
+        std::fs::write(&p, body).unwrap();
+        p
+    }
+
+    #[test]
+    fn task_defaults_follow_the_same_rules_as_a_vendor_manifest() {
+        let dir = tempfile::tempdir().unwrap();
+        for (sub, file) in [("images", "c_0000.nii.gz"), ("labels", "c.nii.gz")] {
+            std::fs::create_dir(dir.path().join(sub)).unwrap();
+            std::fs::write(dir.path().join(sub).join(file), b"").unwrap();
+        }
+        let task = |extra: &str| {
+            format!(
+                "[tasks.t]\nimages = \"{0}/images\"\nlabels = \"{0}/labels\"\nclasses = {{ 1 = \"a\" }}\n{extra}\n",
+                dir.path().display()
+            )
+        };
+        // A default the manifest would refuse (patch over 1024) once made every vendor's
+        // submission fail: it is the admin's error, reported by the config.
+        let p = write_config(
+            dir.path(),
+            &task(
+                "patch_size = [1025, 64, 64]\noverlap = 0.95\nwindow = { level = 40, width = 0 }",
+            ),
+        );
+        let crate::config::ConfigError::Invalid { problems, .. } =
+            crate::config::load(&p).unwrap_err()
+        else {
+            panic!("expected Invalid");
+        };
+        let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+        for k in ["tasks.t.patch_size", "tasks.t.overlap", "tasks.t.window"] {
+            assert!(keys.contains(&k), "{k} missing from {keys:?}");
+        }
+        // The largest defaults the config takes are ones an empty manifest keeps.
+        let p = write_config(
+            dir.path(),
+            &task("input = \"volume3d\"\npatch_size = [1024, 1024, 1024]\nbatch_size = 4096\noverlap = 0.94"),
+        );
+        let s = crate::config::load(&p).unwrap();
+        let spec = Manifest::default()
+            .infer_spec(dir.path(), &s.tasks["t"])
+            .unwrap();
+        assert_eq!(
+            (spec.patch_size, spec.batch_size),
+            ([1024, 1024, 1024], 4096)
+        );
+    }
+}

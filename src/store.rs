@@ -2,10 +2,22 @@
 //! `<state_dir>/evald.db` (WAL, `busy_timeout`, `synchronous = FULL`).
 //!
 //! It owns the `submissions` table (one row per evaluation of a folder's content: path,
-//! task, vendor, model sha256, state, attempts, progress, outcome, timestamps) and
-//! `submission_events` (every state change, for audit and `evald status`). The mail outbox
-//! lives in the same file in its own tables, owned by [`crate`]'s mail module; this module
-//! only reads their counts for `evald status`.
+//! task, vendor, model sha256, state, attempts, progress, outcome, timestamps),
+//! `submission_events` (every state change, for audit and `evald status`) and, since
+//! schema version 2, the results of each reported evaluation: `submission_results` and
+//! `submission_failures` (see [`StoredResults`]). The mail outbox lives in the same file in
+//! its own tables, owned (schema and counts) by [`crate`]'s mail module; this module never
+//! looks at them.
+//!
+//! Results layout, and why: the keys a comparison or a query needs (model sha256, test-set
+//! hash, cases scored/failed, stopped early, evald version, when) are columns; the
+//! statistics (per class and metric: n, mean, std, median, quartiles, range, CI) are one
+//! JSON document with its own format number, because their shape follows the metric set
+//! (it grows with METRICS.md; a table per statistic would need a migration per metric) and
+//! they are always read whole; failed cases are rows of their own (case, stage, reason,
+//! attempts) because a list view filters and counts them. The results are written in the
+//! same transaction that marks the submission `reported`, so a reported submission always
+//! has them (rows reported by a version-1 store have none: [`Store::results`] is `None`).
 //!
 //! States (`seen -> queued -> running -> reported -> mailed`, plus `rejected` and
 //! `failed`) change only through [`Store`] methods, each in one transaction that checks
@@ -18,14 +30,21 @@
 
 use std::path::{Path, PathBuf};
 
+use std::collections::BTreeMap;
+
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row};
+
+use crate::evaluation::{Evaluation, Failure};
+use crate::metrics::aggregate::Stats;
 
 /// Database file name inside `state_dir`.
 pub const DB_FILE: &str = "evald.db";
 /// Component name of this module's tables in `evald_schema`.
 pub const COMPONENT: &str = "submissions";
 /// Schema version this build writes.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
+/// Format of the JSON in `submission_results.statistics` ([`Statistics`]).
+pub const STATISTICS_FORMAT: i64 = 1;
 /// How long a writer waits for another process (e.g. `evald requeue`) to release the lock.
 const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -148,6 +167,16 @@ pub enum StoreError {
         /// The stored value.
         state: String,
     },
+    /// Stored results this build cannot read (a newer format, or a damaged row).
+    #[error("{path}: results of submission #{id}: {reason}")]
+    Results {
+        /// The database file.
+        path: PathBuf,
+        /// Submission id.
+        id: i64,
+        /// What is wrong.
+        reason: String,
+    },
     /// The store thread has stopped (daemon shutting down).
     #[error("the store is closed")]
     Closed,
@@ -236,10 +265,9 @@ pub struct ReportedOutcome {
     pub summary_path: PathBuf,
     /// `report.xlsx`.
     pub report_path: PathBuf,
+    /// What the evaluation found, stored with the state change.
+    pub results: EvaluationResults,
 }
-
-/// Message counts per state of the mail outbox: `(table, [(state, count)])`.
-pub type OutboxCounts = (String, Vec<(String, u64)>);
 
 /// One recorded state change.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -256,11 +284,271 @@ pub struct Transition {
     pub note: Option<String>,
 }
 
+/// `f64` as JSON: undefined values (NaN) are `null`, as in `summary.json`, and read back as
+/// NaN (serde_json writes NaN as `null` but refuses `null` for an `f64`).
+mod nan_null {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+        if v.is_finite() {
+            s.serialize_f64(*v)
+        } else {
+            s.serialize_none()
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+    }
+
+    /// The same for the values of a map.
+    pub mod map {
+        use std::collections::BTreeMap;
+
+        use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+        pub fn serialize<S: Serializer>(
+            m: &BTreeMap<String, f64>,
+            s: S,
+        ) -> Result<S::Ok, S::Error> {
+            let o: BTreeMap<&String, Option<f64>> = m
+                .iter()
+                .map(|(k, v)| (k, v.is_finite().then_some(*v)))
+                .collect();
+            o.serialize(s)
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(
+            d: D,
+        ) -> Result<BTreeMap<String, f64>, D::Error> {
+            let o = BTreeMap::<String, Option<f64>>::deserialize(d)?;
+            Ok(o.into_iter()
+                .map(|(k, v)| (k, v.unwrap_or(f64::NAN)))
+                .collect())
+        }
+    }
+}
+
+/// Statistics of one metric over cases, as stored (NaN: undefined).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct StoredStats {
+    /// Cases with a value (defined or NaN).
+    pub n: usize,
+    /// Of those, undefined.
+    pub n_nan: usize,
+    /// Mean of the defined values.
+    #[serde(with = "nan_null")]
+    pub mean: f64,
+    /// Sample standard deviation.
+    #[serde(with = "nan_null")]
+    pub std: f64,
+    /// Median.
+    #[serde(with = "nan_null")]
+    pub median: f64,
+    /// 25th percentile.
+    #[serde(with = "nan_null")]
+    pub p25: f64,
+    /// 75th percentile.
+    #[serde(with = "nan_null")]
+    pub p75: f64,
+    /// Smallest value.
+    #[serde(with = "nan_null")]
+    pub min: f64,
+    /// Largest value.
+    #[serde(with = "nan_null")]
+    pub max: f64,
+    /// 95% bootstrap CI of the mean, lower end.
+    #[serde(with = "nan_null")]
+    pub ci95_low: f64,
+    /// Upper end.
+    #[serde(with = "nan_null")]
+    pub ci95_high: f64,
+}
+
+impl From<&Stats> for StoredStats {
+    fn from(s: &Stats) -> Self {
+        StoredStats {
+            n: s.n,
+            n_nan: s.n_nan,
+            mean: s.mean,
+            std: s.std,
+            median: s.median,
+            p25: s.p25,
+            p75: s.p75,
+            min: s.min,
+            max: s.max,
+            ci95_low: s.ci95_low,
+            ci95_high: s.ci95_high,
+        }
+    }
+}
+
+/// A class of the task as it was evaluated.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StoredClass {
+    /// Label value.
+    pub label: u8,
+    /// Name.
+    pub name: String,
+}
+
+/// Patient-level diagnosis, as stored.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct StoredPatient {
+    /// The class whose presence makes a patient positive.
+    pub positive_class: u8,
+    /// Minimum volume (mm^3) for a positive call.
+    pub min_positive_mm3: f64,
+    /// Reference positive, predicted positive.
+    pub tp: u32,
+    /// Reference negative, predicted positive.
+    pub fp: u32,
+    /// Reference positive, predicted negative.
+    #[serde(rename = "fn")]
+    pub fn_: u32,
+    /// Reference negative, predicted negative.
+    pub tn: u32,
+    /// TP/(TP+FN).
+    #[serde(with = "nan_null")]
+    pub sensitivity: f64,
+    /// TN/(TN+FP).
+    #[serde(with = "nan_null")]
+    pub specificity: f64,
+    /// TP/(TP+FP).
+    #[serde(with = "nan_null")]
+    pub ppv: f64,
+    /// TN/(TN+FN).
+    #[serde(with = "nan_null")]
+    pub npv: f64,
+    /// (TP+TN)/all.
+    #[serde(with = "nan_null")]
+    pub accuracy: f64,
+}
+
+/// The statistics of an evaluation: the JSON document of `submission_results.statistics`
+/// (format [`STATISTICS_FORMAT`]).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Statistics {
+    /// The task's classes, in the task's order.
+    pub classes: Vec<StoredClass>,
+    /// Per class label: metric key (`Dice`, `IoU`, `HD95`, `NSD`, ...) -> statistics, for
+    /// every metric the evaluation computed.
+    pub per_class: BTreeMap<u8, BTreeMap<String, StoredStats>>,
+    /// nnU-Net's `foreground_mean`: metric key -> mean over classes of the class means.
+    #[serde(with = "nan_null::map")]
+    pub foreground_mean: BTreeMap<String, f64>,
+    /// Statistics over cases of each case's mean over classes.
+    pub foreground: BTreeMap<String, StoredStats>,
+    /// Patient-level diagnosis, when the task names a positive class.
+    pub patient: Option<StoredPatient>,
+}
+
+/// What one evaluation found, as the store keeps it: written by [`Store::reported`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvaluationResults {
+    /// sha256 of the model evaluated.
+    pub model_sha256: Option<String>,
+    /// Content hash of the test set scored ([`crate::dataset::manifest_hash`]): two
+    /// evaluations are comparable exactly when these are equal.
+    pub testset_hash: String,
+    /// Cases scored.
+    pub cases_scored: u64,
+    /// Cases that failed (listed in `failures`).
+    pub cases_failed: u64,
+    /// Why the evaluation stopped before every case ran.
+    pub stopped_early: Option<String>,
+    /// The evald version that evaluated.
+    pub evald_version: String,
+    /// Per-class statistics and patient-level counts.
+    pub statistics: Statistics,
+    /// Failed cases, by case id.
+    pub failures: Vec<Failure>,
+}
+
+impl EvaluationResults {
+    /// What the store keeps of `eval`.
+    pub fn of(eval: &Evaluation) -> Self {
+        let s = &eval.summary;
+        let stats = |m: &BTreeMap<String, Stats>| {
+            m.iter()
+                .map(|(k, v)| (k.clone(), StoredStats::from(v)))
+                .collect::<BTreeMap<_, _>>()
+        };
+        EvaluationResults {
+            model_sha256: eval.meta.model_sha256.clone(),
+            testset_hash: eval.meta.dataset_hash.clone(),
+            cases_scored: eval.cases.len() as u64,
+            cases_failed: eval.failures.len() as u64,
+            stopped_early: eval.meta.stopped_early.clone(),
+            evald_version: eval.meta.evald_version.clone(),
+            statistics: Statistics {
+                classes: eval
+                    .spec
+                    .classes
+                    .iter()
+                    .map(|c| StoredClass {
+                        label: c.label,
+                        name: c.name.clone(),
+                    })
+                    .collect(),
+                per_class: s.per_class.iter().map(|(l, m)| (*l, stats(m))).collect(),
+                foreground_mean: s.foreground_mean.clone(),
+                foreground: stats(&s.foreground),
+                patient: s.patient.as_ref().map(|p| StoredPatient {
+                    positive_class: p.positive_class,
+                    min_positive_mm3: p.min_positive_mm3,
+                    tp: p.tp,
+                    fp: p.fp,
+                    fn_: p.fn_,
+                    tn: p.tn,
+                    sensitivity: p.sensitivity,
+                    specificity: p.specificity,
+                    ppv: p.ppv,
+                    npv: p.npv,
+                    accuracy: p.accuracy,
+                }),
+            },
+            failures: eval.failures.clone(),
+        }
+    }
+
+    /// Mean of `key` for class `label` over the scored cases (NaN when undefined or not
+    /// computed).
+    pub fn mean(&self, label: u8, key: &str) -> f64 {
+        self.statistics
+            .per_class
+            .get(&label)
+            .and_then(|m| m.get(key))
+            .map_or(f64::NAN, |s| s.mean)
+    }
+
+    /// Whether `other` scored the same test-set bytes (so their numbers can be compared).
+    pub fn comparable_with(&self, other: &EvaluationResults) -> bool {
+        !self.testset_hash.is_empty() && self.testset_hash == other.testset_hash
+    }
+}
+
+/// The results of a submission's last reported evaluation, as read back.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredResults {
+    /// Submission id.
+    pub submission: i64,
+    /// Which requested evaluation of it ([`Submission::queue_seq`] when it was reported).
+    pub queue_seq: Option<i64>,
+    /// When it was reported (RFC 3339).
+    pub reported_at: String,
+    /// What it found.
+    pub results: EvaluationResults,
+}
+
 /// The submissions database.
 #[derive(Debug)]
 pub struct Store {
     conn: Connection,
     path: PathBuf,
+    /// Schema version of the open file (lower than [`SCHEMA_VERSION`] only when opened
+    /// read-only: then there are no results tables to read).
+    schema: i64,
 }
 
 /// RFC 3339 UTC with milliseconds (sorts as text).
@@ -309,6 +597,38 @@ CREATE TABLE submission_events (
 );
 CREATE INDEX submission_events_submission ON submission_events(submission, id);
 ";
+
+/// Version 1 -> 2: the results of each reported evaluation (see the module documentation
+/// for the layout). One row per submission: a re-evaluation (`evald requeue`) replaces it,
+/// `queue_seq` says which evaluation it is.
+const SCHEMA_V2: &str = "
+CREATE TABLE submission_results (
+    submission        INTEGER PRIMARY KEY REFERENCES submissions(id),
+    queue_seq         INTEGER,
+    reported_at       TEXT NOT NULL,
+    model_sha256      TEXT,
+    testset_hash      TEXT NOT NULL,
+    cases_scored      INTEGER NOT NULL,
+    cases_failed      INTEGER NOT NULL,
+    stopped_early     TEXT,
+    evald_version     TEXT NOT NULL,
+    statistics_format INTEGER NOT NULL,
+    statistics        TEXT NOT NULL
+);
+CREATE INDEX submission_results_testset ON submission_results(testset_hash);
+CREATE TABLE submission_failures (
+    submission INTEGER NOT NULL REFERENCES submissions(id),
+    case_id    TEXT NOT NULL,
+    stage      TEXT NOT NULL,
+    reason     TEXT NOT NULL,
+    attempts   INTEGER NOT NULL,
+    PRIMARY KEY (submission, case_id)
+);
+";
+
+/// The migration from each version to the next: `MIGRATIONS[v - 1]` takes version `v` to
+/// `v + 1`, in the transaction that records the new version.
+const MIGRATIONS: [&str; 1] = [SCHEMA_V2];
 
 const COLUMNS: &str =
     "id, path, task, vendor, name, fingerprint, model_sha256, model_bytes, state, \
@@ -385,7 +705,11 @@ impl Store {
             what: "cannot open",
             source,
         })?;
-        let mut store = Store { conn, path };
+        let mut store = Store {
+            conn,
+            path,
+            schema: SCHEMA_VERSION,
+        };
         store.configure()?;
         store.migrate()?;
         Ok(store)
@@ -410,10 +734,64 @@ impl Store {
             what: "cannot open",
             source,
         })?;
-        let mut store = Store { conn, path };
+        let mut store = Store {
+            conn,
+            path,
+            schema: SCHEMA_VERSION,
+        };
         store.configure()?;
         store.migrate()?;
         Ok(Some(store))
+    }
+
+    /// Open an existing database read-only, changing nothing in it (no migration): for
+    /// `evald run`, which only looks up the previous submission. `Ok(None)` when there is
+    /// no database or it has no submissions table yet. A version-1 file reads as having no
+    /// results.
+    ///
+    /// # Errors
+    /// [`StoreError`] when the file exists but cannot be read, or was written by a newer
+    /// evald.
+    pub fn open_read_only(state_dir: &Path) -> Result<Option<Store>, StoreError> {
+        let path = state_dir.join(DB_FILE);
+        if !path.is_file() {
+            return Ok(None);
+        }
+        let conn = Connection::open_with_flags(
+            &path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|source| StoreError::Sql {
+            path: path.clone(),
+            what: "cannot open",
+            source,
+        })?;
+        conn.busy_timeout(BUSY_TIMEOUT)
+            .map_err(sql_error(&path, "setting busy_timeout"))?;
+        let found: Option<i64> = conn
+            .query_row(
+                "SELECT version FROM evald_schema WHERE component = ?1",
+                [COMPONENT],
+                |r| r.get(0),
+            )
+            .optional()
+            .or_else(|e| match e {
+                // No evald_schema table: nothing of ours in the file yet.
+                rusqlite::Error::SqliteFailure(_, Some(ref m)) if m.contains("no such table") => {
+                    Ok(None)
+                }
+                e => Err(e),
+            })
+            .map_err(sql_error(&path, "reading the schema version"))?;
+        match found {
+            None => Ok(None),
+            Some(v) if v > SCHEMA_VERSION => Err(StoreError::NewerSchema { path, found: v }),
+            Some(v) => Ok(Some(Store {
+                conn,
+                path,
+                schema: v,
+            })),
+        }
     }
 
     /// The database file.
@@ -426,6 +804,11 @@ impl Store {
     /// be queued in the same transaction as a state change. Leave `submissions*` alone.
     pub fn connection(&mut self) -> &mut Connection {
         &mut self.conn
+    }
+
+    /// The connection, read-only use (another component's counts for `evald status`).
+    pub fn connection_ref(&self) -> &Connection {
+        &self.conn
     }
 
     fn sql(&self, what: &'static str) -> impl Fn(rusqlite::Error) -> StoreError {
@@ -457,6 +840,27 @@ impl Store {
     fn migrate(&mut self) -> Result<(), StoreError> {
         let path = self.path.clone();
         let sql = |what: &'static str| sql_error(&path, what);
+        // The usual case, an up-to-date file, takes no write lock and writes nothing:
+        // `evald status` and the tests' observers open the store while the daemon writes.
+        let current: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT version FROM evald_schema WHERE component = ?1",
+                [COMPONENT],
+                |r| r.get(0),
+            )
+            .optional()
+            .or_else(|e| match e {
+                rusqlite::Error::SqliteFailure(_, Some(ref m)) if m.contains("no such table") => {
+                    Ok(None)
+                }
+                e => Err(e),
+            })
+            .map_err(sql("reading the schema version"))?;
+        if current == Some(SCHEMA_VERSION) {
+            self.schema = SCHEMA_VERSION;
+            return Ok(());
+        }
         let tx = self
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
@@ -476,23 +880,50 @@ impl Store {
             )
             .optional()
             .map_err(sql("reading the schema version"))?;
-        match found {
+        let mut version = match found {
             None => {
                 tx.execute_batch(SCHEMA_V1)
                     .map_err(sql("creating the submissions tables"))?;
                 tx.execute(
-                    "INSERT INTO evald_schema (component, version) VALUES (?1, ?2)",
-                    params![COMPONENT, SCHEMA_VERSION],
+                    "INSERT INTO evald_schema (component, version) VALUES (?1, 1)",
+                    [COMPONENT],
                 )
                 .map_err(sql("recording the schema version"))?;
+                1
             }
-            Some(v) if v == SCHEMA_VERSION => {}
-            // Older versions: migrations go here, one step per version.
-            Some(v) => {
+            Some(v) if v > SCHEMA_VERSION => {
                 return Err(StoreError::NewerSchema { path, found: v });
             }
+            Some(v) => v,
+        };
+        let from = version;
+        // In place, one step per version, all in this transaction: a crash leaves the old
+        // version intact, and every existing row is kept as it is.
+        while version < SCHEMA_VERSION {
+            let step = usize::try_from(version - 1).unwrap_or(usize::MAX);
+            let Some(ddl) = MIGRATIONS.get(step) else {
+                return Err(StoreError::NewerSchema {
+                    path,
+                    found: version,
+                });
+            };
+            tx.execute_batch(ddl)
+                .map_err(sql("migrating the submissions tables"))?;
+            version += 1;
         }
-        tx.commit().map_err(sql("committing the schema"))
+        if version != from {
+            tx.execute(
+                "UPDATE evald_schema SET version = ?2 WHERE component = ?1",
+                params![COMPONENT, version],
+            )
+            .map_err(sql("recording the schema version"))?;
+        }
+        tx.commit().map_err(sql("committing the schema"))?;
+        if found.is_some() && from < version {
+            tracing::info!(db = %self.path.display(), from, to = version, "store schema migrated");
+        }
+        self.schema = version;
+        Ok(())
     }
 
     fn check(&self, raw: RawRow) -> Result<Submission, StoreError> {
@@ -714,6 +1145,22 @@ impl Store {
         set: &str,
         values: &[&dyn rusqlite::ToSql],
     ) -> Result<Submission, StoreError> {
+        self.transition_with(id, from, to, note, set, values, |_| Ok(()))
+    }
+
+    /// [`Store::transition`], also running `also` inside the same transaction (after the
+    /// state change): what it writes commits with the state, or not at all.
+    #[allow(clippy::too_many_arguments)]
+    fn transition_with(
+        &mut self,
+        id: i64,
+        from: &[State],
+        to: State,
+        note: Option<&str>,
+        set: &str,
+        values: &[&dyn rusqlite::ToSql],
+        also: impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<()>,
+    ) -> Result<Submission, StoreError> {
         let what = "changing a submission's state";
         let t = now();
         let before = self.get(id)?;
@@ -765,6 +1212,7 @@ impl Store {
             params![id, t, before.state.as_str(), to.as_str(), note],
         )
         .map_err(&err)?;
+        also(&tx).map_err(&err)?;
         tx.commit().map_err(&err)?;
         let after = self.get(id)?;
         log_change(&after, Some(before.state), note);
@@ -931,7 +1379,15 @@ impl Store {
         let t = now();
         let (scored, failed) = (o.cases_scored as i64, o.cases_failed as i64);
         let (summary, report) = (path_str(&o.summary_path), path_str(&o.report_path));
-        self.transition(
+        let statistics =
+            serde_json::to_string(&o.results.statistics).map_err(|e| StoreError::Results {
+                path: self.path.clone(),
+                id,
+                reason: format!("cannot encode the statistics: {e}"),
+            })?;
+        let r = &o.results;
+        let at = t.clone();
+        self.transition_with(
             id,
             &[State::Running],
             State::Reported,
@@ -939,7 +1395,212 @@ impl Store {
             "cases_scored = ?5, cases_failed = ?6, headline = ?7, summary_path = ?8, \
              report_path = ?9, finished_at = ?10, error = NULL",
             &[&scored, &failed, &o.headline, &summary, &report, &t],
+            |tx| {
+                tx.execute(
+                    "INSERT OR REPLACE INTO submission_results (submission, queue_seq, \
+                     reported_at, model_sha256, testset_hash, cases_scored, cases_failed, \
+                     stopped_early, evald_version, statistics_format, statistics) \
+                     VALUES (?1, (SELECT queue_seq FROM submissions WHERE id = ?1), ?2, ?3, \
+                     ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                    params![
+                        id,
+                        at,
+                        r.model_sha256,
+                        r.testset_hash,
+                        r.cases_scored as i64,
+                        r.cases_failed as i64,
+                        r.stopped_early,
+                        r.evald_version,
+                        STATISTICS_FORMAT,
+                        statistics
+                    ],
+                )?;
+                tx.execute(
+                    "DELETE FROM submission_failures WHERE submission = ?1",
+                    [id],
+                )?;
+                let mut ins = tx.prepare_cached(
+                    "INSERT INTO submission_failures (submission, case_id, stage, reason, \
+                     attempts) VALUES (?1, ?2, ?3, ?4, ?5)",
+                )?;
+                for f in &r.failures {
+                    ins.execute(params![id, f.case, f.stage.as_str(), f.reason, f.attempts])?;
+                }
+                Ok(())
+            },
         )
+    }
+
+    /// The results of a submission's last reported evaluation; `None` when it was never
+    /// reported (or was reported by a version-1 store, before results were kept).
+    ///
+    /// # Errors
+    /// [`StoreError::Results`] for a row this build cannot read; SQLite errors.
+    pub fn results(&self, id: i64) -> Result<Option<StoredResults>, StoreError> {
+        if self.schema < 2 {
+            return Ok(None);
+        }
+        let what = "reading results";
+        type Raw = (
+            Option<i64>,
+            String,
+            Option<String>,
+            String,
+            i64,
+            i64,
+            Option<String>,
+            String,
+            i64,
+            String,
+        );
+        let raw: Option<Raw> = self
+            .conn
+            .query_row(
+                "SELECT queue_seq, reported_at, model_sha256, testset_hash, cases_scored, \
+                 cases_failed, stopped_early, evald_version, statistics_format, statistics \
+                 FROM submission_results WHERE submission = ?1",
+                [id],
+                |r| {
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                        r.get(6)?,
+                        r.get(7)?,
+                        r.get(8)?,
+                        r.get(9)?,
+                    ))
+                },
+            )
+            .optional()
+            .map_err(self.sql(what))?;
+        let Some((seq, at, model, testset, scored, failed, stopped, version, format, stats)) = raw
+        else {
+            return Ok(None);
+        };
+        let bad = |reason: String| StoreError::Results {
+            path: self.path.clone(),
+            id,
+            reason,
+        };
+        if format != STATISTICS_FORMAT {
+            return Err(bad(format!(
+                "statistics format {format}, this evald reads {STATISTICS_FORMAT} (written by \
+                 a newer evald?)"
+            )));
+        }
+        let statistics: Statistics =
+            serde_json::from_str(&stats).map_err(|e| bad(format!("unreadable statistics: {e}")))?;
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT case_id, stage, reason, attempts FROM submission_failures \
+                 WHERE submission = ?1 ORDER BY case_id",
+            )
+            .map_err(self.sql(what))?;
+        let rows = stmt
+            .query_map([id], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, i64>(3)?,
+                ))
+            })
+            .map_err(self.sql(what))?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(self.sql(what))?;
+        let failures = rows
+            .into_iter()
+            .map(|(case, stage, reason, attempts)| {
+                let stage = serde_json::from_value(serde_json::Value::String(stage.clone()))
+                    .map_err(|_| bad(format!("case {case}: unknown stage '{stage}'")))?;
+                Ok(Failure {
+                    case,
+                    stage,
+                    reason,
+                    attempts: attempts.clamp(0, i64::from(u32::MAX)) as u32,
+                })
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        Ok(Some(StoredResults {
+            submission: id,
+            queue_seq: seq,
+            reported_at: at,
+            results: EvaluationResults {
+                model_sha256: model,
+                testset_hash: testset,
+                cases_scored: scored.max(0) as u64,
+                cases_failed: failed.max(0) as u64,
+                stopped_early: stopped,
+                evald_version: version,
+                statistics,
+                failures,
+            },
+        }))
+    }
+
+    /// The vendor's previous reported submission of the same task, with its results: the
+    /// newest other `reported` or `mailed` submission of `id`'s task and vendor that has
+    /// results and was reported before `id` (any time, when `id` has no results yet).
+    ///
+    /// # Errors
+    /// [`StoreError::NoSuchSubmission`], [`StoreError::Results`]; SQLite errors.
+    pub fn previous_results(
+        &self,
+        id: i64,
+    ) -> Result<Option<(Submission, StoredResults)>, StoreError> {
+        let me = self.get(id)?;
+        let before = self.results(id)?.map(|r| r.reported_at);
+        self.previous_of(&me.task, &me.vendor, Some(id), None, before.as_deref())
+    }
+
+    /// The newest reported submission of `task` by `vendor` with results, other than the
+    /// folder `except` (`evald run` on a folder the store may know too).
+    ///
+    /// # Errors
+    /// [`StoreError::Results`]; SQLite errors.
+    pub fn latest_results_of(
+        &self,
+        task: &str,
+        vendor: &str,
+        except: &Path,
+    ) -> Result<Option<(Submission, StoredResults)>, StoreError> {
+        self.previous_of(task, vendor, None, Some(except), None)
+    }
+
+    fn previous_of(
+        &self,
+        task: &str,
+        vendor: &str,
+        except_id: Option<i64>,
+        except_path: Option<&Path>,
+        before: Option<&str>,
+    ) -> Result<Option<(Submission, StoredResults)>, StoreError> {
+        if self.schema < 2 {
+            return Ok(None);
+        }
+        let id: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT s.id FROM submissions s JOIN submission_results r ON r.submission = s.id \
+                 WHERE s.task = ?1 AND s.vendor = ?2 AND s.state IN ('reported','mailed') \
+                 AND (?3 IS NULL OR s.id <> ?3) AND (?4 IS NULL OR s.path <> ?4) \
+                 AND (?5 IS NULL OR r.reported_at < ?5) \
+                 ORDER BY r.reported_at DESC, s.id DESC LIMIT 1",
+                params![task, vendor, except_id, except_path.map(path_str), before],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(self.sql("looking for the previous submission"))?;
+        let Some(id) = id else { return Ok(None) };
+        match self.results(id)? {
+            Some(r) => Ok(Some((self.get(id)?, r))),
+            None => Ok(None),
+        }
     }
 
     /// `reported -> mailed`.
@@ -1013,71 +1674,6 @@ impl Store {
                 (st, n)
             })
             .collect())
-    }
-
-    /// Counts per state of the mail outbox, when its table exists (it belongs to the
-    /// mail module): `(table, [(state, n)])`.
-    ///
-    /// # Errors
-    /// SQLite errors.
-    pub fn outbox_counts(&self) -> Result<Option<OutboxCounts>, StoreError> {
-        let what = "reading the outbox";
-        let table: Option<String> = self
-            .conn
-            .query_row(
-                "SELECT name FROM sqlite_master WHERE type = 'table' AND name LIKE '%outbox%' \
-                 ORDER BY name LIMIT 1",
-                [],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(self.sql(what))?;
-        let Some(table) = table else { return Ok(None) };
-        let quoted = format!("\"{}\"", table.replace('"', "\"\""));
-        let columns: Vec<String> = {
-            let mut stmt = self
-                .conn
-                .prepare(&format!("PRAGMA table_info({quoted})"))
-                .map_err(self.sql(what))?;
-            let names = stmt
-                .query_map([], |r| r.get::<_, String>(1))
-                .map_err(self.sql(what))?
-                .collect::<rusqlite::Result<Vec<_>>>()
-                .map_err(self.sql(what))?;
-            names
-        };
-        let state_col = ["state", "status"]
-            .into_iter()
-            .find(|c| columns.iter().any(|n| n == c));
-        let counts = match state_col {
-            Some(c) => {
-                let mut stmt = self
-                    .conn
-                    .prepare(&format!(
-                        "SELECT CAST({c} AS TEXT), COUNT(*) FROM {quoted} GROUP BY {c} ORDER BY 1"
-                    ))
-                    .map_err(self.sql(what))?;
-                let rows = stmt
-                    .query_map([], |r| {
-                        Ok((
-                            r.get::<_, Option<String>>(0)?.unwrap_or_default(),
-                            r.get::<_, i64>(1)?.max(0) as u64,
-                        ))
-                    })
-                    .map_err(self.sql(what))?
-                    .collect::<rusqlite::Result<Vec<_>>>()
-                    .map_err(self.sql(what))?;
-                rows
-            }
-            None => {
-                let n: i64 = self
-                    .conn
-                    .query_row(&format!("SELECT COUNT(*) FROM {quoted}"), [], |r| r.get(0))
-                    .map_err(self.sql(what))?;
-                vec![("messages".to_string(), n.max(0) as u64)]
-            }
-        };
-        Ok(Some((table, counts)))
     }
 
     /// A trivial query: the store thread and the database answer (watchdog).
@@ -1275,6 +1871,236 @@ mod tests {
         }
     }
 
+    fn stats(mean: f64) -> StoredStats {
+        StoredStats {
+            n: 3,
+            n_nan: 1,
+            mean,
+            std: f64::NAN,
+            median: mean,
+            p25: mean,
+            p75: mean,
+            min: mean,
+            max: mean,
+            ci95_low: f64::NAN,
+            ci95_high: mean,
+        }
+    }
+
+    fn results(dice: f64, testset: &str) -> EvaluationResults {
+        EvaluationResults {
+            model_sha256: Some(format!("sha-{dice}")),
+            testset_hash: testset.into(),
+            cases_scored: 3,
+            cases_failed: 1,
+            stopped_early: Some("budget".into()),
+            evald_version: "0.1.0".into(),
+            statistics: Statistics {
+                classes: vec![StoredClass {
+                    label: 1,
+                    name: "thyroid".into(),
+                }],
+                per_class: BTreeMap::from([(
+                    1,
+                    BTreeMap::from([
+                        ("Dice".to_string(), stats(dice)),
+                        ("HD95".to_string(), stats(f64::NAN)),
+                    ]),
+                )]),
+                foreground_mean: BTreeMap::from([
+                    ("Dice".to_string(), dice),
+                    ("HD95".to_string(), f64::NAN),
+                ]),
+                foreground: BTreeMap::from([("Dice".to_string(), stats(dice))]),
+                patient: Some(StoredPatient {
+                    positive_class: 1,
+                    min_positive_mm3: 10.0,
+                    tp: 2,
+                    fp: 0,
+                    fn_: 1,
+                    tn: 0,
+                    sensitivity: 2.0 / 3.0,
+                    specificity: f64::NAN,
+                    ppv: 1.0,
+                    npv: 0.0,
+                    accuracy: 2.0 / 3.0,
+                }),
+            },
+            failures: vec![Failure {
+                case: "c9".into(),
+                stage: crate::evaluation::Stage::Timeout,
+                reason: "took too long".into(),
+                attempts: 2,
+            }],
+        }
+    }
+
+    fn outcome(results: EvaluationResults) -> ReportedOutcome {
+        ReportedOutcome {
+            cases_scored: results.cases_scored,
+            cases_failed: results.cases_failed,
+            headline: "Dice 0.9".into(),
+            summary_path: "/x/summary.json".into(),
+            report_path: "/x/report.xlsx".into(),
+            results,
+        }
+    }
+
+    /// Same NaN positions and values (NaN != NaN, so `==` cannot say it).
+    fn same(a: &EvaluationResults, b: &EvaluationResults) -> bool {
+        format!("{a:?}") == format!("{b:?}")
+    }
+
+    fn report(s: &mut Store, path: &str, vendor: &str, dice: f64, testset: &str) -> i64 {
+        let mut n = new(path);
+        n.vendor = vendor.into();
+        let x = s.insert(&n).unwrap();
+        s.queue(x.id, &format!("sha-{path}"), 1).unwrap();
+        s.start(x.id).unwrap();
+        s.reported(x.id, &outcome(results(dice, testset))).unwrap();
+        x.id
+    }
+
+    #[test]
+    fn results_are_written_with_the_reported_state_and_read_back_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(dir.path()).unwrap();
+        let a = s.insert(&new("/d/t/v/a")).unwrap();
+        s.queue(a.id, "abc", 10).unwrap();
+        assert!(
+            s.results(a.id).unwrap().is_none(),
+            "none before it is reported"
+        );
+        s.start(a.id).unwrap();
+        let want = results(0.8, "set1");
+        let r = s.reported(a.id, &outcome(want.clone())).unwrap();
+        let got = s.results(a.id).unwrap().expect("results");
+        assert!(same(&got.results, &want), "{:?}\n{want:?}", got.results);
+        assert_eq!(got.queue_seq, r.queue_seq);
+        assert!(
+            got.results.mean(1, "HD95").is_nan(),
+            "undefined stays undefined"
+        );
+        assert_eq!(
+            got.results.failures[0].stage,
+            crate::evaluation::Stage::Timeout
+        );
+
+        // A refused state change writes no results: they commit with the state or not at all.
+        let b = s.insert(&new("/d/t/v/b")).unwrap();
+        assert!(matches!(
+            s.reported(b.id, &outcome(results(0.1, "set1"))),
+            Err(StoreError::Transition { .. })
+        ));
+        assert!(s.results(b.id).unwrap().is_none());
+
+        // Evaluated again (requeue): the new results replace the old, failures included.
+        s.mailed(a.id, "sent").unwrap();
+        s.requeue(a.id).unwrap();
+        s.start(a.id).unwrap();
+        let mut again = results(0.9, "set1");
+        again.failures.clear();
+        again.cases_failed = 0;
+        s.reported(a.id, &outcome(again.clone())).unwrap();
+        let got = s.results(a.id).unwrap().unwrap();
+        assert!(same(&got.results, &again));
+        assert_eq!(got.queue_seq, s.get(a.id).unwrap().queue_seq);
+    }
+
+    #[test]
+    fn the_previous_submission_is_the_vendors_last_reported_one_of_the_task() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(dir.path()).unwrap();
+        let v1 = report(&mut s, "/d/t/acme/v1", "acme", 0.5, "set1");
+        assert!(
+            s.previous_results(v1).unwrap().is_none(),
+            "the first has none"
+        );
+        let other = report(&mut s, "/d/t/zeta/v1", "zeta", 0.7, "set1");
+        let v2 = report(&mut s, "/d/t/acme/v2", "acme", 0.6, "set1");
+        let (p, r) = s.previous_results(v2).unwrap().expect("v1");
+        assert_eq!((p.id, r.results.mean(1, "Dice")), (v1, 0.5));
+        assert!(
+            s.previous_results(other).unwrap().is_none(),
+            "another vendor's"
+        );
+        // A rejected or failed later submission is not "previous"; nor is one of
+        // another task.
+        let x = s.insert(&new("/d/t/acme/v3")).unwrap();
+        s.fail(x.id, "broken").unwrap();
+        let mut t2 = new("/d/t2/acme/v1");
+        t2.task = "t2".into();
+        t2.vendor = "acme".into();
+        let y = s.insert(&t2).unwrap();
+        s.queue(y.id, "q", 1).unwrap();
+        s.start(y.id).unwrap();
+        s.reported(y.id, &outcome(results(0.99, "set2"))).unwrap();
+        let v4 = report(&mut s, "/d/t/acme/v4", "acme", 0.65, "set2");
+        let (p, r) = s.previous_results(v4).unwrap().unwrap();
+        assert_eq!(p.id, v2);
+        assert!(!r
+            .results
+            .comparable_with(&s.results(v4).unwrap().unwrap().results));
+        // For a folder `evald run` evaluates: the newest other reported one.
+        let (p, _) = s
+            .latest_results_of("t", "acme", Path::new("/d/t/acme/v4"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(p.id, v2);
+        let (p, _) = s
+            .latest_results_of("t", "acme", Path::new("/d/t/acme/v9"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(p.id, v4);
+    }
+
+    #[test]
+    fn a_version_1_file_migrates_in_place_and_read_only_opening_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let c = Connection::open(dir.path().join(DB_FILE)).unwrap();
+            c.execute_batch(SCHEMA_V1).unwrap();
+            c.execute_batch(
+                "CREATE TABLE evald_schema (component TEXT PRIMARY KEY, version INTEGER NOT NULL);
+                 INSERT INTO evald_schema VALUES ('submissions', 1);
+                 INSERT INTO submissions (path, task, vendor, name, fingerprint, state,
+                     created_at, updated_at, headline)
+                 VALUES ('/d/t/v/a', 't', 'v', 'a', 'fp', 'mailed', 'x', 'x', 'Dice 0.9');",
+            )
+            .unwrap();
+        }
+        // Read-only: a version-1 file has no results, and stays version 1.
+        let ro = Store::open_read_only(dir.path()).unwrap().unwrap();
+        assert!(ro.results(1).unwrap().is_none());
+        assert!(ro.previous_results(1).unwrap().is_none());
+        drop(ro);
+        let version = |d: &Path| -> i64 {
+            Connection::open(d.join(DB_FILE))
+                .unwrap()
+                .query_row(
+                    "SELECT version FROM evald_schema WHERE component = ?1",
+                    [COMPONENT],
+                    |r| r.get(0),
+                )
+                .unwrap()
+        };
+        assert_eq!(version(dir.path()), 1);
+        let mut s = Store::open(dir.path()).unwrap();
+        assert_eq!(version(dir.path()), SCHEMA_VERSION);
+        let a = s.get(1).unwrap();
+        assert_eq!(
+            (a.state, a.headline.as_deref()),
+            (State::Mailed, Some("Dice 0.9"))
+        );
+        assert!(
+            s.results(1).unwrap().is_none(),
+            "reported before results were kept"
+        );
+        let b = report(&mut s, "/d/t/v/b", "v", 0.5, "set");
+        assert!(s.results(b).unwrap().is_some());
+        assert_eq!(s.integrity_check().unwrap(), "ok");
+    }
+
     #[test]
     fn states_move_only_along_the_allowed_edges_and_are_recorded() {
         let dir = tempfile::tempdir().unwrap();
@@ -1291,13 +2117,7 @@ mod tests {
         s.progress(a.id, 1, 3).unwrap();
         assert_eq!(s.get(a.id).unwrap().progress_done, 1);
         assert_eq!(s.next_queued().unwrap().unwrap().id, b.id);
-        let out = ReportedOutcome {
-            cases_scored: 3,
-            cases_failed: 0,
-            headline: "Dice 0.9".into(),
-            summary_path: "/x/summary.json".into(),
-            report_path: "/x/report.xlsx".into(),
-        };
+        let out = outcome(results(0.9, "set"));
         s.reported(a.id, &out).unwrap();
         s.mailed(a.id, "queued in the outbox").unwrap();
         let h: Vec<State> = s.history(a.id).unwrap().iter().map(|t| t.to).collect();
@@ -1377,21 +2197,5 @@ mod tests {
             Store::open(dir.path()),
             Err(StoreError::NewerSchema { found: 99, .. })
         ));
-    }
-
-    #[test]
-    fn outbox_counts_read_whatever_outbox_table_exists() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path()).unwrap();
-        assert!(s.outbox_counts().unwrap().is_none());
-        s.conn
-            .execute_batch(
-                "CREATE TABLE mail_outbox (id INTEGER PRIMARY KEY, state TEXT);
-                 INSERT INTO mail_outbox (state) VALUES ('sent'), ('pending'), ('sent');",
-            )
-            .unwrap();
-        let (t, c) = s.outbox_counts().unwrap().unwrap();
-        assert_eq!(t, "mail_outbox");
-        assert_eq!(c, vec![("pending".into(), 1), ("sent".into(), 2)]);
     }
 }

@@ -221,7 +221,124 @@ struct StatusReport {
     running: Vec<Submission>,
     queue: Vec<Submission>,
     recent: Vec<Submission>,
-    outbox: Option<crate::store::OutboxCounts>,
+    /// What the store keeps of each recent reported result, with the change against the
+    /// vendor's previous reported submission of the task.
+    results: Vec<RecentResult>,
+    /// Messages per outbox state (`None`: no outbox yet).
+    outbox: Option<Vec<(String, u64)>>,
+}
+
+/// One recent reported result, as `evald status --json` shows it.
+#[derive(Debug, serde::Serialize)]
+struct RecentResult {
+    id: i64,
+    model_sha256: Option<String>,
+    testset_hash: String,
+    cases_scored: u64,
+    cases_failed: u64,
+    stopped_early: Option<String>,
+    /// Per class name: mean Dice (null when undefined).
+    dice: std::collections::BTreeMap<String, Option<f64>>,
+    previous: Option<PreviousResult>,
+    /// The line shown in the text output.
+    #[serde(skip)]
+    line: String,
+}
+
+/// The vendor's previous reported submission of the task, against which a result compares.
+#[derive(Debug, serde::Serialize)]
+struct PreviousResult {
+    id: i64,
+    name: String,
+    /// Scored on the same test-set bytes (only then are changes given).
+    comparable: bool,
+    /// Per class name: change of the mean Dice (null when undefined in either).
+    dice_change: std::collections::BTreeMap<String, Option<f64>>,
+}
+
+fn finite(v: f64) -> Option<f64> {
+    v.is_finite().then_some(v)
+}
+
+/// The stored results of `s` with the change against its previous submission; `None` for
+/// rows without results (not reported, or reported before the store kept results).
+fn recent_result(store: &Store, s: &Submission) -> Result<Option<RecentResult>> {
+    let Some(stored) = store.results(s.id)? else {
+        return Ok(None);
+    };
+    let r = &stored.results;
+    let classes = &r.statistics.classes;
+    let dice = classes
+        .iter()
+        .map(|c| (c.name.clone(), finite(r.mean(c.label, "Dice"))))
+        .collect();
+    let mut line = format!(
+        "Dice {}; {}/{} cases scored",
+        classes
+            .iter()
+            .map(|c| format!(
+                "{} {}",
+                c.name,
+                crate::evaluation::fixed(r.mean(c.label, "Dice"), 3)
+            ))
+            .collect::<Vec<_>>()
+            .join(", "),
+        r.cases_scored,
+        r.cases_scored + r.cases_failed
+    );
+    if let Some(why) = &r.stopped_early {
+        let _ = write!(line, "; stopped early: {why}");
+    }
+    let previous = store.previous_results(s.id)?.map(|(p, pr)| {
+        let comparable = r.comparable_with(&pr.results);
+        let dice_change: std::collections::BTreeMap<String, Option<f64>> = if comparable {
+            classes
+                .iter()
+                .map(|c| {
+                    let d = r.mean(c.label, "Dice") - pr.results.mean(c.label, "Dice");
+                    (c.name.clone(), finite(d))
+                })
+                .collect()
+        } else {
+            Default::default()
+        };
+        if comparable {
+            let _ = write!(
+                line,
+                "; vs {} (#{}): {}",
+                p.name,
+                p.id,
+                dice_change
+                    .iter()
+                    .map(|(n, d)| format!("{n} {}", d.map_or("n/a".into(), |d| format!("{d:+.3}"))))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        } else {
+            let _ = write!(
+                line,
+                "; vs {} (#{}): other test set, not compared",
+                p.name, p.id
+            );
+        }
+        PreviousResult {
+            id: p.id,
+            name: p.name,
+            comparable,
+            dice_change,
+        }
+    });
+    Ok(Some(RecentResult {
+        id: s.id,
+        model_sha256: r.model_sha256.clone(),
+        testset_hash: r.testset_hash.clone(),
+        cases_scored: r.cases_scored,
+        cases_failed: r.cases_failed,
+        stopped_early: r.stopped_early.clone(),
+        dice,
+        previous,
+        line,
+    }))
 }
 
 /// `#id task/vendor/name`, escaped: folder names are the vendors' (a newline in one must
@@ -256,14 +373,27 @@ pub fn status(a: &StatusArgs) -> Result<()> {
         }
         return Ok(());
     };
+    let recent = store.recent_results(a.last)?;
+    let mut results = Vec::new();
+    for s in &recent {
+        if matches!(s.state, State::Reported | State::Mailed) {
+            results.extend(recent_result(&store, s)?);
+        }
+    }
+    let outbox = crate::mail::outbox_counts(store.connection_ref())?.map(|c| {
+        c.into_iter()
+            .map(|(s, n)| (s.as_str().to_string(), n))
+            .collect()
+    });
     let r = StatusReport {
         store: store.path().to_path_buf(),
         service_running: super::service_running(&dir),
         counts: store.counts()?,
         running: store.in_state(State::Running)?,
         queue: store.in_state(State::Queued)?,
-        recent: store.recent_results(a.last)?,
-        outbox: store.outbox_counts()?,
+        recent,
+        results,
+        outbox,
     };
     if a.json {
         return emit(&format!("{}\n", serde_json::to_string_pretty(&r)?));
@@ -324,7 +454,16 @@ pub fn status(a: &StatusArgs) -> Result<()> {
     for s in &r.recent {
         let what = match s.state {
             State::Reported | State::Mailed => {
-                printable(s.headline.as_deref().unwrap_or_default()).into_owned()
+                // From the stored results; rows reported before the store kept them have
+                // their one-line headline only.
+                let line = r
+                    .results
+                    .iter()
+                    .find(|x| x.id == s.id)
+                    .map_or(s.headline.as_deref().unwrap_or_default(), |x| {
+                        x.line.as_str()
+                    });
+                printable(line).into_owned()
             }
             _ => printable(s.error.as_deref().unwrap_or_default()).into_owned(),
         };
@@ -338,9 +477,9 @@ pub fn status(a: &StatusArgs) -> Result<()> {
         );
     }
     match &r.outbox {
-        Some((table, counts)) => drop(writeln!(
+        Some(counts) => drop(writeln!(
             o,
-            "outbox ({table}): {}",
+            "outbox: {}",
             counts
                 .iter()
                 .map(|(s, n)| format!("{n} {s}"))

@@ -26,7 +26,7 @@ pub struct DemoOutcome {
     pub summary: PathBuf,
     /// `report.xlsx`.
     pub report: PathBuf,
-    /// The email, once the mail module writes one.
+    /// The email's `.eml` file (file transport), once the outbox delivered it.
     pub email: Option<PathBuf>,
 }
 
@@ -71,7 +71,20 @@ pub fn run_demo(
         ));
         let waited = tokio::time::timeout(deadline, async {
             let mut delivered = false;
+            // The email goes out from the outbox loop, before or after the runner says
+            // the evaluation finished: wait for both.
+            let mut finished: Option<super::Finished> = None;
+            let mut mailed: std::collections::HashMap<i64, Option<PathBuf>> =
+                std::collections::HashMap::new();
             loop {
+                if let Some(f) = &finished {
+                    if f.state != State::Reported {
+                        return Ok((finished.take().expect("checked"), None));
+                    }
+                    if let Some(email) = mailed.remove(&f.id) {
+                        return Ok((finished.take().expect("checked"), email));
+                    }
+                }
                 match rx.recv().await {
                     Ok(DaemonEvent::Ready) if !delivered => {
                         delivered = true;
@@ -81,7 +94,10 @@ pub fn run_demo(
                             .context("delivering the submission")??;
                         println!("submission delivered: {}", dest.display());
                     }
-                    Ok(DaemonEvent::Finished(f)) if f.dir == dest => return Ok(f),
+                    Ok(DaemonEvent::Finished(f)) if f.dir == dest => finished = Some(f),
+                    Ok(DaemonEvent::Mailed { id, email }) => {
+                        mailed.insert(id, email);
+                    }
                     Ok(_) => {}
                     Err(broadcast::error::RecvError::Lagged(_)) => {}
                     Err(broadcast::error::RecvError::Closed) => {
@@ -103,6 +119,7 @@ pub fn run_demo(
             ),
         }
     })?;
+    let (outcome, email) = outcome;
     match (
         outcome.state,
         outcome.evaluation,
@@ -114,7 +131,7 @@ pub fn run_demo(
                 evaluation,
                 summary,
                 report,
-                email: outcome.email,
+                email,
             })
         }
         (state, ..) => bail!(

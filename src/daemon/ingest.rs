@@ -360,7 +360,6 @@ pub(crate) fn reject(
         evaluation: None,
         summary: None,
         report: None,
-        email: None,
         error: Some(rej.problem.clone()),
     }))
 }

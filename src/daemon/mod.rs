@@ -79,6 +79,14 @@ pub enum DaemonEvent {
     Ready,
     /// A submission reached `reported`/`mailed`, `rejected` or `failed`.
     Finished(Finished),
+    /// The outbox loop delivered a submission's report email; the submission is `mailed`.
+    /// (May come before or after its [`DaemonEvent::Finished`].)
+    Mailed {
+        /// Submission id.
+        id: i64,
+        /// The `.eml` file, with the file transport.
+        email: Option<PathBuf>,
+    },
 }
 
 /// A submission that reached a final state.
@@ -96,8 +104,6 @@ pub struct Finished {
     pub summary: Option<PathBuf>,
     /// `report.xlsx`, when reported.
     pub report: Option<PathBuf>,
-    /// The email message, when the mail module wrote one to a file.
-    pub email: Option<PathBuf>,
     /// Why it was rejected or failed.
     pub error: Option<String>,
 }
@@ -136,6 +142,9 @@ struct Shared {
     store: StoreHandle,
     settings: tokio_watch::Receiver<Arc<Settings>>,
     work: Arc<Notify>,
+    /// Held by every producer of email and by the outbox loop: a queued message is sent
+    /// at once, not at the next poll.
+    mail_wake: Arc<Notify>,
     cancel: CancellationToken,
     events: broadcast::Sender<DaemonEvent>,
     systemd: bool,
@@ -292,6 +301,8 @@ pub async fn run(
         // service from a store left behind by a crash.
         let lock = lock_state_dir(&state_dir)?;
         let mut s = store::Store::open(&state_dir)?;
+        // Test-set hashes read each file once; the cache lives beside the store.
+        crate::dataset::use_digest_cache(Some(state_dir.join(crate::dataset::DIGEST_CACHE_FILE)));
         // A read-only state folder used to start "ready" and then fail every submission:
         // refuse to start instead, saying what to fix (systemd retries the start).
         tempfile::tempfile_in(&state_dir).map_err(|source| DaemonError::Os {
@@ -341,6 +352,7 @@ pub async fn run(
         store,
         settings: settings_rx,
         work: Arc::new(Notify::new()),
+        mail_wake: Arc::new(Notify::new()),
         cancel: shutdown.clone(),
         events,
         systemd: opts.systemd,
@@ -449,8 +461,9 @@ fn start_tasks(
     Ok((tasks, watcher, runner))
 }
 
-/// The mail outbox: delivers and retries (across restarts) what `runner::notify_team`
-/// queued, following `[mail]` through SIGHUP reloads, until shutdown.
+/// The mail outbox: the daemon's only deliverer. Sends what `runner::notify_team` queued as
+/// soon as it is woken, retries (across restarts), marks a submission mailed when its
+/// report email went, follows `[mail]` through SIGHUP reloads, until shutdown.
 async fn mail_loop(shared: Shared) {
     let first = shared.settings.borrow().clone();
     let db = crate::mail::db_path(&first);
@@ -476,7 +489,22 @@ async fn mail_loop(shared: Shared) {
             }
         }
     };
-    let deliver = crate::mail::run_outbox(outbox, mail_rx, Arc::new(Notify::new()), cancel.clone());
+    let (store, events) = (shared.store.clone(), shared.events.clone());
+    let on_delivery = move |d: &crate::mail::Delivery| {
+        let (crate::mail::Outcome::Sent(to), Some(key)) = (&d.outcome, &d.key) else {
+            return;
+        };
+        let (to, key, events) = (to.clone(), key.clone(), events.clone());
+        store.send(move |s| runner::delivered(s, &key, &to, &events));
+    };
+    let deliver = crate::mail::run_outbox(
+        outbox,
+        mail_rx,
+        Arc::clone(&shared.mail_wake),
+        cancel.clone(),
+        first.daemon.outbox_poll,
+        on_delivery,
+    );
     tokio::select! {
         r = deliver => if let Err(e) = r { tracing::error!("mail outbox stopped: {e}") },
         () = follow => {}
@@ -637,6 +665,10 @@ fn restart_only(old: &Settings, new: &mut Settings) -> Vec<&'static str> {
     if o.log_format != n.log_format {
         kept.push("daemon.log_format");
         n.log_format = o.log_format;
+    }
+    if o.outbox_poll != n.outbox_poll {
+        kept.push("daemon.outbox_poll_secs");
+        n.outbox_poll = o.outbox_poll;
     }
     if o.log_keep_days != n.log_keep_days {
         kept.push("daemon.log_keep_days");

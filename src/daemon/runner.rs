@@ -1,6 +1,6 @@
 //! The evaluation queue: take the oldest `queued` submission, evaluate it on its own
-//! thread, write its outputs, record the outcome, hand it to mail; one at a time (the GPU
-//! pool is shared).
+//! thread, write its outputs, record the outcome with its results, queue the team's email
+//! (the outbox loop delivers it); one at a time (the GPU pool is shared).
 //!
 //! Shutdown: the cancel flag makes the pipeline stop taking new cases; cases in flight
 //! finish within `daemon.shutdown_grace_secs`. An evaluation that did not complete goes
@@ -13,11 +13,15 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tokio::sync::Notify;
+
 use crate::config::Settings;
 use crate::evaluation::{Evaluation, Stage};
 use crate::mail;
 use crate::pipeline::Progress;
-use crate::store::{ReportedOutcome, State, Submission};
+use crate::store::{
+    EvaluationResults, ReportedOutcome, State, Store, StoreError, StoreHandle, Submission,
+};
 use crate::submission;
 
 use super::ingest::{self, RejectCode, Rejection};
@@ -58,38 +62,88 @@ pub(crate) fn snapshot_dir(settings: &Settings) -> PathBuf {
     settings.daemon.state_dir.join("snapshots")
 }
 
-/// The single place a finished evaluation is handed to the team's email: compose it,
-/// record it in the durable outbox keyed by the submission and its place in the queue (a
-/// re-run after a crash never mails twice; an `evald requeue` is a new evaluation and
-/// mails again) and try to deliver it once now; the outbox loop retries what did not go.
-/// Returns a note for the store (the `.eml` path for the file transport).
+/// Why a finished evaluation could not be handed to mail (the submission stays
+/// `reported` and is handed again at the next start).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum NotifyError {
+    /// The outbox could not be opened or could not record the message.
+    #[error("queueing the email: {0}")]
+    Outbox(#[from] mail::OutboxError),
+    /// The message could not be composed.
+    #[error("composing the email: {0}")]
+    Compose(#[from] mail::ComposeError),
+    /// The store could not say what the previous submission was.
+    #[error("reading the previous submission: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// What handing a reported submission to mail did.
+#[derive(Debug)]
+pub(crate) enum MailStep {
+    /// The task has no recipients: nothing to send, the submission is done.
+    NoRecipients,
+    /// In the outbox (row id); the outbox loop delivers it and marks the submission mailed.
+    Queued(i64),
+    /// Already delivered (a stop came between delivery and marking it): where it went.
+    Sent(String),
+    /// Not in the outbox, and the evaluation is no longer in memory to compose it (a stop
+    /// between `reported` and queueing): the team reads the report in the folder.
+    Lost,
+}
+
+/// The outbox key of a submission's report email: one per requested evaluation, so a
+/// re-run after a crash never mails twice, and an `evald requeue` (a new `queue_seq`)
+/// mails again.
+fn mail_key(sub: &Submission) -> String {
+    format!("submission-{}-{}", sub.id, sub.queue_seq.unwrap_or(0))
+}
+
+/// The submission and evaluation a report email's key names (see [`mail_key`]).
+pub(crate) fn parse_mail_key(key: &str) -> Option<(i64, i64)> {
+    let (id, seq) = key.strip_prefix("submission-")?.split_once('-')?;
+    Some((id.parse().ok()?, seq.parse().ok()?))
+}
+
+/// The single place a finished evaluation is handed to the team's email: compose it (with
+/// the change against the vendor's previous reported submission, from the store), record
+/// it in the durable outbox under [`mail_key`] and wake the outbox loop, which delivers it
+/// (nothing is sent from here). Blocking: call it on a blocking thread.
 ///
-/// After a restart the evaluation is no longer in memory (`eval` is `None`): if the
-/// message was already queued, the submission is simply marked mailed.
+/// After a restart the evaluation is no longer in memory (`eval` is `None`): a message
+/// already queued is left to the loop (or, if it went, reported as sent).
 ///
 /// # Errors
-/// A message for the log; the submission stays `reported` and is retried at the next start.
+/// [`NotifyError`]; the submission stays `reported` and is handed again at the next start.
 pub(crate) fn notify_team(
     settings: &Settings,
+    store: &StoreHandle,
+    wake: &Notify,
     sub: &Submission,
     eval: Option<&Evaluation>,
-) -> Result<Option<String>, String> {
-    let key = format!("submission-{}-{}", sub.id, sub.queue_seq.unwrap_or(0));
-    let outbox = mail::Outbox::open(&mail::db_path(settings)).map_err(|e| e.to_string())?;
+) -> Result<MailStep, NotifyError> {
+    let key = mail_key(sub);
+    let outbox = mail::Outbox::open(&mail::db_path(settings))?;
+    if let Some(e) = outbox.entry_by_key(&key)? {
+        return Ok(match e.state {
+            mail::State::Sent => MailStep::Sent(e.delivered_to.unwrap_or_default()),
+            _ => {
+                wake.notify_one();
+                MailStep::Queued(e.id)
+            }
+        });
+    }
     let Some(eval) = eval else {
-        let queued = outbox.entry_by_key(&key).map_err(|e| e.to_string())?;
-        return Ok(queued.map(|e| format!("outbox #{}", e.id)));
+        return Ok(MailStep::Lost);
     };
     let recipients = recipients_of(settings, &sub.task);
     if recipients.is_empty() {
         tracing::info!(id = sub.id, task = %sub.task, "task has no recipients: no email");
-        return Ok(Some("no recipients configured".into()));
+        return Ok(MailStep::NoRecipients);
     }
-    let previous = eval
-        .meta
-        .submission_dir
-        .as_deref()
-        .and_then(mail::Previous::find_sibling);
+    let id = sub.id;
+    let previous = store
+        .call_blocking(move |s| s.previous_results(id))?
+        .map(|(p, r)| mail::Previous::from_results(&p.name, &r.results));
     let report = sub.path.join(crate::submission::REPORT_XLSX);
     let composed = mail::compose(
         eval,
@@ -97,10 +151,44 @@ pub(crate) fn notify_team(
         previous.as_ref(),
         report.is_file().then_some(report.as_path()),
         &settings.mail,
-    )
-    .map_err(|e| e.to_string())?;
-    drop(outbox);
-    send_composed(settings, &composed, &key).map(Some)
+    )?;
+    let row = outbox.enqueue(&composed.message, &composed.label, Some(&key))?;
+    wake.notify_one();
+    Ok(MailStep::Queued(row))
+}
+
+/// The outbox loop delivered the message queued under `key`: if it is the report email of
+/// a submission's current evaluation, the submission becomes `mailed` (runs on the store
+/// thread). Messages of an older evaluation (requeued since) or of no submission are only
+/// logged by the loop.
+///
+/// # Errors
+/// SQLite errors.
+pub(crate) fn delivered(
+    s: &mut Store,
+    key: &str,
+    to: &str,
+    events: &tokio::sync::broadcast::Sender<DaemonEvent>,
+) -> Result<(), StoreError> {
+    let Some((id, seq)) = parse_mail_key(key) else {
+        return Ok(());
+    };
+    let sub = match s.get(id) {
+        Ok(sub) => sub,
+        Err(StoreError::NoSuchSubmission(_)) => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if sub.state != State::Reported || sub.queue_seq.unwrap_or(0) != seq {
+        tracing::debug!(id, state = %sub.state, "email of an earlier evaluation delivered");
+        return Ok(());
+    }
+    s.mailed(id, to)?;
+    let p = PathBuf::from(to);
+    let _ = events.send(DaemonEvent::Mailed {
+        id,
+        email: p.is_file().then_some(p),
+    });
+    Ok(())
 }
 
 /// One line for logs, `evald status` and systemd's STATUS.
@@ -450,6 +538,7 @@ pub(super) async fn run(shared: Shared) -> bool {
 /// submission of the folder exists, or the folder is gone), the team gets an email.
 async fn tell_failed(shared: &Shared, settings: &Arc<Settings>, sub: Submission, reason: String) {
     let (store, settings) = (shared.store.clone(), Arc::clone(settings));
+    let wake = Arc::clone(&shared.mail_wake);
     let res = tokio::task::spawn_blocking(move || {
         let id = sub.id;
         let dir = sub.path.clone();
@@ -465,7 +554,7 @@ async fn tell_failed(shared: &Shared, settings: &Arc<Settings>, sub: Submission,
         } else if let Err(e) = ingest::write_failed(&sub, &reason) {
             tracing::error!(id, dir = %sub.path.display(), "cannot write {}: {e}", submission::FAILED_TXT);
         }
-        notify_team_failed(&settings, &sub, &reason)
+        notify_team_failed(&settings, &wake, &sub, &reason)
     })
     .await;
     match res {
@@ -484,12 +573,14 @@ fn recipients_of(settings: &Settings, task: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// Queue (and try once) the team's email about a failed submission.
+/// Queue the team's email about a failed submission and wake the outbox loop. A note for
+/// the log.
 fn notify_team_failed(
     settings: &Settings,
+    wake: &Notify,
     sub: &Submission,
     reason: &str,
-) -> Result<String, String> {
+) -> Result<String, NotifyError> {
     let recipients = recipients_of(settings, &sub.task);
     if recipients.is_empty() {
         return Ok("task has no recipients: no email".into());
@@ -500,35 +591,12 @@ fn notify_team_failed(
          device, test set), then `evald requeue {id}`.",
         id = sub.id
     );
-    let composed = mail::compose_failure(&who, reason, &next, &recipients, &settings.mail)
-        .map_err(|e| e.to_string())?;
+    let composed = mail::compose_failure(&who, reason, &next, &recipients, &settings.mail)?;
     let key = format!("failed-{}-{}", sub.id, sub.queue_seq.unwrap_or(0));
-    send_composed(settings, &composed, &key)
-}
-
-/// Record a composed message in the durable outbox under `key` (once per key) and try to
-/// deliver it now; the outbox loop retries what did not go. A note for the store.
-fn send_composed(
-    settings: &Settings,
-    composed: &mail::Composed,
-    key: &str,
-) -> Result<String, String> {
-    let outbox = mail::Outbox::open(&mail::db_path(settings)).map_err(|e| e.to_string())?;
-    let id = outbox
-        .enqueue(&composed.message, &composed.label, Some(key))
-        .map_err(|e| e.to_string())?;
-    // Called on a blocking thread of the daemon's runtime: Handle::block_on is allowed here.
-    let delivery = tokio::runtime::Handle::current()
-        .block_on(outbox.deliver_one(id, &settings.mail))
-        .map_err(|e| e.to_string())?;
-    Ok(match delivery.map(|d| d.outcome) {
-        Some(mail::Outcome::Sent(to)) => to,
-        Some(mail::Outcome::Retry { at, error }) => {
-            format!("outbox #{id}: queued, next attempt {at} ({error})")
-        }
-        Some(mail::Outcome::Failed(error)) => format!("outbox #{id}: refused ({error})"),
-        None => format!("outbox #{id}"),
-    })
+    let outbox = mail::Outbox::open(&mail::db_path(settings))?;
+    let row = outbox.enqueue(&composed.message, &composed.label, Some(&key))?;
+    wake.notify_one();
+    Ok(format!("outbox #{row}: queued"))
 }
 
 /// Run one evaluation to its end. `Some(abandoned)` when shutdown interrupted it; `true`
@@ -621,6 +689,7 @@ async fn finish(
                 headline: headline(&eval),
                 summary_path: summary.clone(),
                 report_path: report.clone(),
+                results: EvaluationResults::of(&eval),
             };
             tracing::info!(
                 id,
@@ -638,11 +707,11 @@ async fn finish(
                     return false;
                 }
             };
-            let email = mail(shared, settings, reported, Some(Arc::clone(&eval))).await;
+            let mailed = mail(shared, settings, reported, Some(Arc::clone(&eval))).await;
             Finished {
                 id,
                 dir: sub.path.clone(),
-                state: if email.is_some() {
+                state: if mailed {
                     State::Mailed
                 } else {
                     State::Reported
@@ -650,7 +719,6 @@ async fn finish(
                 evaluation: Some(eval),
                 summary: Some(summary),
                 report: Some(report),
-                email: email.flatten(),
                 error: None,
             }
         }
@@ -717,7 +785,6 @@ async fn finish(
                 evaluation: None,
                 summary: None,
                 report: None,
-                email: None,
                 error: Some(reason),
             }
         }
@@ -726,44 +793,56 @@ async fn finish(
     false
 }
 
-/// Hand a reported submission to mail; `Some(email)` when it became `mailed`.
+/// Hand a reported submission to mail; whether it became `mailed` now (no recipients, or
+/// its message had gone before a stop). A queued message makes it `mailed` when the outbox
+/// loop delivers it ([`delivered`]).
 async fn mail(
     shared: &Shared,
     settings: &Arc<Settings>,
     sub: Submission,
     eval: Option<Arc<Evaluation>>,
-) -> Option<Option<PathBuf>> {
+) -> bool {
     let id = sub.id;
-    let s = Arc::clone(settings);
-    let res = tokio::task::spawn_blocking(move || notify_team(&s, &sub, eval.as_deref())).await;
-    match res {
-        Ok(Ok(Some(note))) => {
-            let n = note.clone();
-            match shared.store.call(move |s| s.mailed(id, &n)).await {
-                Ok(_) => {
-                    let p = PathBuf::from(&note);
-                    Some(p.is_file().then_some(p))
-                }
-                Err(e) => {
-                    tracing::error!(id, "{e}");
-                    None
-                }
-            }
+    let (s, store, wake) = (
+        Arc::clone(settings),
+        shared.store.clone(),
+        Arc::clone(&shared.mail_wake),
+    );
+    let res =
+        tokio::task::spawn_blocking(move || notify_team(&s, &store, &wake, &sub, eval.as_deref()))
+            .await;
+    let note = match res {
+        Ok(Ok(MailStep::NoRecipients)) => "no recipients configured".to_string(),
+        Ok(Ok(MailStep::Sent(to))) => to,
+        Ok(Ok(MailStep::Queued(row))) => {
+            tracing::info!(id, outbox = row, "email queued");
+            return false;
         }
-        Ok(Ok(None)) => None,
-        Ok(Err(e)) => {
-            tracing::error!(
+        Ok(Ok(MailStep::Lost)) => {
+            tracing::warn!(
                 id,
-                "queueing the email failed (retried at the next start): {e}"
+                "reported before a stop, and its email was never queued; the report is in \
+                 the submission folder"
             );
-            None
+            return false;
+        }
+        Ok(Err(e)) => {
+            tracing::error!(id, "{e} (handed to mail again at the next start)");
+            return false;
         }
         Err(e) => {
             tracing::error!(
                 id,
                 "queueing the email failed (retried at the next start): {e}"
             );
-            None
+            return false;
+        }
+    };
+    match shared.store.call(move |s| s.mailed(id, &note)).await {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::error!(id, "{e}");
+            false
         }
     }
 }

@@ -28,6 +28,7 @@ use crate::config::MailSettings;
 use crate::evaluation::fixed as f;
 use crate::evaluation::Evaluation;
 use crate::metrics::aggregate::{mean_defined, Stats};
+use crate::store::EvaluationResults;
 
 /// Content-ID of the inline plot.
 pub const PLOT_CID: &str = "dice-plot";
@@ -62,18 +63,11 @@ pub enum ComposeError {
         #[source]
         source: lettre::error::Error,
     },
-    /// A previous summary.json could not be read.
-    #[error("{path}: {reason}")]
-    Previous {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong.
-        reason: String,
-    },
 }
 
-/// The vendor's previous submission for the same task, as its `summary.json` tells it: the
-/// email shows the change against it.
+/// The vendor's previous reported submission for the same task, as the store keeps its
+/// results ([`crate::store::Store::previous_results`]): the email shows the change against
+/// it, when both scored the same test set.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Previous {
     /// Its submission name (folder), e.g. `v2`.
@@ -88,102 +82,33 @@ pub struct Previous {
     pub cases_scored: usize,
     /// Cases failed.
     pub cases_failed: usize,
-}
-
-fn json_num(v: &serde_json::Value) -> f64 {
-    v.as_f64().unwrap_or(f64::NAN)
+    /// Content hash of the test set it was scored on: the change is shown only against the
+    /// same bytes.
+    pub testset_hash: String,
 }
 
 impl Previous {
-    /// Read what the email compares from a `summary.json` document (evald's own format);
-    /// `None` when it has no `mean` block.
-    pub fn from_summary_json(
-        submission: impl Into<String>,
-        doc: &serde_json::Value,
-    ) -> Option<Self> {
-        let mean = doc.get("mean")?.as_object()?;
-        let means = mean
-            .iter()
-            .filter_map(|(label, m)| {
-                let label: u8 = label.parse().ok()?;
-                let m = m
-                    .as_object()?
-                    .iter()
-                    .map(|(k, v)| (k.clone(), json_num(v)))
-                    .collect();
-                Some((label, m))
-            })
-            .collect();
-        let foreground = doc
-            .get("foreground_mean")
-            .and_then(|f| f.as_object())
-            .map(|f| f.iter().map(|(k, v)| (k.clone(), json_num(v))).collect())
-            .unwrap_or_default();
-        let ev = doc.get("evald");
-        let patient = ev
-            .and_then(|e| e.get("patient_level"))
-            .filter(|p| p.is_object())
-            .map(|p| (json_num(&p["sensitivity"]), json_num(&p["specificity"])));
-        let count = |k: &str| {
-            ev.and_then(|e| e.get(k))
-                .and_then(serde_json::Value::as_u64)
-                .unwrap_or(0) as usize
-        };
-        Some(Previous {
+    /// What the email compares, from a submission's stored results.
+    pub fn from_results(submission: impl Into<String>, r: &EvaluationResults) -> Self {
+        let st = &r.statistics;
+        Previous {
             submission: submission.into(),
-            means,
-            foreground,
-            patient,
-            cases_scored: count("cases_scored"),
-            cases_failed: count("cases_failed"),
-        })
+            means: st
+                .per_class
+                .iter()
+                .map(|(l, m)| (*l, m.iter().map(|(k, s)| (k.clone(), s.mean)).collect()))
+                .collect(),
+            foreground: st.foreground_mean.clone(),
+            patient: st.patient.map(|p| (p.sensitivity, p.specificity)),
+            cases_scored: r.cases_scored as usize,
+            cases_failed: r.cases_failed as usize,
+            testset_hash: r.testset_hash.clone(),
+        }
     }
 
-    /// Read a `summary.json` file.
-    ///
-    /// # Errors
-    /// [`ComposeError::Previous`] when the file is unreadable or not an evald summary.
-    pub fn read(submission: &str, path: &Path) -> Result<Self, ComposeError> {
-        let err = |reason: String| ComposeError::Previous {
-            path: path.to_path_buf(),
-            reason,
-        };
-        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-        let doc: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| err(format!("not JSON: {e}")))?;
-        Self::from_summary_json(submission, &doc)
-            .ok_or_else(|| err("not an evald summary.json (no 'mean' block)".into()))
-    }
-
-    /// The most recently written `summary.json` of another submission of the same vendor:
-    /// a sibling folder of `submission_dir` (`<drop>/<task>/<vendor>/<name>/`). For
-    /// `evald run`; the daemon knows the previous submission from its store instead.
-    pub fn find_sibling(submission_dir: &Path) -> Option<Self> {
-        let me = std::path::absolute(submission_dir).ok()?;
-        let vendor_dir = me.parent()?;
-        let mut best: Option<(std::time::SystemTime, String, PathBuf)> = None;
-        for entry in std::fs::read_dir(vendor_dir).ok()?.flatten() {
-            let p = entry.path();
-            if p == me || !p.is_dir() {
-                continue;
-            }
-            let summary = p.join(crate::submission::SUMMARY_JSON);
-            let Ok(t) = std::fs::metadata(&summary).and_then(|m| m.modified()) else {
-                continue;
-            };
-            if best.as_ref().is_none_or(|(bt, _, _)| t > *bt) {
-                let name = entry.file_name().to_string_lossy().into_owned();
-                best = Some((t, name, summary));
-            }
-        }
-        let (_, name, path) = best?;
-        match Self::read(&name, &path) {
-            Ok(p) => Some(p),
-            Err(e) => {
-                tracing::warn!(error = %e, "previous submission not comparable");
-                None
-            }
-        }
+    /// Whether `eval` scored the same test-set bytes as this submission.
+    pub fn comparable_with(&self, eval: &Evaluation) -> bool {
+        !self.testset_hash.is_empty() && self.testset_hash == eval.meta.dataset_hash
     }
 
     fn mean(&self, label: u8, key: &str) -> f64 {
@@ -193,6 +118,18 @@ impl Previous {
             .copied()
             .unwrap_or(f64::NAN)
     }
+}
+
+/// The sentence shown instead of the change when the previous submission was scored on
+/// other test-set bytes.
+fn not_comparable(prev: &Previous, eval: &Evaluation) -> String {
+    format!(
+        "No change against {} (the vendor's previous submission) is shown: it was scored on a \
+         different test set ({}; this one {}).",
+        prev.submission,
+        short(&prev.testset_hash),
+        short(&eval.meta.dataset_hash)
+    )
 }
 
 /// What happened to the workbook in the email.
@@ -605,7 +542,11 @@ fn text_body(
         let _ = writeln!(t, "  TP {}  FP {}  FN {}  TN {}", p.tp, p.fp, p.fn_, p.tn);
         let _ = writeln!(t);
     }
-    if let Some(prev) = prev {
+    if let Some(prev) = prev.filter(|p| !p.comparable_with(eval)) {
+        let _ = writeln!(t, "{}", not_comparable(prev, eval));
+        let _ = writeln!(t);
+    }
+    if let Some(prev) = prev.filter(|p| p.comparable_with(eval)) {
         let _ = writeln!(
             t,
             "Change against {} (the vendor's previous submission):",
@@ -914,7 +855,14 @@ fn html_body(
     }
 
     // Change against the previous submission.
-    if let Some(prev) = prev {
+    if let Some(prev) = prev.filter(|p| !p.comparable_with(eval)) {
+        let _ = writeln!(
+            h,
+            "<p style=\"margin:16px 0 0;{MUTED}\">{}</p>",
+            escape(&not_comparable(prev, eval))
+        );
+    }
+    if let Some(prev) = prev.filter(|p| p.comparable_with(eval)) {
         let _ = writeln!(
             h,
             "<h2 style=\"{H2}\">Change against {}</h2>\n<p style=\"margin:0 0 8px;{MUTED}\">The vendor's previous submission for this task ({} cases scored, {} failed).</p>",
@@ -1248,45 +1196,49 @@ mod tests {
     }
 
     #[test]
-    fn the_previous_submission_is_the_newest_sibling_with_a_summary() {
-        let root = tempfile::tempdir().expect("tempdir");
-        let vendor = root.path().join("thyroid-ca/acme");
-        let doc = |d: f64| serde_json::json!({"mean": {"1": {"Dice": d}}}).to_string();
-        let t0 = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
-        for (i, (name, d)) in [("v2", 0.7), ("v1", 0.5)].into_iter().enumerate() {
-            std::fs::create_dir_all(vendor.join(name)).expect("mkdir");
-            let f = vendor.join(name).join("summary.json");
-            std::fs::write(&f, doc(d)).expect("write");
-            // v2 written after v1 (whatever the order of creation here).
-            let t = t0 - std::time::Duration::from_secs(60 * i as u64);
-            std::fs::File::options()
-                .write(true)
-                .open(&f)
-                .and_then(|f| f.set_modified(t))
-                .expect("set mtime");
-        }
-        std::fs::create_dir_all(vendor.join("v3")).expect("mkdir");
-        std::fs::write(vendor.join("v3/summary.json"), doc(0.9)).expect("write");
-        let p = Previous::find_sibling(&vendor.join("v3")).expect("a previous submission");
-        assert_eq!((p.submission.as_str(), p.mean(1, "Dice")), ("v2", 0.7));
-        assert!(Previous::find_sibling(&root.path().join("lonely")).is_none());
-    }
-
-    #[test]
-    fn previous_reads_null_as_undefined() {
-        let doc = serde_json::json!({
-            "mean": {"1": {"Dice": 0.5, "HD95": null}},
-            "foreground_mean": {"Dice": 0.5},
-            "evald": {"cases_scored": 3, "cases_failed": 1,
-                      "patient_level": {"sensitivity": 1.0, "specificity": null}}
-        });
-        let p = Previous::from_summary_json("v1", &doc).expect("summary");
+    fn previous_keeps_undefined_means_undefined() {
+        let mut per_class = BTreeMap::new();
+        let st = |mean| crate::store::StoredStats {
+            n: 3,
+            n_nan: 0,
+            mean,
+            std: f64::NAN,
+            median: mean,
+            p25: mean,
+            p75: mean,
+            min: mean,
+            max: mean,
+            ci95_low: mean,
+            ci95_high: mean,
+        };
+        per_class.insert(
+            1u8,
+            BTreeMap::from([
+                ("Dice".to_string(), st(0.5)),
+                ("HD95".to_string(), st(f64::NAN)),
+            ]),
+        );
+        let r = EvaluationResults {
+            model_sha256: None,
+            testset_hash: "ab".repeat(32),
+            cases_scored: 3,
+            cases_failed: 1,
+            stopped_early: None,
+            evald_version: "x".into(),
+            statistics: crate::store::Statistics {
+                classes: Vec::new(),
+                per_class,
+                foreground_mean: BTreeMap::new(),
+                foreground: BTreeMap::new(),
+                patient: None,
+            },
+            failures: Vec::new(),
+        };
+        let p = Previous::from_results("v1", &r);
         assert_eq!(p.mean(1, "Dice"), 0.5);
         assert!(p.mean(1, "HD95").is_nan());
         assert!(p.mean(2, "Dice").is_nan());
         assert_eq!((p.cases_scored, p.cases_failed), (3, 1));
-        let (s, sp) = p.patient.expect("patient");
-        assert_eq!(s, 1.0);
-        assert!(sp.is_nan());
+        assert!(p.patient.is_none());
     }
 }

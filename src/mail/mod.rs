@@ -10,9 +10,12 @@
 //!   `outbox_dir`; `smtp`: none | starttls | tls, optional AUTH) and error classification.
 //!
 //! The daemon's use: `compose(..)` -> [`Outbox::enqueue`] (keyed by submission, so a crash
-//! and retry cannot queue it twice) -> `wake.notify_one()`; [`run_outbox`] owns delivery.
-//! `evald run` / `evald demo` use [`send_now`], which does the same in one shot and says
-//! what became of the message.
+//! and retry cannot queue it twice) -> `wake.notify_one()` on the `Notify` the loop holds;
+//! [`run_outbox`] is the daemon's only deliverer. `evald run` uses [`send_now`], which
+//! queues and delivers its own message in one shot and says what became of it.
+//!
+//! The change against the vendor's previous submission comes from the store's results
+//! ([`crate::store::Store::previous_results`]), never from files beside the submission.
 
 pub mod compose;
 pub mod outbox;
@@ -24,7 +27,8 @@ pub use compose::{
     compose, compose_failure, subject, ComposeError, Composed, Previous, ReportInMail,
 };
 pub use outbox::{
-    run_outbox, Delivery, Outbox, OutboxEntry, OutboxError, Outcome, RetryPolicy, State,
+    counts as outbox_counts, run_outbox, Delivery, Outbox, OutboxEntry, OutboxError, Outcome,
+    RetryPolicy, State,
 };
 pub use transport::{FailureKind, SendError};
 
@@ -103,9 +107,10 @@ impl std::fmt::Display for SentMail {
 }
 
 /// Compose the email of `eval`, queue it in the outbox of `settings` and try to deliver it
-/// once, now. The previous submission is looked up beside the submission folder
-/// ([`Previous::find_sibling`]). Blocking: it runs its own small async runtime, so call it
-/// from synchronous code (the CLI), never from inside a tokio runtime.
+/// once, now. The previous submission is the vendor's newest reported one of the task in
+/// the configured state folder's store, opened read-only ([`previous_in_store`]); without
+/// a store there is no comparison. Blocking: it runs its own small async runtime, so call
+/// it from synchronous code (the CLI), never from inside a tokio runtime.
 ///
 /// # Errors
 /// [`MailError`] when the message cannot be composed or recorded; a failed send is a
@@ -116,11 +121,7 @@ pub fn send_now(
     report: Option<&Path>,
     settings: &Settings,
 ) -> Result<SentMail, MailError> {
-    let previous = eval
-        .meta
-        .submission_dir
-        .as_deref()
-        .and_then(Previous::find_sibling);
+    let previous = previous_in_store(eval, &settings.daemon.state_dir);
     let mail = compose(eval, recipients, previous.as_ref(), report, &settings.mail)?;
     let db = db_path(settings);
     let outbox = Outbox::open(&db)?;
@@ -147,4 +148,25 @@ pub fn send_now(
             error: "being delivered by another evald process".into(),
         },
     })
+}
+
+/// The vendor's newest reported submission of `eval`'s task (other than `eval`'s own
+/// folder) in the store of `state_dir`, opened read-only: nothing is created or migrated.
+/// `None` without a store, without such a submission, or when the store cannot be read
+/// (logged: the email goes without the comparison).
+pub fn previous_in_store(eval: &Evaluation, state_dir: &Path) -> Option<Previous> {
+    let vendor = eval.meta.vendor.as_deref()?;
+    let dir = eval.meta.submission_dir.as_deref()?;
+    let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
+    let found = crate::store::Store::open_read_only(state_dir).and_then(|s| match s {
+        Some(s) => s.latest_results_of(&eval.meta.task, vendor, &dir),
+        None => Ok(None),
+    });
+    match found {
+        Ok(p) => p.map(|(sub, r)| Previous::from_results(sub.name, &r.results)),
+        Err(e) => {
+            tracing::warn!(error = %e, "no comparison with the previous submission");
+            None
+        }
+    }
 }

@@ -1,8 +1,10 @@
 //! The durable outbox: every email is a row in SQLite before anything is sent, and is
 //! marked sent only after the transport accepted it.
 //!
-//! Table `mail_outbox` (created here; the database file is shared with the daemon's own
-//! tables, so nothing else in it is touched). States:
+//! Table `mail_outbox` (created and versioned here, as component [`COMPONENT`] of
+//! `evald_schema`; the database file is shared with the daemon's own tables, so nothing
+//! else in it is touched, and nothing else touches this one: `evald status` reads its
+//! counts through [`counts`]). States:
 //! `queued -> sending -> sent`, `sending -> queued` (transient failure, with
 //! `next_attempt_at` pushed back exponentially), `sending -> failed` (permanent refusal, or
 //! given up after [`RetryPolicy::give_up_after`]; `last_error` holds the server's reply).
@@ -63,10 +65,23 @@ pub enum OutboxError {
         /// Its subject.
         subject: String,
     },
+    /// The outbox tables were written by a newer evald.
+    #[error("mail outbox {path}: schema version {found} is newer than this evald's ({SCHEMA_VERSION}); use the evald that wrote it or a newer one")]
+    NewerSchema {
+        /// The database file.
+        path: PathBuf,
+        /// Version found.
+        found: i64,
+    },
     /// A blocking task died (a bug).
     #[error("mail outbox: a database task failed: {0}")]
     Task(String),
 }
+
+/// Component name of the outbox's tables in `evald_schema`.
+pub const COMPONENT: &str = "mail_outbox";
+/// Schema version of the outbox's tables this build writes.
+pub const SCHEMA_VERSION: i64 = 1;
 
 /// When to retry, and when to stop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -186,6 +201,9 @@ pub enum Outcome {
 pub struct Delivery {
     /// Row id.
     pub id: i64,
+    /// The caller's key the message was queued with (the daemon finds its submission by
+    /// it).
+    pub key: Option<String>,
     /// Subject (for logs).
     pub subject: String,
     /// What happened.
@@ -232,6 +250,86 @@ CREATE TABLE IF NOT EXISTS mail_outbox (
 CREATE INDEX IF NOT EXISTS mail_outbox_due ON mail_outbox (state, next_attempt_at);
 ";
 
+/// Create the outbox's tables when missing and record their version (the file may be new,
+/// or the daemon's store may have created it first: both keep their own component row in
+/// `evald_schema`).
+fn ensure_schema(conn: &Connection, db: &Path) -> Result<(), OutboxError> {
+    let err = |source| OutboxError::Db {
+        path: db.to_path_buf(),
+        source,
+    };
+    let tx = conn.unchecked_transaction().map_err(err)?;
+    tx.execute_batch(
+        "CREATE TABLE IF NOT EXISTS evald_schema (
+             component TEXT PRIMARY KEY,
+             version   INTEGER NOT NULL
+         );",
+    )
+    .map_err(err)?;
+    let found: Option<i64> = tx
+        .query_row(
+            "SELECT version FROM evald_schema WHERE component = ?1",
+            [COMPONENT],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(err)?;
+    match found {
+        Some(v) if v > SCHEMA_VERSION => {
+            return Err(OutboxError::NewerSchema {
+                path: db.to_path_buf(),
+                found: v,
+            })
+        }
+        Some(_) => {}
+        // A new file, or one from before the outbox recorded its version (the table, if
+        // any, has this very layout: `IF NOT EXISTS` keeps it and its rows).
+        None => {
+            tx.execute_batch(SCHEMA).map_err(err)?;
+            tx.execute(
+                "INSERT INTO evald_schema (component, version) VALUES (?1, ?2)",
+                params![COMPONENT, SCHEMA_VERSION],
+            )
+            .map_err(err)?;
+        }
+    }
+    tx.commit().map_err(err)
+}
+
+/// Messages per state in the outbox of the database `conn` is open on (for `evald status`,
+/// which holds the store's connection); `None` when no outbox was ever created there.
+///
+/// # Errors
+/// [`OutboxError::Db`].
+pub fn counts(conn: &Connection) -> Result<Option<Vec<(State, u64)>>, OutboxError> {
+    let err = |source| OutboxError::Db {
+        path: PathBuf::from(conn.path().unwrap_or_default()),
+        source,
+    };
+    let exists: bool = conn
+        .query_row(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'mail_outbox')",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(err)?;
+    if !exists {
+        return Ok(None);
+    }
+    let mut st = conn
+        .prepare("SELECT state, COUNT(*) FROM mail_outbox GROUP BY state")
+        .map_err(err)?;
+    let mut rows = st
+        .query_map([], |r| {
+            Ok((State::parse(&r.get::<_, String>(0)?), r.get::<_, u64>(1)?))
+        })
+        .map_err(err)?
+        .collect::<rusqlite::Result<Vec<_>>>()
+        .map_err(err)?;
+    rows.sort();
+    Ok(Some(rows))
+}
+
 fn ts(t: i64) -> DateTime<Utc> {
     Utc.timestamp_opt(t, 0).single().unwrap_or_default()
 }
@@ -239,6 +337,7 @@ fn ts(t: i64) -> DateTime<Utc> {
 /// A claimed row, ready to send.
 struct Claimed {
     id: i64,
+    key: Option<String>,
     subject: String,
     sender: String,
     recipients: Vec<String>,
@@ -273,7 +372,7 @@ impl Outbox {
         // few; one fsync per commit costs nothing here).
         conn.pragma_update(None, "synchronous", "FULL")
             .map_err(err)?;
-        conn.execute_batch(SCHEMA).map_err(err)?;
+        ensure_schema(&conn, db)?;
         Ok(Outbox {
             conn: Arc::new(Mutex::new(conn)),
             path: db.to_path_buf(),
@@ -475,14 +574,11 @@ impl Outbox {
     /// # Errors
     /// [`OutboxError::Db`].
     pub fn counts(&self) -> Result<Vec<(State, u64)>, OutboxError> {
-        self.db(|c| {
-            let mut st =
-                c.prepare("SELECT state, COUNT(*) FROM mail_outbox GROUP BY state ORDER BY state")?;
-            let rows = st.query_map([], |r| {
-                Ok((State::parse(&r.get::<_, String>(0)?), r.get::<_, u64>(1)?))
-            })?;
-            rows.collect()
-        })
+        let conn = self
+            .conn
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Ok(counts(&conn)?.unwrap_or_default())
     }
 
     /// Put a failed message back in the queue (the admin fixed the cause), due now.
@@ -546,7 +642,7 @@ impl Outbox {
                             OR (state = 'sending' AND lease_until <= ?1))
                        AND (?3 IS NULL OR id = ?3)
                      ORDER BY next_attempt_at, id LIMIT 1)
-                 RETURNING id, subject, sender, recipients, file_name, message, attempts, created_at",
+                 RETURNING id, subject, sender, recipients, file_name, message, attempts, created_at, key",
                 params![now, lease, only],
                 |r| {
                     let recipients: String = r.get(3)?;
@@ -559,6 +655,7 @@ impl Outbox {
                         message: r.get(5)?,
                         attempts: r.get(6)?,
                         created_at: r.get(7)?,
+                        key: r.get(8)?,
                     })
                 },
             )
@@ -726,6 +823,7 @@ impl Outbox {
             let (outcome, unavailable) = recorded?;
             done.push(Delivery {
                 id: m.id,
+                key: m.key,
                 subject: m.subject,
                 outcome: outcome.clone(),
             });
@@ -781,13 +879,17 @@ fn log(d: &Delivery) {
     }
 }
 
-/// Longest sleep of the delivery loop: picks up rows other processes queued.
+/// Default longest sleep of the delivery loop (`daemon.outbox_poll_secs`): picks up rows
+/// other processes queued without waking it.
 pub const POLL: Duration = Duration::from_secs(30);
 
-/// The delivery loop the daemon owns: deliver what is due, then sleep until the next row
-/// is due (at most [`POLL`]), a `wake` notification (something was queued), a settings
-/// change (SIGHUP reload) or `shutdown`. A send in progress finishes before the loop exits
-/// (bounded by the SMTP timeout). Database errors are logged and retried after [`POLL`].
+/// The delivery loop the daemon owns, and the daemon's only deliverer: deliver what is due,
+/// then sleep until the next row is due (at most `poll`), a `wake` notification (the
+/// producer queued something: the producer holds this same `Notify`), a settings change
+/// (SIGHUP reload) or `shutdown`. `on_delivery` hears of every attempt (the daemon marks
+/// the submission mailed when its message went). A send in progress finishes before the
+/// loop exits (bounded by the SMTP timeout). Database errors are logged and retried after
+/// `poll`.
 ///
 /// # Errors
 /// None so far: the loop runs until `shutdown`; the `Result` leaves room for fatal errors.
@@ -796,16 +898,22 @@ pub async fn run_outbox(
     mut settings: watch::Receiver<MailSettings>,
     wake: Arc<Notify>,
     shutdown: CancellationToken,
+    poll: Duration,
+    on_delivery: impl Fn(&Delivery) + Send + Sync,
 ) -> Result<(), OutboxError> {
-    tracing::info!(db = %outbox.path.display(), "mail outbox running");
+    tracing::info!(db = %outbox.path.display(), poll_secs = poll.as_secs(), "mail outbox running");
+    let poll = poll.max(Duration::from_secs(1));
     loop {
         let s = settings.borrow_and_update().clone();
-        let mut pause = POLL;
+        let mut pause = poll;
         match outbox
             .deliver_round(&s, Utc::now(), None, Some(&shutdown))
             .await
         {
-            Ok(done) => done.iter().for_each(log),
+            Ok(done) => done.iter().for_each(|d| {
+                log(d);
+                on_delivery(d);
+            }),
             Err(e) => tracing::error!(error = %e, "mail outbox round failed"),
         }
         match outbox.blocking(Outbox::next_due).await {
@@ -813,7 +921,7 @@ pub async fn run_outbox(
                 let wait = (next - Utc::now()).to_std().unwrap_or(Duration::ZERO);
                 // At least a second: a row held by another process's lease is "due" but not
                 // claimable, and must not turn this into a busy loop.
-                pause = wait.clamp(Duration::from_secs(1), POLL);
+                pause = wait.clamp(Duration::from_secs(1), poll);
             }
             Ok(None) => {}
             Err(e) => tracing::error!(error = %e, "mail outbox: reading the next due time"),

@@ -37,6 +37,8 @@ pub(crate) struct Opts {
     pub(crate) watch: &'static str,
     /// Extra lines for `[pool]`.
     pub(crate) pool_extra: &'static str,
+    /// Extra lines for `[daemon]`.
+    pub(crate) daemon_extra: &'static str,
 }
 
 impl Default for Opts {
@@ -49,6 +51,7 @@ impl Default for Opts {
             log_format: "text",
             watch: "native",
             pool_extra: "",
+            daemon_extra: "",
         }
     }
 }
@@ -85,7 +88,7 @@ impl Env {
     pub(crate) fn config_text(&self, o: Opts, tasks: &[&str]) -> String {
         let mut s = format!(
             "[daemon]\ndrop_dir = \"{}\"\nstate_dir = \"{}\"\nlog_dir = \"{}\"\nsettle_secs = 1\n\
-             rescan_secs = {}\nshutdown_grace_secs = {}\nlog_format = \"{}\"\nwatch = \"{}\"\n\n\
+             rescan_secs = {}\nshutdown_grace_secs = {}\nlog_format = \"{}\"\nwatch = \"{}\"\n{}\n\n\
              [pool]\nworkers = 1\ndevices = [\"cpu\"]\nmax_attempts = 3\n{}\n\n\
              [mail]\ntransport = \"file\"\noutbox_dir = \"{}\"\n\n",
             self.drop.display(),
@@ -95,6 +98,7 @@ impl Env {
             o.grace_secs,
             o.log_format,
             o.watch,
+            o.daemon_extra,
             o.pool_extra,
             self.dir.path().join("outbox").display(),
         );
@@ -1048,4 +1052,242 @@ fn the_systemd_unit_passes_systemd_analyze_verify() {
         }
         assert!(r.join("srv/evald/drop").is_dir());
     }
+}
+
+/// The outbox loop sends what the runner queued when the runner wakes it: with the loop's
+/// poll set to an hour, an email that arrives within the test's deadline came through the
+/// shared wake-up, not a poll. The submission is `mailed` only once its email went, and
+/// the store keeps each evaluation's results, which the second email and `evald status`
+/// compare against the vendor's previous submission.
+#[test]
+fn a_queued_email_goes_at_once_and_the_next_one_compares_with_the_stored_results() {
+    let env = Env::new(Opts {
+        daemon_extra: "outbox_poll_secs = 3600",
+        ..Opts::default()
+    });
+    let d = Daemon::start(&env);
+    let v1 = env.sub("t/acme/v1");
+    write_files(
+        &v1,
+        &[("submission.toml", ONE_SLICE), ("model.pt", &slow_model(1))],
+    );
+    let s1 = wait_state(&env, &d, &v1, &[State::Mailed]);
+    assert_eq!(env.emails_for("v1"), 1, "mailed means the email went");
+    let h = env.history(s1.id);
+    assert_eq!(count(&h, State::Reported), 1);
+    let mailed = h.iter().find(|t| t.to == State::Mailed).unwrap();
+    assert!(
+        mailed
+            .note
+            .as_deref()
+            .is_some_and(|n| n.ends_with("_acme_v1.eml")),
+        "the note says where it went: {mailed:?}"
+    );
+
+    let store = || Store::open_existing(&env.state).unwrap().unwrap();
+    let r1 = store()
+        .results(s1.id)
+        .unwrap()
+        .expect("results with the reported state");
+    let summary = read_json(&v1.join("summary.json"));
+    let run = &summary["evald"]["run"];
+    assert_eq!(
+        r1.results.testset_hash,
+        run["dataset_hash"].as_str().unwrap()
+    );
+    assert_eq!(
+        r1.results.model_sha256.as_deref(),
+        s1.model_sha256.as_deref()
+    );
+    assert_eq!(r1.results.cases_scored, 2);
+    assert!(r1.results.failures.is_empty());
+    for label in ["1", "2"] {
+        let want = summary["evald"]["statistics"][label]["Dice"]["median"].as_f64();
+        let got = r1.results.statistics.per_class[&label.parse::<u8>().unwrap()]["Dice"].median;
+        assert_eq!(
+            want,
+            got.is_finite().then_some(got),
+            "class {label} Dice median"
+        );
+    }
+    assert_eq!(
+        r1.results
+            .statistics
+            .patient
+            .map(|p| (p.tp, p.fp, p.fn_, p.tn)),
+        Some((
+            summary["evald"]["patient_level"]["tp"].as_u64().unwrap() as u32,
+            summary["evald"]["patient_level"]["fp"].as_u64().unwrap() as u32,
+            summary["evald"]["patient_level"]["fn"].as_u64().unwrap() as u32,
+            summary["evald"]["patient_level"]["tn"].as_u64().unwrap() as u32,
+        ))
+    );
+
+    // The vendor's next submission: its email shows the change against v1, from the store
+    // (v1's summary.json is gone: nothing is read from beside the folder).
+    std::fs::remove_file(v1.join("summary.json")).unwrap();
+    let v2 = env.sub("t/acme/v2");
+    write_files(
+        &v2,
+        &[("submission.toml", ONE_SLICE), ("model.pt", &slow_model(2))],
+    );
+    let s2 = wait_state(&env, &d, &v2, &[State::Mailed]);
+    let (prev, _) = store().previous_results(s2.id).unwrap().expect("v1");
+    assert_eq!(prev.id, s1.id);
+    let eml = std::fs::read_dir(env.path("outbox"))
+        .unwrap()
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().ends_with("_acme_v2.eml"))
+        .expect("v2's email");
+    let msg = crate::mail::parse_eml(&eml.path(), &env.path("parsed"));
+    assert!(
+        msg.text
+            .contains("Change against v1 (the vendor's previous submission):"),
+        "{}",
+        msg.text
+    );
+
+    let st = crate::util::run_ok(evald().args(["status", "--config"]).arg(&env.cfg));
+    let text = String::from_utf8_lossy(&st.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.contains(&format!("#{} t/acme/v2", s2.id)))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        line.contains(&format!("vs v1 (#{}): ", s1.id)) && line.contains("thyroid "),
+        "{line}"
+    );
+    assert!(text.contains("outbox: 2 sent"), "{text}");
+    let js = crate::util::run_ok(evald().args(["status", "--json", "--config"]).arg(&env.cfg));
+    let v: serde_json::Value = serde_json::from_slice(&js.stdout).unwrap();
+    let r2 = v["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == s2.id)
+        .expect("v2 in the results");
+    assert_eq!(r2["previous"]["id"], s1.id);
+    assert_eq!(r2["previous"]["comparable"], true);
+    assert_eq!(v["outbox"], serde_json::json!([["sent", 2]]));
+}
+
+/// A state database written by the schema-1 release (tests/data/store, see its
+/// PROVENANCE.md) opens with this build: every row and state is kept, the results tables
+/// are added, and `evald status` reads it.
+#[test]
+fn a_version_1_store_migrates_in_place() {
+    let env = Env::new(Opts::default());
+    std::fs::create_dir_all(&env.state).unwrap();
+    let gz = std::fs::File::open(crate::util::data("store/v1.db.gz")).unwrap();
+    let mut db = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(gz), &mut db).unwrap();
+    std::fs::write(env.state.join("evald.db"), &db).unwrap();
+    let raw = || rusqlite::Connection::open(env.state.join("evald.db")).unwrap();
+    let events_before: i64 = raw()
+        .query_row("SELECT COUNT(*) FROM submission_events", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(
+        events_before, 13,
+        "the fixture as PROVENANCE.md describes it"
+    );
+
+    // `evald status` first: it opens (and migrates) the file itself.
+    let st = crate::util::run_ok(evald().args(["status", "--config"]).arg(&env.cfg));
+    let text = String::from_utf8_lossy(&st.stdout);
+    assert!(
+        text.contains(
+            "submissions: 0 seen, 1 queued, 0 running, 0 reported, 1 mailed, 1 rejected, 0 failed"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("1. #1 thyroid-ca/demo-vendor/v1"), "{text}");
+    // Reported before results were kept: the stored headline.
+    assert!(
+        text.contains("#3 thyroid-b/demo-vendor/v1  mailed")
+            && text.contains("Dice thyroid 0.977, nodule 0.828; 2/2 cases scored"),
+        "{text}"
+    );
+    assert!(text.contains("outbox: 1 queued, 1 sent"), "{text}");
+
+    let store = Store::open_existing(&env.state).unwrap().unwrap();
+    let subs = store.all().unwrap();
+    let got: Vec<(i64, &str, State)> = subs
+        .iter()
+        .map(|s| (s.id, s.name.as_str(), s.state))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (1, "v1", State::Queued),
+            (2, "v1-copy", State::Rejected),
+            (3, "v1", State::Mailed)
+        ]
+    );
+    assert_eq!(subs[1].reject_code.as_deref(), Some("duplicate"));
+    assert_eq!(
+        subs[0].queue_seq,
+        Some(3),
+        "requeued: a new place in the queue"
+    );
+    let events: usize = (1..=3).map(|id| store.history(id).unwrap().len()).sum();
+    assert_eq!(events as i64, events_before, "every event kept");
+    assert_eq!(
+        states(&store.history(3).unwrap()),
+        [
+            State::Seen,
+            State::Queued,
+            State::Running,
+            State::Reported,
+            State::Mailed
+        ]
+    );
+    for id in 1..=3 {
+        assert!(
+            store.results(id).unwrap().is_none(),
+            "no results before version 2"
+        );
+    }
+    let c = raw();
+    let version = |component: &str| -> Option<i64> {
+        c.query_row(
+            "SELECT version FROM evald_schema WHERE component = ?1",
+            [component],
+            |r| r.get(0),
+        )
+        .ok()
+    };
+    assert_eq!(
+        version(evald::store::COMPONENT),
+        Some(evald::store::SCHEMA_VERSION)
+    );
+    for table in ["submission_results", "submission_failures"] {
+        let n: i64 = c
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = ?1",
+                [table],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(n, 1, "{table}");
+    }
+    // The outbox keeps its rows, and records its own version when it opens the file.
+    let outbox = evald::mail::Outbox::open(&env.state.join("evald.db")).unwrap();
+    let rows: Vec<(Option<String>, evald::mail::State)> = outbox
+        .entries()
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.key, e.state))
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            (Some("submission-1-1".into()), evald::mail::State::Sent),
+            (Some("submission-3-2".into()), evald::mail::State::Queued)
+        ]
+    );
+    assert_eq!(
+        version(evald::mail::outbox::COMPONENT),
+        Some(evald::mail::outbox::SCHEMA_VERSION)
+    );
+    assert_eq!(store.integrity_check().unwrap(), "ok");
 }

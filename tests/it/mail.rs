@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use evald::config::{MailSettings, MailTransport, SmtpSecurity};
 use evald::mail::{self, Outbox, Outcome, Previous, RetryPolicy, State};
+use evald::store::EvaluationResults;
 
 use crate::report::{openkbp_eval, openkbp_predictions, write_both};
 use crate::util::Demo;
@@ -727,6 +728,12 @@ fn a_report_over_the_cap_is_named_not_attached() {
     assert!(!got.structure.contains("spreadsheetml"));
 }
 
+/// The previous submission `v2`, as the store gives it: a perfect one (references scored
+/// against themselves) on the same test set.
+fn previous_v2() -> Previous {
+    Previous::from_results("v2", &EvaluationResults::of(&openkbp_eval("v2", None)))
+}
+
 /// Check that `html` is well-formed XML: every element closed in order, only the five XML
 /// entities or numeric references. Returns the text content.
 fn well_formed_text(html: &str) -> String {
@@ -775,10 +782,7 @@ fn html_is_well_formed_and_carries_the_summary_numbers() {
     let eval = openkbp_eval("v3", Some(&openkbp_predictions()));
     let (json, report) = write_both(&eval, dir.path());
     // The previous submission: a perfect one (references scored against themselves).
-    let v2 = dir.path().join("v2");
-    std::fs::create_dir_all(&v2).unwrap();
-    write_both(&openkbp_eval("v2", None), &v2);
-    let prev = Previous::read("v2", &v2.join("summary.json")).unwrap();
+    let prev = previous_v2();
     let m = mail::compose(&eval, &recipients(), Some(&prev), Some(&report), &settings).unwrap();
     let text = well_formed_text(&m.html);
     // Every class's mean Dice, as summary.json says, with 3 decimals ("n/a" when undefined).
@@ -882,10 +886,7 @@ fn the_plot_is_a_png_of_the_documented_size_with_every_class_drawn() {
         let look = PathBuf::from(look);
         std::fs::create_dir_all(&look).unwrap();
         // With a previous submission, as the team usually gets it.
-        let v2 = dir.path().join("v2");
-        std::fs::create_dir_all(&v2).unwrap();
-        write_both(&openkbp_eval("v2", None), &v2);
-        let prev = Previous::read("v2", &v2.join("summary.json")).unwrap();
+        let prev = previous_v2();
         let m = mail::compose(&eval, &recipients(), Some(&prev), Some(&report), &settings).unwrap();
         std::fs::write(look.join("dice-plot.png"), &png).unwrap();
         std::fs::write(
@@ -922,6 +923,8 @@ fn the_daemon_loop_delivers_retries_after_a_reload_and_stops_on_shutdown() {
         rx,
         wake.clone(),
         stop.clone(),
+        mail::outbox::POLL,
+        |_: &mail::Delivery| {},
     ));
     // Another handle on the same database queues (as the pipeline would) and wakes it.
     let producer = Outbox::open(&db).unwrap();
