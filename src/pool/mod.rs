@@ -46,7 +46,7 @@ mod supervisor;
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Condvar, Mutex};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::config::PoolSettings;
@@ -252,6 +252,19 @@ pub(crate) enum Event {
     Wake,
 }
 
+/// Lock one of the pool's mutexes, recovering it if a thread panicked while holding it.
+///
+/// Sound here because every critical section in the pool is one short update that leaves
+/// its data consistent at each step (a push or pop on the queue, a counter, an `Option`
+/// set or taken, a [`WorkerInfo`] field): a panic inside one cannot leave half a change.
+/// And a panic in one slot thread must not cascade into every other slot, the
+/// [`Predictor`] callers and the pool's `Drop` (a panic there would abort the daemon).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Start-up progress over all slots, for [`PoolPredictor::wait_first_ready`] (with
+/// [`Shared::start_cv`]).
 #[derive(Debug, Default)]
 pub(crate) struct StartState {
     ready: usize,
@@ -262,7 +275,8 @@ pub(crate) struct StartState {
 
 #[derive(Debug)]
 pub(crate) struct SlotHandle {
-    pub tx: Mutex<mpsc::Sender<Event>>,
+    /// The slot thread's event channel (`Sender` is `Sync`: no lock needed to wake it).
+    pub tx: mpsc::Sender<Event>,
     pub info: Mutex<WorkerInfo>,
 }
 
@@ -296,7 +310,7 @@ pub(crate) struct Shared {
 impl Shared {
     pub fn wake_all(&self) {
         for s in &self.slots {
-            let _ = s.tx.lock().expect("slot tx lock").send(Event::Wake);
+            let _ = s.tx.send(Event::Wake);
         }
     }
 
@@ -423,7 +437,7 @@ impl PoolPredictor {
             receivers.push(rx);
             let device = settings.devices[slot % settings.devices.len()].clone();
             slots.push(SlotHandle {
-                tx: Mutex::new(tx),
+                tx,
                 info: Mutex::new(WorkerInfo {
                     slot,
                     device,
@@ -470,7 +484,7 @@ impl PoolPredictor {
     fn wait_first_ready(&self, n: usize) -> Result<(), PoolError> {
         let limit = supervisor::load_timeout(&self.shared.settings) + supervisor::HELLO_TIMEOUT;
         let deadline = Instant::now() + limit;
-        let mut st = self.shared.start.lock().expect("start lock");
+        let mut st = lock(&self.shared.start);
         loop {
             if let Some(e) = st.fatal.take() {
                 return Err(e);
@@ -498,7 +512,7 @@ impl PoolPredictor {
                 .shared
                 .start_cv
                 .wait_timeout(st, deadline - now)
-                .expect("start lock")
+                .unwrap_or_else(PoisonError::into_inner)
                 .0;
         }
     }
@@ -508,7 +522,7 @@ impl PoolPredictor {
         self.shared
             .slots
             .iter()
-            .map(|s| s.info.lock().expect("info lock").clone())
+            .map(|s| lock(&s.info).clone())
             .collect()
     }
 
@@ -516,12 +530,12 @@ impl PoolPredictor {
     /// evaluation's budget), if it did; the cases not done then failed with stage
     /// `aborted`.
     pub fn stopped_early(&self) -> Option<String> {
-        self.shared.aborted.lock().expect("aborted lock").clone()
+        lock(&self.shared.aborted).clone()
     }
 
     /// Counters so far.
     pub fn totals(&self) -> Totals {
-        self.shared.totals.lock().expect("totals lock").clone()
+        lock(&self.shared.totals).clone()
     }
 
     /// Devices in use (for the report's Run sheet).

@@ -21,6 +21,7 @@ use std::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command, ExitSta
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::lock;
 use super::protocol::PROTO_FD;
 
 /// Environment variables passed through to workers when set.
@@ -76,8 +77,9 @@ type Request = (SpawnSpec, mpsc::Sender<std::io::Result<Spawned>>);
 /// The long-lived thread that forks every worker.
 #[derive(Debug)]
 pub struct Spawner {
-    tx: Mutex<Option<mpsc::Sender<Request>>>,
-    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// The request channel and the thread, `None` after [`Self::stop`]; one lock since
+    /// they end together.
+    thread: Mutex<Option<(mpsc::Sender<Request>, std::thread::JoinHandle<()>)>>,
     exe: PathBuf,
 }
 
@@ -97,8 +99,7 @@ impl Spawner {
                 }
             })?;
         Ok(Spawner {
-            tx: Mutex::new(Some(tx)),
-            thread: Mutex::new(Some(thread)),
+            thread: Mutex::new(Some((tx, thread))),
             exe,
         })
     }
@@ -114,13 +115,10 @@ impl Spawner {
     /// The spawn error, or `BrokenPipe` after [`Self::stop`].
     pub fn spawn(&self, spec: SpawnSpec) -> std::io::Result<Spawned> {
         let (rtx, rrx) = mpsc::channel();
-        let sent = self
-            .tx
-            .lock()
-            .expect("spawner lock")
+        // Only the send happens under the lock; the fork is waited for outside it.
+        let sent = lock(&self.thread)
             .as_ref()
-            .map(|tx| tx.send((spec, rtx)).is_ok())
-            .unwrap_or(false);
+            .is_some_and(|(tx, _)| tx.send((spec, rtx)).is_ok());
         if !sent {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::BrokenPipe,
@@ -137,9 +135,10 @@ impl Spawner {
 
     /// Stop the spawner thread (after every worker is dead: its exit would SIGKILL them).
     pub fn stop(&self) {
-        self.tx.lock().expect("spawner lock").take();
-        if let Some(t) = self.thread.lock().expect("spawner lock").take() {
-            let _ = t.join();
+        let taken = lock(&self.thread).take();
+        if let Some((tx, thread)) = taken {
+            drop(tx);
+            let _ = thread.join();
         }
     }
 }
@@ -260,7 +259,7 @@ pub fn forward_stderr(
                     }
                     Admit::No => {}
                 }
-                let mut t = t.lock().expect("stderr tail lock");
+                let mut t = lock(&t);
                 if t.len() == STDERR_KEEP {
                     t.remove(0);
                 }

@@ -4,6 +4,21 @@
 //! worker's frames (from a reader thread), its death (the reader hits EOF) and wake-ups
 //! (new work, shutdown); deadlines (case timeout, heartbeat loss, start-up) are the
 //! channel's receive timeout. See the module doc of [`super`] for the retry policy.
+//!
+//! # Locks
+//! What a slot alone needs (its worker, the cases it holds, its backoff) is owned by its
+//! thread; events reach it over its channel. The state shared with other slots and with
+//! callers sits behind one mutex per thing that changes together, each taken through
+//! [`super::lock`] (which recovers a poisoned lock: every critical section is one short
+//! update) and held for that update only:
+//! - `queue` (tasks waiting) and `aborted` (why the evaluation stopped): [`requeue`] and
+//!   the predictor check `aborted` while holding `queue`, the only nesting (always queue,
+//!   then aborted), so no task slips into a queue nobody serves any more;
+//! - `slots[i].info`: a slot's [`super::WorkerInfo`], written by its thread, read by the
+//!   others ([`other_idle`], [`give_up`]) and status displays;
+//! - `start` with `start_cv`: start-up progress, waited on by the pool's constructor;
+//! - `totals`, `broken`, `probe_req`: counters, the all-slots-gave-up reason, a pending
+//!   self-check probe.
 
 use std::io::BufReader;
 use std::process::{Child, ChildStdin};
@@ -15,7 +30,7 @@ use super::protocol::{
     self, CaseErrorKind, FatalKind, FromWorker, Init, Policy, ProbeReport, ToWorker, PROTO_VERSION,
 };
 use super::spawn::{self, SpawnSpec};
-use super::{Event, Outcome, PoolError, Shared, SlotEvent, SlotState, Task, WINDOW};
+use super::{lock, Event, Outcome, PoolError, Shared, SlotEvent, SlotState, Task, WINDOW};
 use crate::config::PoolSettings;
 use crate::evaluation::{Failure, Stage};
 use crate::infer::{InferSpec, InputKind, OutputKind, Window};
@@ -77,7 +92,7 @@ impl Live {
     }
 
     fn last_words(&self) -> String {
-        let t = self.tail.lock().expect("tail lock");
+        let t = lock(&self.tail);
         // The most telling line: a panic, a fatal error, or simply the last one.
         let pick = t
             .iter()
@@ -170,7 +185,7 @@ impl Cause {
 }
 
 fn set_info(sh: &Shared, slot: usize, f: impl FnOnce(&mut super::WorkerInfo)) {
-    f(&mut sh.slots[slot].info.lock().expect("info lock"));
+    f(&mut lock(&sh.slots[slot].info));
 }
 
 fn shutting_down(sh: &Shared) -> bool {
@@ -178,21 +193,21 @@ fn shutting_down(sh: &Shared) -> bool {
 }
 
 fn aborted(sh: &Shared) -> Option<String> {
-    sh.aborted.lock().expect("aborted lock").clone()
+    lock(&sh.aborted).clone()
 }
 
 /// Stop the evaluation early: no case starts any more, queued ones fail with `why`, every
 /// slot kills its worker at its next look (they are woken). The first reason wins.
 fn abort(sh: &Shared, why: String) {
     {
-        let mut a = sh.aborted.lock().expect("aborted lock");
+        let mut a = lock(&sh.aborted);
         if a.is_some() {
             return;
         }
         tracing::error!("stopping the evaluation: {why}");
         *a = Some(why.clone());
     }
-    let tasks: Vec<Task> = sh.queue.lock().expect("queue lock").drain(..).collect();
+    let tasks: Vec<Task> = lock(&sh.queue).drain(..).collect();
     for t in tasks {
         reply_failed(sh, t, Stage::Aborted, format!("not run: {why}"));
     }
@@ -201,7 +216,7 @@ fn abort(sh: &Shared, why: String) {
 
 /// Reply a failure to every queued task (pool stopping or broken).
 pub(crate) fn fail_queued(sh: &Shared, why: &str) {
-    let tasks: Vec<Task> = sh.queue.lock().expect("queue lock").drain(..).collect();
+    let tasks: Vec<Task> = lock(&sh.queue).drain(..).collect();
     for t in tasks {
         let _ = t.reply.send(Outcome::Failed(Failure {
             case: t.case,
@@ -240,7 +255,7 @@ pub(crate) fn run_slot(sh: &Arc<Shared>, slot: usize, rx: &mpsc::Receiver<Event>
             Err(StartError::Fatal(e)) => {
                 tracing::error!(worker = slot, "{e}");
                 let msg = e.to_string();
-                let mut st = sh.start.lock().expect("start lock");
+                let mut st = lock(&sh.start);
                 if st.fatal.is_none() && st.ready == 0 {
                     st.fatal = Some(e);
                 }
@@ -258,12 +273,18 @@ pub(crate) fn run_slot(sh: &Arc<Shared>, slot: usize, rx: &mpsc::Receiver<Event>
                     attempt = start_failures,
                     "worker failed to start: {why}"
                 );
-                sh.start.lock().expect("start lock").last_error = Some(why.clone());
-                if start_failures >= START_FAILURES {
+                let gives_up = start_failures >= START_FAILURES;
+                {
+                    // One critical section: `wait_first_ready` must never see the slot
+                    // counted as given up without the reason, or the reverse.
+                    let mut st = lock(&sh.start);
+                    st.last_error = Some(why.clone());
+                    st.gave_up += usize::from(gives_up);
+                }
+                if gives_up {
                     let msg = format!(
                         "worker {slot} failed to start {start_failures} times in a row; last: {why}"
                     );
-                    sh.start.lock().expect("start lock").gave_up += 1;
                     sh.start_cv.notify_all();
                     give_up(sh, slot, &msg);
                     break;
@@ -275,10 +296,7 @@ pub(crate) fn run_slot(sh: &Arc<Shared>, slot: usize, rx: &mpsc::Receiver<Event>
             }
         };
         start_failures = 0;
-        {
-            let mut st = sh.start.lock().expect("start lock");
-            st.ready += 1;
-        }
+        lock(&sh.start).ready += 1;
         sh.start_cv.notify_all();
         let (healthy, end) = serve(sh, slot, &mut live, rx);
         let pid = live.pid;
@@ -290,7 +308,7 @@ pub(crate) fn run_slot(sh: &Arc<Shared>, slot: usize, rx: &mpsc::Receiver<Event>
         if shutting_down(sh) || aborted(sh).is_some() {
             break;
         }
-        sh.totals.lock().expect("totals lock").worker_losses += 1;
+        lock(&sh.totals).worker_losses += 1;
         tracing::warn!(worker = slot, pid, "worker ended: {how}; restarting");
         if healthy {
             backoff = BACKOFF_START;
@@ -316,9 +334,9 @@ fn give_up(sh: &Shared, slot: usize, why: &str) {
     let all_stopped = sh
         .slots
         .iter()
-        .all(|s| s.info.lock().expect("info lock").state == SlotState::Stopped);
+        .all(|s| lock(&s.info).state == SlotState::Stopped);
     if all_stopped {
-        *sh.broken.lock().expect("broken lock") = Some(format!("no worker can run: {why}"));
+        *lock(&sh.broken) = Some(format!("no worker can run: {why}"));
         fail_queued(sh, &format!("no worker can run: {why}"));
     }
 }
@@ -369,7 +387,7 @@ fn start_worker(
             return Err(StartError::Transient(format!("log thread: {e}")));
         }
     };
-    let tx = sh.slots[slot].tx.lock().expect("slot tx lock").clone();
+    let tx = sh.slots[slot].tx.clone();
     let mut stdout = BufReader::new(spawned.stdout);
     let reader = std::thread::Builder::new()
         .name(format!("evald-w{slot}-frames"))
@@ -556,7 +574,7 @@ enum End {
 fn other_idle(sh: &Shared, slot: usize) -> bool {
     sh.slots.iter().enumerate().any(|(i, s)| {
         i != slot && {
-            let info = s.info.lock().expect("info lock");
+            let info = lock(&s.info);
             info.state == SlotState::Ready && info.cases.is_empty()
         }
     })
@@ -602,7 +620,7 @@ fn serve(sh: &Shared, slot: usize, live: &mut Live, rx: &mpsc::Receiver<Event>) 
             return (healthy, if n > 0 { End::Killed } else { End::Shutdown });
         }
         if held.is_empty() {
-            let req = sh.probe_req.lock().expect("probe lock").take();
+            let req = lock(&sh.probe_req).take();
             if let Some((p, reply)) = req {
                 let r = run_probe(sh, live, rx, p);
                 let _ = reply.send(r);
@@ -611,7 +629,7 @@ fn serve(sh: &Shared, slot: usize, live: &mut Live, rx: &mpsc::Receiver<Event>) 
         }
         // Take work.
         while held.len() < WINDOW && (held.is_empty() || !other_idle(sh, slot)) {
-            let Some(task) = sh.queue.lock().expect("queue lock").pop_front() else {
+            let Some(task) = lock(&sh.queue).pop_front() else {
                 break;
             };
             let msg = ToWorker::Case {
@@ -661,7 +679,7 @@ fn serve(sh: &Shared, slot: usize, live: &mut Live, rx: &mpsc::Receiver<Event>) 
                         head_since = (!held.is_empty()).then(Instant::now);
                         update(&held);
                         {
-                            let mut t = sh.totals.lock().expect("totals lock");
+                            let mut t = lock(&sh.totals);
                             t.done += 1;
                             t.forward_secs += stats.forward_secs;
                             t.decode_secs += decode_secs;
@@ -728,7 +746,7 @@ fn serve(sh: &Shared, slot: usize, live: &mut Live, rx: &mpsc::Receiver<Event>) 
                     continue;
                 }
                 if head_since.is_some_and(|t| now >= t + timeout) {
-                    sh.totals.lock().expect("totals lock").timeouts += 1;
+                    lock(&sh.totals).timeouts += 1;
                     let n = sh.consecutive_timeouts.fetch_add(1, Ordering::SeqCst) + 1;
                     let max = sh.settings.max_consecutive_timeouts;
                     if max > 0 && n >= max {
@@ -788,7 +806,7 @@ fn pop_head(held: &mut std::collections::VecDeque<Task>, id: u64) -> Option<Task
 }
 
 fn reply_failed(sh: &Shared, t: Task, stage: Stage, reason: String) {
-    sh.totals.lock().expect("totals lock").failed += 1;
+    lock(&sh.totals).failed += 1;
     let _ = t.reply.send(Outcome::Failed(Failure {
         case: t.case,
         stage,
@@ -811,7 +829,7 @@ fn settle(sh: &Shared, mut task: Task, cause: Cause, pid: u32) {
             limit,
             "{what}; retrying"
         );
-        sh.totals.lock().expect("totals lock").retries += 1;
+        lock(&sh.totals).retries += 1;
         requeue(sh, task);
         sh.wake_all();
     } else {
@@ -833,7 +851,7 @@ fn settle(sh: &Shared, mut task: Task, cause: Cause, pid: u32) {
 /// (checked under the queue lock, which [`abort`] takes after setting its reason, so no
 /// task can slip into a queue nobody serves any more).
 pub(crate) fn requeue(sh: &Shared, t: Task) {
-    let mut q = sh.queue.lock().expect("queue lock");
+    let mut q = lock(&sh.queue);
     match aborted(sh) {
         None => q.push_front(t),
         Some(why) => {
@@ -883,12 +901,8 @@ pub(crate) fn probe(
 ) -> Result<(crate::sandbox::Report, ProbeReport), PoolError> {
     // The slot thread owns the worker; it sends the probe when it holds no case.
     let (tx, rx) = mpsc::channel();
-    *sh.probe_req.lock().expect("probe lock") = Some((probe, tx));
-    let _ = sh.slots[slot]
-        .tx
-        .lock()
-        .expect("slot tx lock")
-        .send(Event::Wake);
+    *lock(&sh.probe_req) = Some((probe, tx));
+    let _ = sh.slots[slot].tx.send(Event::Wake);
     rx.recv_timeout(Duration::from_secs(30))
         .map_err(|_| PoolError::Startup("the self-check worker did not answer".into()))?
 }
