@@ -6,6 +6,9 @@
 //!   model once, sandboxes itself ([`crate::sandbox`]) and takes cases.
 //! - [`protocol`]: length-delimited JSON frames on stdin / a dedicated fd; image paths in,
 //!   masks back as raw files in the worker's scratch folder.
+//! - `launch` (private): the seam where a worker runs. The supervisor starts workers
+//!   through a `Launcher` and controls each by its `WorkerHandle` (frame streams, pid if
+//!   any, kill, reap); the production `ForkLauncher` uses [`spawn`], tests a fake worker.
 //! - [`spawn`]: one long-lived spawner thread forks every worker (`PR_SET_PDEATHSIG` is
 //!   tied to the forking *thread*), own process group, cleared environment.
 //! - [`cgroup`]: the per-worker memory cap (cgroup v2, never `RLIMIT_AS`).
@@ -39,6 +42,7 @@
 
 pub mod cgroup;
 mod cli;
+mod launch;
 pub mod protocol;
 pub mod spawn;
 mod supervisor;
@@ -249,6 +253,9 @@ pub(crate) enum Outcome {
 pub(crate) enum Event {
     Frame(u64, FromWorker),
     Closed(u64, String),
+    /// The worker broke the framing or sent a message of no known kind (see
+    /// [`protocol::FrameError::is_violation`]); its reader stopped reading.
+    Malformed(u64, protocol::FrameError),
     Wake,
 }
 
@@ -292,8 +299,10 @@ pub(crate) struct Shared {
     pub shutdown: AtomicBool,
     pub start: Mutex<StartState>,
     pub start_cv: Condvar,
-    pub spawner: spawn::Spawner,
-    pub cap: Option<cgroup::MemoryCap>,
+    /// Where workers run (the fork server in production, a fake in the supervisor's tests).
+    pub launcher: Box<dyn launch::Launcher>,
+    /// How long the supervisor waits for what.
+    pub timing: supervisor::Timing,
     pub totals: Mutex<Totals>,
     /// Set when the pool can no longer run cases (every slot gave up).
     pub broken: Mutex<Option<String>>,
@@ -394,28 +403,36 @@ impl PoolPredictor {
         model: Option<PathBuf>,
         exe: PathBuf,
     ) -> Result<Self, PoolError> {
+        let launcher =
+            launch::ForkLauncher::start(exe, settings.memory_max_bytes, settings.workers.max(1))
+                .map_err(|e| PoolError::Spawn(e.to_string()))?;
+        Self::start_with_launcher(
+            settings,
+            job,
+            model,
+            Box::new(launcher),
+            supervisor::Timing::default(),
+        )
+    }
+
+    /// [`Self::start_exe`] with the workers started by `launcher` (the seam where a worker
+    /// runs: the fork server, a batch system's steps, a test's fake) and the supervisor's
+    /// waits set by `timing`.
+    ///
+    /// # Errors
+    /// As [`Self::start`].
+    pub(crate) fn start_with_launcher(
+        settings: &PoolSettings,
+        job: &Job,
+        model: Option<PathBuf>,
+        launcher: Box<dyn launch::Launcher>,
+        timing: supervisor::Timing,
+    ) -> Result<Self, PoolError> {
         let n = settings.workers.max(1);
         std::fs::create_dir_all(&job.scratch).map_err(|source| PoolError::Scratch {
             path: job.scratch.clone(),
             source,
         })?;
-        let cap = if settings.memory_max_bytes > 0 {
-            match cgroup::MemoryCap::prepare(settings.memory_max_bytes, n) {
-                Ok(c) => {
-                    tracing::info!(
-                        bytes = settings.memory_max_bytes,
-                        "worker memory cap: cgroup v2 memory.max per worker"
-                    );
-                    Some(c)
-                }
-                Err(why) => {
-                    tracing::warn!("pool.memory_max_mb is set but cannot be enforced: {why}");
-                    None
-                }
-            }
-        } else {
-            None
-        };
         let mut read_only = Vec::new();
         if let Some(m) = &model {
             read_only.push(std::fs::canonicalize(m).unwrap_or_else(|_| m.clone()));
@@ -424,7 +441,6 @@ impl PoolPredictor {
             &job.images,
             job.labels.as_deref(),
         ));
-        let spawner = spawn::Spawner::start(exe).map_err(|e| PoolError::Spawn(e.to_string()))?;
         let budget_end = settings.submission_budget.map(|b| Instant::now() + b);
         let mut settings = settings.clone();
         if settings.devices.is_empty() {
@@ -458,8 +474,8 @@ impl PoolPredictor {
             shutdown: AtomicBool::new(false),
             start: Mutex::new(StartState::default()),
             start_cv: Condvar::new(),
-            spawner,
-            cap,
+            launcher,
+            timing,
             totals: Mutex::new(Totals::default()),
             broken: Mutex::new(None),
             aborted: Mutex::new(None),
@@ -467,22 +483,24 @@ impl PoolPredictor {
             budget_end,
             probe_req: Mutex::new(None),
         });
-        let mut threads = Vec::new();
+        let mut pool = PoolPredictor {
+            shared,
+            threads: Vec::new(),
+        };
         for (slot, rx) in receivers.into_iter().enumerate() {
-            let sh = Arc::clone(&shared);
+            let sh = Arc::clone(&pool.shared);
             let t = std::thread::Builder::new()
                 .name(format!("evald-slot{slot}"))
                 .spawn(move || supervisor::run_slot(&sh, slot, &rx))
                 .map_err(|e| PoolError::Spawn(e.to_string()))?;
-            threads.push(t);
+            pool.threads.push(t);
         }
-        let pool = PoolPredictor { shared, threads };
         pool.wait_first_ready(n)?;
         Ok(pool)
     }
 
     fn wait_first_ready(&self, n: usize) -> Result<(), PoolError> {
-        let limit = supervisor::load_timeout(&self.shared.settings) + supervisor::HELLO_TIMEOUT;
+        let limit = supervisor::load_timeout(&self.shared.settings) + self.shared.timing.hello;
         let deadline = Instant::now() + limit;
         let mut st = lock(&self.shared.start);
         loop {
@@ -655,8 +673,8 @@ impl Drop for PoolPredictor {
             let _ = t.join();
         }
         supervisor::fail_queued(&self.shared, "the worker pool stopped");
-        // Only now: the spawner thread's exit would SIGKILL any worker still alive.
-        self.shared.spawner.stop();
+        // Only now that every worker was reaped (the fork server's exit would kill them).
+        self.shared.launcher.shutdown();
         for s in 0..self.shared.slots.len() {
             let _ = std::fs::remove_dir_all(self.shared.scratch(s));
         }

@@ -14,7 +14,7 @@
 //! environment, only what libtorch and CUDA need.
 
 use std::ffi::CString;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
@@ -217,8 +217,8 @@ fn spawn(exe: &PathBuf, spec: &SpawnSpec) -> std::io::Result<Spawned> {
 /// When the thread cannot be created.
 pub fn forward_stderr(
     slot: usize,
-    pid: u32,
-    stderr: ChildStderr,
+    pid: Option<u32>,
+    stderr: impl Read + Send + 'static,
 ) -> std::io::Result<(StderrTail, std::thread::JoinHandle<()>)> {
     let tail = Arc::new(Mutex::new(Vec::new()));
     let t = Arc::clone(&tail);
@@ -267,6 +267,20 @@ pub fn forward_stderr(
             }
         })?;
     Ok((tail, h))
+}
+
+/// A worker's pid in log lines and messages: the number, or `-` for a worker that is not
+/// a local process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pid(pub Option<u32>);
+
+impl std::fmt::Display for Pid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(p) => write!(f, "{p}"),
+            None => f.write_str("-"),
+        }
+    }
 }
 
 /// The next line of `r` (lossy UTF-8, trailing whitespace trimmed), at most `max` bytes

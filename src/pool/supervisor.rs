@@ -1,9 +1,12 @@
 //! One thread per worker slot: start the worker, feed it cases, watch it, replace it.
 //!
-//! The slot thread owns its worker process and blocks on one channel that carries the
-//! worker's frames (from a reader thread), its death (the reader hits EOF) and wake-ups
-//! (new work, shutdown); deadlines (case timeout, heartbeat loss, start-up) are the
-//! channel's receive timeout. See the module doc of [`super`] for the retry policy.
+//! The slot thread starts its worker through the pool's [`super::launch::Launcher`] and
+//! owns what comes back: the worker's frame streams and its
+//! [`super::launch::WorkerHandle`] (kill, reap). It blocks on one channel that carries the
+//! worker's frames (from a reader thread), its death (the reader hits EOF), a malformed
+//! frame, and wake-ups (new work, shutdown); deadlines (case timeout, heartbeat loss,
+//! start-up) are the channel's receive timeout, their lengths [`Timing`] and
+//! `pool.case_timeout_secs`. See the module doc of [`super`] for the retry policy.
 //!
 //! # Locks
 //! What a slot alone needs (its worker, the cases it holds, its backoff) is owned by its
@@ -21,15 +24,15 @@
 //!   self-check probe.
 
 use std::io::BufReader;
-use std::process::{Child, ChildStdin};
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
+use super::launch::{LaunchSpec, Launched, WorkerHandle};
 use super::protocol::{
     self, CaseErrorKind, FatalKind, FromWorker, Init, Policy, ProbeReport, ToWorker, PROTO_VERSION,
 };
-use super::spawn::{self, SpawnSpec};
+use super::spawn::{self, Pid};
 use super::{lock, Event, Outcome, PoolError, Shared, SlotEvent, SlotState, Task, WINDOW};
 use crate::config::PoolSettings;
 use crate::evaluation::{Failure, Stage};
@@ -48,6 +51,37 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const START_FAILURES: u32 = 3;
 /// How long a worker gets to exit after its stdin closes, before SIGKILL.
 const EXIT_GRACE: Duration = Duration::from_secs(2);
+
+/// How long the supervisor waits for what: the constants above in production; the
+/// supervisor's tests shorten them (with `pool.case_timeout_secs`, the other clock).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Timing {
+    /// A worker must say hello this soon after it was launched.
+    pub hello: Duration,
+    /// Heartbeat period asked of workers.
+    pub heartbeat: Duration,
+    /// Silence after which a worker counts as hung.
+    pub silence: Duration,
+    /// First restart delay (doubling, reset by a finished case).
+    pub backoff_start: Duration,
+    /// Longest restart delay.
+    pub backoff_max: Duration,
+    /// How long a worker gets to exit after its requests stream closes, before a kill.
+    pub exit_grace: Duration,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Timing {
+            hello: HELLO_TIMEOUT,
+            heartbeat: HEARTBEAT,
+            silence: SILENCE,
+            backoff_start: BACKOFF_START,
+            backoff_max: BACKOFF_MAX,
+            exit_grace: EXIT_GRACE,
+        }
+    }
+}
 
 /// How long loading the model may take.
 pub(crate) fn load_timeout(s: &PoolSettings) -> Duration {
@@ -74,10 +108,10 @@ pub(crate) fn probe_spec() -> InferSpec {
 /// A running worker.
 struct Live {
     gen: u64,
-    pid: u32,
+    pid: Option<u32>,
     device: String,
-    child: Child,
-    stdin: Option<ChildStdin>,
+    handle: Box<dyn WorkerHandle>,
+    stdin: Option<Box<dyn std::io::Write + Send>>,
     tail: spawn::StderrTail,
     threads: Vec<std::thread::JoinHandle<()>>,
     sandbox: crate::sandbox::Report,
@@ -92,36 +126,48 @@ impl Live {
     }
 
     fn last_words(&self) -> String {
-        let t = lock(&self.tail);
-        // The most telling line: a panic, a fatal error, or simply the last one.
-        let pick = t
-            .iter()
-            .rev()
-            .find(|l| {
-                l.contains("panicked")
-                    || l.contains("ERROR")
-                    || l.contains("terminate called")
-                    || l.contains("error")
-            })
-            .or_else(|| t.last());
-        pick.map(|l| format!("; last output: {}", l.chars().take(300).collect::<String>()))
-            .unwrap_or_default()
+        last_words(&self.tail)
     }
 
-    /// Close stdin, give it `grace` to exit, kill its group, reap, join helper threads.
-    fn stop(mut self, grace: Duration) -> String {
-        self.stdin.take();
-        let status = spawn::reap(&mut self.child, grace);
+    /// Join the frame reader and the log forwarder; they end when the worker's streams
+    /// close, i.e. once it (and its process group) is gone.
+    fn join_helpers(&mut self) {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
+    }
+
+    /// Close its requests, give it `grace` to exit, kill it (its process group), reap,
+    /// join the helper threads.
+    fn stop(mut self, grace: Duration) -> String {
+        self.stdin.take();
+        let status = self.handle.reap(grace);
+        self.join_helpers();
         spawn::describe_exit(&status)
     }
 
-    fn kill(self) -> String {
-        spawn::kill_group(self.pid);
+    fn kill(mut self) -> String {
+        self.handle.kill();
         self.stop(Duration::ZERO)
     }
+}
+
+/// The most telling line a worker wrote (a panic, a fatal error, or simply the last
+/// one), as a suffix for a failure message; empty when it wrote nothing.
+fn last_words(tail: &spawn::StderrTail) -> String {
+    let t = lock(tail);
+    let pick = t
+        .iter()
+        .rev()
+        .find(|l| {
+            l.contains("panicked")
+                || l.contains("ERROR")
+                || l.contains("terminate called")
+                || l.contains("error")
+        })
+        .or_else(|| t.last());
+    pick.map(|l| format!("; last output: {}", l.chars().take(300).collect::<String>()))
+        .unwrap_or_default()
 }
 
 enum StartError {
@@ -241,7 +287,8 @@ fn sleep_interruptible(rx: &mpsc::Receiver<Event>, sh: &Shared, d: Duration) {
 /// The slot thread's body.
 pub(crate) fn run_slot(sh: &Arc<Shared>, slot: usize, rx: &mpsc::Receiver<Event>) {
     let mut gen = 0u64;
-    let mut backoff = BACKOFF_START;
+    let timing = sh.timing;
+    let mut backoff = timing.backoff_start;
     let mut start_failures = 0u32;
     while !shutting_down(sh) && aborted(sh).is_none() {
         gen += 1;
@@ -291,7 +338,7 @@ pub(crate) fn run_slot(sh: &Arc<Shared>, slot: usize, rx: &mpsc::Receiver<Event>
                 }
                 set_info(sh, slot, |i| i.state = i.state.on(SlotEvent::Lost));
                 sleep_interruptible(rx, sh, backoff);
-                backoff = (backoff * 2).min(BACKOFF_MAX);
+                backoff = (backoff * 2).min(timing.backoff_max);
                 continue;
             }
         };
@@ -301,9 +348,8 @@ pub(crate) fn run_slot(sh: &Arc<Shared>, slot: usize, rx: &mpsc::Receiver<Event>
         let (healthy, end) = serve(sh, slot, &mut live, rx);
         let pid = live.pid;
         let how = match end {
-            End::Shutdown => live.stop(EXIT_GRACE),
+            End::Shutdown | End::Died => live.stop(timing.exit_grace),
             End::Killed => live.kill(),
-            End::Died => live.stop(EXIT_GRACE),
         };
         if shutting_down(sh) || aborted(sh).is_some() {
             break;
@@ -311,7 +357,7 @@ pub(crate) fn run_slot(sh: &Arc<Shared>, slot: usize, rx: &mpsc::Receiver<Event>
         lock(&sh.totals).worker_losses += 1;
         tracing::warn!(worker = slot, pid, "worker ended: {how}; restarting");
         if healthy {
-            backoff = BACKOFF_START;
+            backoff = timing.backoff_start;
         }
         set_info(sh, slot, |i| {
             i.state = i.state.on(SlotEvent::Lost);
@@ -319,7 +365,7 @@ pub(crate) fn run_slot(sh: &Arc<Shared>, slot: usize, rx: &mpsc::Receiver<Event>
             i.restarts += 1;
         });
         sleep_interruptible(rx, sh, backoff);
-        backoff = (backoff * 2).min(BACKOFF_MAX);
+        backoff = (backoff * 2).min(timing.backoff_max);
     }
     set_info(sh, slot, |i| {
         i.state = i.state.on(SlotEvent::Stop);
@@ -361,34 +407,36 @@ fn start_worker(
     let _ = std::fs::remove_dir_all(&scratch);
     std::fs::create_dir_all(&scratch)
         .map_err(|e| fatal(None, format!("scratch folder {}: {e}", scratch.display())))?;
-    let spawned = sh
-        .spawner
-        .spawn(SpawnSpec {
-            slot,
-            scratch: scratch.clone(),
-            threads: sh.settings.threads_per_worker.max(1),
-            cgroup_procs: sh.cap.as_ref().and_then(|c| c.procs_file(slot)),
-        })
-        .map_err(|e| {
-            if shutting_down(sh) {
-                StartError::Shutdown
-            } else {
-                StartError::Transient(format!("spawn {}: {e}", sh.spawner.exe().display()))
-            }
-        })?;
-    let pid = spawned.child.id();
-    set_info(sh, slot, |i| i.pid = Some(pid));
-    let mut child = spawned.child;
-    let (tail, err_thread) = match spawn::forward_stderr(slot, pid, spawned.stderr) {
+    let spec = LaunchSpec {
+        slot,
+        device: device.clone(),
+        scratch: scratch.clone(),
+        threads: sh.settings.threads_per_worker.max(1),
+    };
+    let Launched {
+        mut handle,
+        requests,
+        frames,
+        logs,
+    } = sh.launcher.launch(&spec).map_err(|e| {
+        if shutting_down(sh) {
+            StartError::Shutdown
+        } else {
+            StartError::Transient(e.to_string())
+        }
+    })?;
+    let pid = handle.pid();
+    set_info(sh, slot, |i| i.pid = pid);
+    let (tail, err_thread) = match spawn::forward_stderr(slot, pid, logs) {
         Ok(x) => x,
         Err(e) => {
-            spawn::kill_group(pid);
-            let _ = spawn::reap(&mut child, Duration::ZERO);
+            handle.kill();
+            let _ = handle.reap(Duration::ZERO);
             return Err(StartError::Transient(format!("log thread: {e}")));
         }
     };
     let tx = sh.slots[slot].tx.clone();
-    let mut stdout = BufReader::new(spawned.stdout);
+    let mut stdout = BufReader::new(frames);
     let reader = std::thread::Builder::new()
         .name(format!("evald-w{slot}-frames"))
         .spawn(move || loop {
@@ -397,6 +445,11 @@ fn start_worker(
                     if tx.send(Event::Frame(gen, m)).is_err() {
                         break;
                     }
+                }
+                // The stream cannot be trusted past a bad frame: stop reading either way.
+                Err(e) if e.is_violation() => {
+                    let _ = tx.send(Event::Malformed(gen, e));
+                    break;
                 }
                 Err(e) => {
                     let _ = tx.send(Event::Closed(gen, e.to_string()));
@@ -407,8 +460,8 @@ fn start_worker(
     let reader = match reader {
         Ok(r) => r,
         Err(e) => {
-            spawn::kill_group(pid);
-            let _ = spawn::reap(&mut child, Duration::ZERO);
+            handle.kill();
+            let _ = handle.reap(Duration::ZERO);
             return Err(StartError::Transient(format!("frame reader thread: {e}")));
         }
     };
@@ -416,15 +469,15 @@ fn start_worker(
         gen,
         pid,
         device: device.clone(),
-        child,
-        stdin: Some(spawned.stdin),
+        handle,
+        stdin: Some(requests),
         tail,
         threads: vec![reader, err_thread],
         sandbox: crate::sandbox::Report::off(),
     };
 
     // Hello.
-    let hello = wait_frame(sh, rx, gen, Instant::now() + HELLO_TIMEOUT);
+    let hello = wait_frame(sh, rx, gen, Instant::now() + sh.timing.hello);
     match hello {
         Ok(FromWorker::Hello { proto, .. }) if proto == PROTO_VERSION => {}
         Ok(FromWorker::Hello { proto, version, .. }) => {
@@ -439,7 +492,7 @@ fn start_worker(
                 "expected hello, got {other:?}"
             )));
         }
-        Err(w) => return Err(w.into_start(live)),
+        Err(w) => return Err(w.into_start(live, sh.timing.exit_grace)),
     }
     let init = Init {
         proto: PROTO_VERSION,
@@ -452,10 +505,10 @@ fn start_worker(
         read_only: sh.read_only.clone(),
         scratch,
         sandbox: Policy::from(sh.settings.sandbox),
-        heartbeat_ms: HEARTBEAT.as_millis() as u64,
+        heartbeat_ms: sh.timing.heartbeat.as_millis() as u64,
     };
     if let Err(e) = live.send(&ToWorker::Init(init)) {
-        let how = live.stop(EXIT_GRACE);
+        let how = live.stop(sh.timing.exit_grace);
         return Err(StartError::Transient(format!("sending init: {e}; {how}")));
     }
     // Ready, with heartbeats meanwhile.
@@ -491,7 +544,7 @@ fn start_worker(
                 return Ok(live);
             }
             Ok(FromWorker::Fatal { kind, message }) => {
-                let _ = live.stop(EXIT_GRACE);
+                let _ = live.stop(sh.timing.exit_grace);
                 let what = match kind {
                     FatalKind::Sandbox => "sandbox",
                     FatalKind::Load => "model",
@@ -507,7 +560,7 @@ fn start_worker(
                     "expected ready, got {other:?}"
                 )));
             }
-            Err(w) => return Err(w.into_start(live)),
+            Err(w) => return Err(w.into_start(live, sh.timing.exit_grace)),
         }
     }
 }
@@ -515,11 +568,12 @@ fn start_worker(
 enum WaitErr {
     Timeout,
     Closed(String),
+    Malformed(protocol::FrameError),
     Shutdown,
 }
 
 impl WaitErr {
-    fn into_start(self, live: Live) -> StartError {
+    fn into_start(self, live: Live, grace: Duration) -> StartError {
         match self {
             WaitErr::Shutdown => {
                 let _ = live.kill();
@@ -530,9 +584,15 @@ impl WaitErr {
                 StartError::Transient(format!("did not start in time; {how}"))
             }
             WaitErr::Closed(e) => {
-                let words = live.last_words();
-                let how = live.stop(EXIT_GRACE);
+                // Its last words after it is gone: the log thread has read them all then.
+                let tail = std::sync::Arc::clone(&live.tail);
+                let how = live.stop(grace);
+                let words = last_words(&tail);
                 StartError::Transient(format!("{how} ({e}){words}"))
+            }
+            WaitErr::Malformed(e) => {
+                let how = live.kill();
+                StartError::Transient(format!("sent a malformed frame ({e}); killed: {how}"))
             }
         }
     }
@@ -556,6 +616,7 @@ fn wait_frame(
         match rx.recv_timeout(deadline - now) {
             Ok(Event::Frame(g, m)) if g == gen => return Ok(m),
             Ok(Event::Closed(g, e)) if g == gen => return Err(WaitErr::Closed(e)),
+            Ok(Event::Malformed(g, e)) if g == gen => return Err(WaitErr::Malformed(e)),
             Ok(_) => {}
             Err(mpsc::RecvTimeoutError::Timeout) => return Err(WaitErr::Timeout),
             Err(mpsc::RecvTimeoutError::Disconnected) => return Err(WaitErr::Shutdown),
@@ -584,6 +645,7 @@ fn other_idle(sh: &Shared, slot: usize) -> bool {
 /// it finished at least one case (healthy) and how it ended.
 fn serve(sh: &Shared, slot: usize, live: &mut Live, rx: &mpsc::Receiver<Event>) -> (bool, End) {
     let timeout = sh.settings.case_timeout;
+    let silence = sh.timing.silence;
     let mut held: std::collections::VecDeque<Task> = std::collections::VecDeque::new();
     let mut head_since: Option<Instant> = None;
     let mut last_heard = Instant::now();
@@ -650,7 +712,7 @@ fn serve(sh: &Shared, slot: usize, live: &mut Live, rx: &mpsc::Receiver<Event>) 
         }
         // Wait for something to happen, or a deadline.
         let now = Instant::now();
-        let mut deadline = last_heard + SILENCE;
+        let mut deadline = last_heard + silence;
         if let Some(t) = head_since {
             deadline = deadline.min(t + timeout);
         }
@@ -717,16 +779,25 @@ fn serve(sh: &Shared, slot: usize, live: &mut Live, rx: &mpsc::Receiver<Event>) 
                 }
             }
             Ok(Event::Closed(g, e)) if g == live.gen => {
-                // Reap first so the cause names the signal or exit code.
+                // Reap first so the cause names the signal or exit code, and only then take
+                // its last words: its log thread has read them all once it is gone.
+                let status = live.handle.reap(sh.timing.exit_grace);
+                live.join_helpers();
                 let words = live.last_words();
-                let status = spawn::reap(&mut live.child, EXIT_GRACE);
                 let cause = Cause::Crash(format!(
                     "(pid {}) {} ({e}){words}",
-                    live.pid,
+                    Pid(live.pid),
                     spawn::describe_exit(&status)
                 ));
                 lose(sh, slot, live, &mut held, cause);
                 return (healthy, End::Died);
+            }
+            Ok(Event::Malformed(g, e)) if g == live.gen => {
+                // No grace: a worker that garbles its channel is not trusted to stop.
+                let cause = Cause::Crash(format!("sent a malformed frame ({e})"));
+                live.handle.kill();
+                lose(sh, slot, live, &mut held, cause);
+                return (healthy, End::Killed);
             }
             Ok(_) => {}
             Err(mpsc::RecvTimeoutError::Timeout) => {
@@ -761,13 +832,14 @@ fn serve(sh: &Shared, slot: usize, live: &mut Live, rx: &mpsc::Receiver<Event>) 
                             ),
                         );
                     }
-                    spawn::kill_group(live.pid);
+                    // Stop the model now; the slot reaps it after settling the case.
+                    live.handle.kill();
                     lose(sh, slot, live, &mut held, Cause::Timeout(timeout));
                     return (healthy, End::Killed);
                 }
-                if now >= last_heard + SILENCE {
-                    spawn::kill_group(live.pid);
-                    lose(sh, slot, live, &mut held, Cause::Silent(SILENCE));
+                if now >= last_heard + silence {
+                    live.handle.kill();
+                    lose(sh, slot, live, &mut held, Cause::Silent(silence));
                     return (healthy, End::Killed);
                 }
             }
@@ -816,12 +888,15 @@ fn reply_failed(sh: &Shared, t: Task, stage: Stage, reason: String) {
 }
 
 /// Count a bad attempt against a task: retry it (front of the queue) or fail it.
-fn settle(sh: &Shared, mut task: Task, cause: Cause, pid: u32) {
+fn settle(sh: &Shared, mut task: Task, cause: Cause, pid: Option<u32>) {
     task.attempts += 1;
     let limit = cause.limit(sh.settings.max_attempts);
     let what = cause.describe();
-    task.history
-        .push(format!("attempt {} (pid {pid}): {what}", task.attempts));
+    task.history.push(format!(
+        "attempt {} (pid {}): {what}",
+        task.attempts,
+        Pid(pid)
+    ));
     if task.attempts < limit && !shutting_down(sh) && aborted(sh).is_none() {
         tracing::warn!(
             case = task.case,
