@@ -42,6 +42,8 @@
 
 pub mod cgroup;
 mod cli;
+#[cfg(test)]
+mod fake;
 mod launch;
 pub mod protocol;
 pub mod spawn;

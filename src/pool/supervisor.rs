@@ -137,6 +137,20 @@ impl Live {
         }
     }
 
+    /// Why it is gone, after one of its streams ended (`what`): reaped first (up to
+    /// `grace`) so the cause names the exit code or signal, and its last words taken only
+    /// then, when its log thread has read them all.
+    fn ended(&mut self, grace: Duration, what: &str) -> Cause {
+        let status = self.handle.reap(grace);
+        self.join_helpers();
+        Cause::Crash(format!(
+            "(pid {}) {} ({what}){}",
+            Pid(self.pid),
+            spawn::describe_exit(&status),
+            self.last_words()
+        ))
+    }
+
     /// Close its requests, give it `grace` to exit, kill it (its process group), reap,
     /// join the helper threads.
     fn stop(mut self, grace: Duration) -> String {
@@ -705,7 +719,9 @@ fn serve(sh: &Shared, slot: usize, live: &mut Live, rx: &mpsc::Receiver<Event>) 
             held.push_back(task);
             update(&held);
             if let Err(e) = live.send(&msg) {
-                let cause = Cause::Crash(format!("stopped reading requests ({e})"));
+                // Most likely it died: say how, as when its frames end.
+                let what = format!("stopped reading requests: {e}");
+                let cause = live.ended(sh.timing.exit_grace, &what);
                 lose(sh, slot, live, &mut held, cause);
                 return (healthy, End::Died);
             }
@@ -779,16 +795,7 @@ fn serve(sh: &Shared, slot: usize, live: &mut Live, rx: &mpsc::Receiver<Event>) 
                 }
             }
             Ok(Event::Closed(g, e)) if g == live.gen => {
-                // Reap first so the cause names the signal or exit code, and only then take
-                // its last words: its log thread has read them all once it is gone.
-                let status = live.handle.reap(sh.timing.exit_grace);
-                live.join_helpers();
-                let words = live.last_words();
-                let cause = Cause::Crash(format!(
-                    "(pid {}) {} ({e}){words}",
-                    Pid(live.pid),
-                    spawn::describe_exit(&status)
-                ));
+                let cause = live.ended(sh.timing.exit_grace, &e);
                 lose(sh, slot, live, &mut held, cause);
                 return (healthy, End::Died);
             }
