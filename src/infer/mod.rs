@@ -13,7 +13,8 @@
 //!
 //! Every tch call uses the fallible `f_*` variant: a model that throws, returns the wrong
 //! shape or NaN is a [`InferError`] for that case, never a panic. CUDA out-of-memory is
-//! recognised by message and handled by halving the batch before giving up.
+//! recognised by message and handled by halving the batch before giving up, in one place
+//! for 2D and 3D: `halving_on_oom`.
 
 pub mod device;
 pub mod sliding;
@@ -188,6 +189,33 @@ pub fn first_line(e: &tch::TchError) -> String {
 fn is_oom(e: &tch::TchError) -> bool {
     let s = e.to_string();
     s.contains("out of memory") || s.contains("OutOfMemoryError")
+}
+
+/// Run one batch of at most `*batch` items (`left` still to do) through `step`, with CUDA
+/// out of memory handled the one way evald handles it: halve `*batch` (it stays halved
+/// for the rest of the prediction) and try again, down to 1. Out of memory at batch 1
+/// is the caller's error; in the pool it gets the case retried on a fresh worker, since
+/// only a new process gives the caching allocator's memory back. `what` names the batch
+/// in the log line. Returns how many items the step took, and its result.
+///
+/// # Errors
+/// The step's error, other than out of memory at a batch above 1.
+pub(crate) fn halving_on_oom<T>(
+    batch: &mut usize,
+    left: usize,
+    what: &str,
+    mut step: impl FnMut(usize) -> Result<T, InferError>,
+) -> Result<(usize, T), InferError> {
+    loop {
+        let n = (*batch).min(left);
+        match step(n) {
+            Err(InferError::OutOfMemory { .. }) if *batch > 1 => {
+                *batch /= 2;
+                tracing::warn!(batch = *batch, "CUDA out of memory: halving the {what}");
+            }
+            r => return r.map(|t| (n, t)),
+        }
+    }
 }
 
 fn torch(e: tch::TchError) -> InferError {
@@ -365,44 +393,34 @@ impl Model {
         let mut batch = self.spec.batch_size.max(1);
         let mut z0 = 0;
         while z0 < nz {
-            let b = batch.min(nz - z0);
-            let mut buf = vec![0f32; b * ph * pw];
-            for i in 0..b {
-                let src = &image.data[(z0 + i) * sl..(z0 + i + 1) * sl];
-                for y in 0..ny {
-                    let row = &src[y * nx..(y + 1) * nx];
-                    let dst = &mut buf[(i * ph + y) * pw..(i * ph + y) * pw + nx];
-                    for (d, &v) in dst.iter_mut().zip(row) {
-                        *d = self.spec.window.apply(v);
-                    }
-                }
-            }
-            let shape = [b as i64, 1, ph as i64, pw as i64];
-            let x = Tensor::f_from_slice(&buf)
-                .and_then(|t| t.f_view(shape))
-                .map_err(torch)?;
-            match self.forward(&x, stats) {
-                Ok(y) => {
-                    let labels = self.output_to_labels(&y, &[b as i64, ph as i64, pw as i64])?;
-                    for i in 0..b {
-                        for y in 0..ny {
-                            let s = &labels[(i * ph + y) * pw..(i * ph + y) * pw + nx];
-                            let o = (z0 + i) * sl + y * nx;
-                            out[o..o + nx].copy_from_slice(s);
+            let (b, y) = halving_on_oom(&mut batch, nz - z0, "batch", |b| {
+                let mut buf = vec![0f32; b * ph * pw];
+                for i in 0..b {
+                    let src = &image.data[(z0 + i) * sl..(z0 + i + 1) * sl];
+                    for y in 0..ny {
+                        let row = &src[y * nx..(y + 1) * nx];
+                        let dst = &mut buf[(i * ph + y) * pw..(i * ph + y) * pw + nx];
+                        for (d, &v) in dst.iter_mut().zip(row) {
+                            *d = self.spec.window.apply(v);
                         }
                     }
-                    z0 += b;
                 }
-                Err(e) => {
-                    let err = self.classify(e, &shape, b);
-                    if matches!(err, InferError::OutOfMemory { .. }) && batch > 1 {
-                        batch /= 2;
-                        tracing::warn!(batch, "CUDA out of memory: halving the batch");
-                        continue;
-                    }
-                    return Err(err);
+                let shape = [b as i64, 1, ph as i64, pw as i64];
+                let x = Tensor::f_from_slice(&buf)
+                    .and_then(|t| t.f_view(shape))
+                    .map_err(torch)?;
+                self.forward(&x, stats)
+                    .map_err(|e| self.classify(e, &shape, b))
+            })?;
+            let labels = self.output_to_labels(&y, &[b as i64, ph as i64, pw as i64])?;
+            for i in 0..b {
+                for y in 0..ny {
+                    let s = &labels[(i * ph + y) * pw..(i * ph + y) * pw + nx];
+                    let o = (z0 + i) * sl + y * nx;
+                    out[o..o + nx].copy_from_slice(s);
                 }
             }
+            z0 += b;
         }
         stats.batch_used = batch;
         Ok(out)
@@ -536,4 +554,60 @@ pub fn torch_version() -> String {
 /// Convenience for callers that time things.
 pub fn secs(d: Duration) -> f64 {
     d.as_secs_f64()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn oom(batch: usize) -> InferError {
+        InferError::OutOfMemory {
+            batch,
+            message: "CUDA out of memory".into(),
+        }
+    }
+
+    #[test]
+    fn out_of_memory_halves_the_batch_until_it_fits_and_it_stays_halved() {
+        // A device that fits 3 items at once: 8 -> 4 -> 2.
+        let mut batch = 8;
+        let mut tried = Vec::new();
+        let mut step = |n: usize| {
+            tried.push(n);
+            if n > 3 {
+                Err(oom(n))
+            } else {
+                Ok(n * 10)
+            }
+        };
+        let r = halving_on_oom(&mut batch, 20, "batch", &mut step);
+        assert_eq!(r.unwrap(), (2, 20));
+        assert_eq!(batch, 2, "later batches start halved");
+        // The last, short batch: at most what is left.
+        assert_eq!(
+            halving_on_oom(&mut batch, 1, "batch", &mut step).unwrap(),
+            (1, 10)
+        );
+        assert_eq!(tried, vec![8, 4, 2, 1]);
+    }
+
+    #[test]
+    fn out_of_memory_at_batch_one_and_other_errors_are_the_callers() {
+        let mut batch = 4;
+        let r: Result<(usize, ()), _> = halving_on_oom(&mut batch, 9, "batch", |n| Err(oom(n)));
+        assert!(
+            matches!(r, Err(InferError::OutOfMemory { batch: 1, .. })),
+            "{r:?}"
+        );
+        assert_eq!(batch, 1);
+        // Anything else is not retried, and the batch is left alone.
+        let mut batch = 4;
+        let mut calls = 0;
+        let r: Result<(usize, ()), _> = halving_on_oom(&mut batch, 9, "batch", |_| {
+            calls += 1;
+            Err(InferError::BadOutput("NaN".into()))
+        });
+        assert!(matches!(r, Err(InferError::BadOutput(_))));
+        assert_eq!((batch, calls), (4, 1));
+    }
 }

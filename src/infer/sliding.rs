@@ -13,7 +13,7 @@
 
 use tch::{Device, Kind, Tensor};
 
-use super::{torch, InferError, Model, OutputKind, PredictStats};
+use super::{halving_on_oom, torch, InferError, Model, OutputKind, PredictStats};
 use crate::volume::ImageVolume;
 
 /// Window start positions along one axis of length `size` (>= `patch`).
@@ -105,32 +105,24 @@ pub(crate) fn predict_3d(
     let mut batch = spec.batch_size.max(1);
     let mut i = 0;
     while i < windows.len() {
-        let n = batch.min(windows.len() - i);
-        let crops: Result<Vec<Tensor>, _> = windows[i..i + n]
-            .iter()
-            .map(|s| {
-                full.f_narrow(0, s[0] as i64, patch[0] as i64)
-                    .and_then(|t| t.f_narrow(1, s[1] as i64, patch[1] as i64))
-                    .and_then(|t| t.f_narrow(2, s[2] as i64, patch[2] as i64))
-            })
-            .collect();
-        let x = crops
-            .and_then(|c| Tensor::f_stack(&c, 0))
-            .and_then(|t| t.f_unsqueeze(1))
-            .map_err(torch)?;
-        let shape = x.size();
-        let y = match model.forward(&x, stats) {
-            Ok(y) => y,
-            Err(e) => {
-                let err = model.classify(e, &shape, n);
-                if matches!(err, InferError::OutOfMemory { .. }) && batch > 1 {
-                    batch /= 2;
-                    tracing::warn!(batch, "CUDA out of memory: halving the 3D batch");
-                    continue;
-                }
-                return Err(err);
-            }
-        };
+        let (n, y) = halving_on_oom(&mut batch, windows.len() - i, "3D batch", |n| {
+            let crops: Result<Vec<Tensor>, _> = windows[i..i + n]
+                .iter()
+                .map(|s| {
+                    full.f_narrow(0, s[0] as i64, patch[0] as i64)
+                        .and_then(|t| t.f_narrow(1, s[1] as i64, patch[1] as i64))
+                        .and_then(|t| t.f_narrow(2, s[2] as i64, patch[2] as i64))
+                })
+                .collect();
+            let x = crops
+                .and_then(|c| Tensor::f_stack(&c, 0))
+                .and_then(|t| t.f_unsqueeze(1))
+                .map_err(torch)?;
+            let shape = x.size();
+            model
+                .forward(&x, stats)
+                .map_err(|e| model.classify(e, &shape, n))
+        })?;
         let want = [n as i64, patch[0] as i64, patch[1] as i64, patch[2] as i64];
         // Scores [n, C, D, H, W] to blend: raw outputs, or one-hot votes for labels.
         let scores = if spec.output == OutputKind::Labels {
