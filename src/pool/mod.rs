@@ -19,7 +19,7 @@
 //! # What happens when things go wrong (the retry policy)
 //! | what | counted against the case | attempts allowed | stage in the report |
 //! |---|---|---|---|
-//! | worker dies (signal, exit code, broken pipe) or stops heart-beating | yes | `max_attempts` | `worker` |
+//! | worker dies (signal, exit code, broken pipe), stops heart-beating, or breaks the protocol (a malformed frame, an answer out of order: killed at once) | yes | `max_attempts` | `worker` |
 //! | case exceeds `case_timeout` (worker killed) | yes | `min(max_attempts, 2)`: a second timeout on a fresh worker is proof enough, and each costs `case_timeout` | `timeout` |
 //! | the model raises or returns unusable output | yes | 1: the same model on the same input fails the same way | `inference` |
 //! | CUDA out of memory at batch 1 (after `Model::predict` halved the batch in the same worker) | yes | `max_attempts`, each on a *fresh* worker: only a new process gives the caching allocator's memory back | `inference` |
