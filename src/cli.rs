@@ -394,7 +394,8 @@ pub fn run_submission(a: RunArgs) -> Result<Evaluation> {
     let eval = if a.in_process {
         let device = a.device.clone().unwrap_or_else(|| "cpu".into());
         // The bytes that were hashed for the report are the bytes loaded.
-        let model = Model::load_verified(
+        let model = Model::load_verified_as(
+            sub.format,
             &sub.model_path,
             &sub.model_sha256,
             &device,

@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::infer::{InferError, Model, ModelFormat};
+use crate::infer::{InferError, Model};
 use crate::pool::protocol::{
     self, CaseErrorKind, FatalKind, FromWorker, Init, Probe, ProbeOutcome, ProbeReport, ToWorker,
     PROTO_FD, PROTO_VERSION,
@@ -128,7 +128,7 @@ pub fn main(slot: usize) -> Result<i32, WorkerError> {
         }
     }
     // What the runtime needs besides the model, the images and the scratch folder.
-    let needs = ModelFormat::TorchScript.sandbox_needs(gpu);
+    let needs = init.format.sandbox_needs(gpu);
     let mut read_write = vec![init.scratch.clone()];
     read_write.extend(needs.read_write);
     let mut read_only = init.read_only.clone();
@@ -158,8 +158,10 @@ pub fn main(slot: usize) -> Result<i32, WorkerError> {
     let model = match &init.model {
         Some(path) => {
             let loaded = match &init.model_sha256 {
-                Some(sha) => Model::load_verified(path, sha, &init.device, init.spec.clone()),
-                None => Model::load(path, &init.device, init.spec.clone()),
+                Some(sha) => {
+                    Model::load_verified_as(init.format, path, sha, &init.device, init.spec.clone())
+                }
+                None => Model::load_as(init.format, path, &init.device, init.spec.clone()),
             };
             match loaded {
                 Ok(m) => Some(m),

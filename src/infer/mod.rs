@@ -463,7 +463,20 @@ impl Model {
         device: &str,
         spec: InferSpec,
     ) -> Result<Self, InferError> {
-        let format = ModelFormat::TorchScript;
+        Self::load_verified_as(ModelFormat::TorchScript, path, sha256, device, spec)
+    }
+
+    /// [`Model::load_verified`] for a file of `format`.
+    ///
+    /// # Errors
+    /// As [`Model::load_verified`].
+    pub fn load_verified_as(
+        format: ModelFormat,
+        path: &Path,
+        sha256: &str,
+        device: &str,
+        spec: InferSpec,
+    ) -> Result<Self, InferError> {
         // The device first: a missing GPU is the admin's problem whatever the file holds.
         device::parse(device)?;
         let bytes = crate::files::read_bounded(path, MAX_MODEL_BYTES)?;
@@ -542,4 +555,40 @@ pub fn torch_version() -> String {
 /// Convenience for callers that time things.
 pub fn secs(d: Duration) -> f64 {
     d.as_secs_f64()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn oom(batch: usize) -> InferError {
+        InferError::OutOfMemory {
+            batch,
+            message: "CUDA out of memory".into(),
+        }
+    }
+
+    #[test]
+    fn out_of_memory_halves_the_batch_down_to_one_and_nothing_else_does() {
+        let mut batch = 8;
+        assert!(halve_on_oom(&oom(8), &mut batch));
+        assert_eq!(batch, 4);
+        assert!(halve_on_oom(&oom(4), &mut batch));
+        assert!(halve_on_oom(&oom(2), &mut batch));
+        assert_eq!(batch, 1);
+        // At batch 1 the error is the caller's (the pool retries on a fresh worker).
+        assert!(!halve_on_oom(&oom(1), &mut batch));
+        assert_eq!(batch, 1);
+        // Any other error is not retried, and the batch is left alone.
+        let mut batch = 4;
+        assert!(!halve_on_oom(
+            &InferError::BadOutput("NaN".into()),
+            &mut batch
+        ));
+        assert!(!halve_on_oom(
+            &InferError::Torch("device".into()),
+            &mut batch
+        ));
+        assert_eq!(batch, 4);
+    }
 }

@@ -7,6 +7,9 @@
 //!   model once, sandboxes itself ([`crate::sandbox`]) and takes cases.
 //! - [`protocol`]: length-delimited JSON frames on stdin / a dedicated fd; image paths in,
 //!   masks back as raw files in the worker's scratch folder.
+//! - `launch` (private): the seam where a worker runs. The supervisor starts workers
+//!   through a `Launcher` and controls each by its `WorkerHandle` (frame streams, pid if
+//!   any, kill, reap); the production `ForkLauncher` uses [`spawn`], tests a fake worker.
 //! - [`spawn`]: one long-lived spawner thread forks every worker (`PR_SET_PDEATHSIG` is
 //!   tied to the forking *thread*), own process group, cleared environment.
 //! - [`cgroup`]: the per-worker memory cap (cgroup v2, never `RLIMIT_AS`).
@@ -17,7 +20,7 @@
 //! # What happens when things go wrong (the retry policy)
 //! | what | counted against the case | attempts allowed | stage in the report |
 //! |---|---|---|---|
-//! | worker dies (signal, exit code, broken pipe) or stops heart-beating | yes | `max_attempts` | `worker` |
+//! | worker dies (signal, exit code, broken pipe), stops heart-beating, or breaks the protocol (a malformed frame, an answer out of order: killed at once) | yes | `max_attempts` | `worker` |
 //! | case exceeds `case_timeout` (worker killed) | yes | `min(max_attempts, 2)`: a second timeout on a fresh worker is proof enough, and each costs `case_timeout` | `timeout` |
 //! | the model raises or returns unusable output | yes | 1: the same model on the same input fails the same way | `inference` |
 //! | CUDA out of memory at batch 1 (after `Model::predict` halved the batch in the same worker) | yes | `max_attempts`, each on a *fresh* worker: only a new process gives the caching allocator's memory back | `inference` |
@@ -40,6 +43,9 @@
 
 pub mod cgroup;
 mod cli;
+#[cfg(test)]
+mod fake;
+mod launch;
 pub mod protocol;
 pub mod spawn;
 mod supervisor;
@@ -47,7 +53,7 @@ mod supervisor;
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Condvar, Mutex};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::config::PoolSettings;
@@ -211,9 +217,25 @@ pub(crate) enum Outcome {
 pub(crate) enum Event {
     Frame(u64, FromWorker),
     Closed(u64, String),
+    /// The worker broke the framing or sent a message of no known kind (see
+    /// [`protocol::FrameError::is_violation`]); its reader stopped reading.
+    Malformed(u64, protocol::FrameError),
     Wake,
 }
 
+/// Lock one of the pool's mutexes, recovering it if a thread panicked while holding it.
+///
+/// Sound here because every critical section in the pool is one short update that leaves
+/// its data consistent at each step (a push or pop on the queue, a counter, an `Option`
+/// set or taken, a [`WorkerInfo`] field): a panic inside one cannot leave half a change.
+/// And a panic in one slot thread must not cascade into every other slot, the
+/// [`Predictor`] callers and the pool's `Drop` (a panic there would abort the daemon).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Start-up progress over all slots, for [`PoolPredictor::wait_first_ready`] (with
+/// [`Shared::start_cv`]).
 #[derive(Debug, Default)]
 pub(crate) struct StartState {
     ready: usize,
@@ -224,7 +246,8 @@ pub(crate) struct StartState {
 
 #[derive(Debug)]
 pub(crate) struct SlotHandle {
-    pub tx: Mutex<mpsc::Sender<Event>>,
+    /// The slot thread's event channel (`Sender` is `Sync`: no lock needed to wake it).
+    pub tx: mpsc::Sender<Event>,
     pub info: Mutex<WorkerInfo>,
 }
 
@@ -240,8 +263,10 @@ pub(crate) struct Shared {
     pub shutdown: AtomicBool,
     pub start: Mutex<StartState>,
     pub start_cv: Condvar,
-    pub spawner: spawn::Spawner,
-    pub cap: Option<cgroup::MemoryCap>,
+    /// Where workers run (the fork server in production, a fake in the supervisor's tests).
+    pub launcher: Box<dyn launch::Launcher>,
+    /// How long the supervisor waits for what.
+    pub timing: supervisor::Timing,
     pub totals: Mutex<Totals>,
     /// Set when the pool can no longer run cases (every slot gave up).
     pub broken: Mutex<Option<String>>,
@@ -258,7 +283,7 @@ pub(crate) struct Shared {
 impl Shared {
     pub fn wake_all(&self) {
         for s in &self.slots {
-            let _ = s.tx.lock().expect("slot tx lock").send(Event::Wake);
+            let _ = s.tx.send(Event::Wake);
         }
     }
 
@@ -316,28 +341,36 @@ impl PoolPredictor {
         model: Option<PathBuf>,
         exe: PathBuf,
     ) -> Result<Self, PoolError> {
+        let launcher =
+            launch::ForkLauncher::start(exe, settings.memory_max_bytes, settings.workers.max(1))
+                .map_err(|e| PoolError::Spawn(e.to_string()))?;
+        Self::start_with_launcher(
+            settings,
+            job,
+            model,
+            Box::new(launcher),
+            supervisor::Timing::default(),
+        )
+    }
+
+    /// [`Self::start_exe`] with the workers started by `launcher` (the seam where a worker
+    /// runs: the fork server, a batch system's steps, a test's fake) and the supervisor's
+    /// waits set by `timing`.
+    ///
+    /// # Errors
+    /// As [`Self::start`].
+    pub(crate) fn start_with_launcher(
+        settings: &PoolSettings,
+        job: &Job,
+        model: Option<PathBuf>,
+        launcher: Box<dyn launch::Launcher>,
+        timing: supervisor::Timing,
+    ) -> Result<Self, PoolError> {
         let n = settings.workers.max(1);
         std::fs::create_dir_all(&job.scratch).map_err(|source| PoolError::Scratch {
             path: job.scratch.clone(),
             source,
         })?;
-        let cap = if settings.memory_max_bytes > 0 {
-            match cgroup::MemoryCap::prepare(settings.memory_max_bytes, n) {
-                Ok(c) => {
-                    tracing::info!(
-                        bytes = settings.memory_max_bytes,
-                        "worker memory cap: cgroup v2 memory.max per worker"
-                    );
-                    Some(c)
-                }
-                Err(why) => {
-                    tracing::warn!("pool.memory_max_mb is set but cannot be enforced: {why}");
-                    None
-                }
-            }
-        } else {
-            None
-        };
         let mut read_only = Vec::new();
         if let Some(m) = &model {
             read_only.push(std::fs::canonicalize(m).unwrap_or_else(|_| m.clone()));
@@ -346,7 +379,6 @@ impl PoolPredictor {
             &job.images,
             job.labels.as_deref(),
         ));
-        let spawner = spawn::Spawner::start(exe).map_err(|e| PoolError::Spawn(e.to_string()))?;
         let budget_end = settings.submission_budget.map(|b| Instant::now() + b);
         let mut settings = settings.clone();
         if settings.devices.is_empty() {
@@ -359,7 +391,7 @@ impl PoolPredictor {
             receivers.push(rx);
             let device = settings.devices[slot % settings.devices.len()].clone();
             slots.push(SlotHandle {
-                tx: Mutex::new(tx),
+                tx,
                 info: Mutex::new(WorkerInfo {
                     slot,
                     device,
@@ -380,8 +412,8 @@ impl PoolPredictor {
             shutdown: AtomicBool::new(false),
             start: Mutex::new(StartState::default()),
             start_cv: Condvar::new(),
-            spawner,
-            cap,
+            launcher,
+            timing,
             totals: Mutex::new(Totals::default()),
             broken: Mutex::new(None),
             aborted: Mutex::new(None),
@@ -389,24 +421,26 @@ impl PoolPredictor {
             budget_end,
             probe_req: Mutex::new(None),
         });
-        let mut threads = Vec::new();
+        let mut pool = PoolPredictor {
+            shared,
+            threads: Vec::new(),
+        };
         for (slot, rx) in receivers.into_iter().enumerate() {
-            let sh = Arc::clone(&shared);
+            let sh = Arc::clone(&pool.shared);
             let t = std::thread::Builder::new()
                 .name(format!("evald-slot{slot}"))
                 .spawn(move || supervisor::run_slot(&sh, slot, &rx))
                 .map_err(|e| PoolError::Spawn(e.to_string()))?;
-            threads.push(t);
+            pool.threads.push(t);
         }
-        let pool = PoolPredictor { shared, threads };
         pool.wait_first_ready(n)?;
         Ok(pool)
     }
 
     fn wait_first_ready(&self, n: usize) -> Result<(), PoolError> {
-        let limit = supervisor::load_timeout(&self.shared.settings) + supervisor::HELLO_TIMEOUT;
+        let limit = supervisor::load_timeout(&self.shared.settings) + self.shared.timing.hello;
         let deadline = Instant::now() + limit;
-        let mut st = self.shared.start.lock().expect("start lock");
+        let mut st = lock(&self.shared.start);
         loop {
             if let Some(e) = st.fatal.take() {
                 return Err(e);
@@ -434,7 +468,7 @@ impl PoolPredictor {
                 .shared
                 .start_cv
                 .wait_timeout(st, deadline - now)
-                .expect("start lock")
+                .unwrap_or_else(PoisonError::into_inner)
                 .0;
         }
     }
@@ -444,7 +478,7 @@ impl PoolPredictor {
         self.shared
             .slots
             .iter()
-            .map(|s| s.info.lock().expect("info lock").clone())
+            .map(|s| lock(&s.info).clone())
             .collect()
     }
 
@@ -452,12 +486,12 @@ impl PoolPredictor {
     /// evaluation's budget), if it did; the cases not done then failed with stage
     /// `aborted`.
     pub fn stopped_early(&self) -> Option<String> {
-        self.shared.aborted.lock().expect("aborted lock").clone()
+        lock(&self.shared.aborted).clone()
     }
 
     /// Counters so far.
     pub fn totals(&self) -> Totals {
-        self.shared.totals.lock().expect("totals lock").clone()
+        lock(&self.shared.totals).clone()
     }
 
     /// Devices in use (for the report's Run sheet).
@@ -589,8 +623,8 @@ impl Drop for PoolPredictor {
             let _ = t.join();
         }
         supervisor::fail_queued(&self.shared, "the worker pool stopped");
-        // Only now: the spawner thread's exit would SIGKILL any worker still alive.
-        self.shared.spawner.stop();
+        // Only now that every worker was reaped (the fork server's exit would kill them).
+        self.shared.launcher.shutdown();
         for s in 0..self.shared.slots.len() {
             let _ = std::fs::remove_dir_all(self.shared.scratch(s));
         }

@@ -21,10 +21,10 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::infer::{InferSpec, PredictStats};
+use crate::infer::{InferSpec, ModelFormat, PredictStats};
 
 /// Bumped on any incompatible change; both ends refuse a mismatch.
-pub const PROTO_VERSION: u32 = 2;
+pub const PROTO_VERSION: u32 = 3;
 
 /// Largest frame either side accepts (messages are small; anything bigger is a bug or an
 /// attack).
@@ -42,6 +42,8 @@ pub struct Init {
     pub proto: u32,
     /// Worker slot (for log lines).
     pub slot: usize,
+    /// The model's format: which runtime loads it (and what its sandbox grants).
+    pub format: ModelFormat,
     /// The model; `None` for a self-check worker that only answers probes.
     pub model: Option<PathBuf>,
     /// sha256 (hex) the model's bytes must have; the worker loads nothing else.
@@ -228,12 +230,30 @@ pub enum FrameError {
     /// I/O error on the pipe.
     #[error("pipe: {0}")]
     Io(#[from] io::Error),
+    /// The stream ended inside a frame (in its length prefix or its body).
+    #[error("frame cut short: the stream ended after {got} of its {want} bytes")]
+    Truncated {
+        /// Bytes the frame should have had, prefix included (4 when the prefix itself
+        /// was cut).
+        want: usize,
+        /// Bytes that came.
+        got: usize,
+    },
     /// A frame longer than [`MAX_FRAME`].
     #[error("frame of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
     TooLong(usize),
     /// Not a message of this protocol.
     #[error("bad message: {0}")]
     Decode(#[from] serde_json::Error),
+}
+
+impl FrameError {
+    /// Whether the other end broke the protocol (a frame too long, or not a message of
+    /// this protocol), as opposed to the channel ending: a worker doing that is killed at
+    /// once, whatever it does next. A [`FrameError::Truncated`] frame is an ending.
+    pub fn is_violation(&self) -> bool {
+        matches!(self, FrameError::TooLong(_) | FrameError::Decode(_))
+    }
 }
 
 /// Write one message as a frame (one `write_all`, then flush).
@@ -256,15 +276,15 @@ pub fn write_frame<W: Write, T: Serialize>(w: &mut W, msg: &T) -> Result<(), Fra
 /// Read one frame and decode it.
 ///
 /// # Errors
-/// [`FrameError::Closed`] on EOF at a frame boundary, [`FrameError::TooLong`],
-/// [`FrameError::Decode`], or I/O errors (including EOF inside a frame).
+/// [`FrameError::Closed`] on EOF at a frame boundary, [`FrameError::Truncated`] on EOF
+/// inside one, [`FrameError::TooLong`], [`FrameError::Decode`], or I/O errors.
 pub fn read_frame<R: Read, T: for<'de> Deserialize<'de>>(r: &mut R) -> Result<T, FrameError> {
     let mut len = [0u8; 4];
     let mut got = 0;
     while got < 4 {
         match r.read(&mut len[got..]) {
             Ok(0) if got == 0 => return Err(FrameError::Closed),
-            Ok(0) => return Err(FrameError::Io(io::ErrorKind::UnexpectedEof.into())),
+            Ok(0) => return Err(FrameError::Truncated { want: 4, got }),
             Ok(n) => got += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e.into()),
@@ -275,7 +295,20 @@ pub fn read_frame<R: Read, T: for<'de> Deserialize<'de>>(r: &mut R) -> Result<T,
         return Err(FrameError::TooLong(n));
     }
     let mut body = vec![0u8; n];
-    r.read_exact(&mut body)?;
+    let mut got = 0;
+    while got < n {
+        match r.read(&mut body[got..]) {
+            Ok(0) => {
+                return Err(FrameError::Truncated {
+                    want: 4 + n,
+                    got: 4 + got,
+                })
+            }
+            Ok(k) => got += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
     Ok(serde_json::from_slice(&body)?)
 }
 
@@ -317,17 +350,22 @@ mod tests {
         let mut r = &[0u8, 0, 0, 10, b'{'][..];
         assert!(matches!(
             read_frame::<_, FromWorker>(&mut r),
-            Err(FrameError::Io(_))
+            Err(FrameError::Truncated { want: 14, got: 5 })
         ));
         let mut r = &[0u8, 0][..];
         assert!(matches!(
             read_frame::<_, FromWorker>(&mut r),
-            Err(FrameError::Io(_))
+            Err(FrameError::Truncated { want: 4, got: 2 })
         ));
         let mut r = &[0u8, 0, 0, 2, b'{', b'}'][..];
         assert!(matches!(
             read_frame::<_, FromWorker>(&mut r),
             Err(FrameError::Decode(_))
         ));
+        // Which of them mean the worker broke the protocol (killed at once) rather than
+        // its channel ending (reaped, its exit status reported).
+        assert!(FrameError::TooLong(MAX_FRAME + 1).is_violation());
+        assert!(!FrameError::Truncated { want: 14, got: 5 }.is_violation());
+        assert!(!FrameError::Closed.is_violation());
     }
 }

@@ -14,13 +14,14 @@
 //! environment, only what libtorch and CUDA need.
 
 use std::ffi::CString;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::lock;
 use super::protocol::PROTO_FD;
 
 /// Environment variables passed through to workers when set.
@@ -76,8 +77,9 @@ type Request = (SpawnSpec, mpsc::Sender<std::io::Result<Spawned>>);
 /// The long-lived thread that forks every worker.
 #[derive(Debug)]
 pub struct Spawner {
-    tx: Mutex<Option<mpsc::Sender<Request>>>,
-    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// The request channel and the thread, `None` after [`Self::stop`]; one lock since
+    /// they end together.
+    thread: Mutex<Option<(mpsc::Sender<Request>, std::thread::JoinHandle<()>)>>,
     exe: PathBuf,
 }
 
@@ -97,8 +99,7 @@ impl Spawner {
                 }
             })?;
         Ok(Spawner {
-            tx: Mutex::new(Some(tx)),
-            thread: Mutex::new(Some(thread)),
+            thread: Mutex::new(Some((tx, thread))),
             exe,
         })
     }
@@ -114,13 +115,10 @@ impl Spawner {
     /// The spawn error, or `BrokenPipe` after [`Self::stop`].
     pub fn spawn(&self, spec: SpawnSpec) -> std::io::Result<Spawned> {
         let (rtx, rrx) = mpsc::channel();
-        let sent = self
-            .tx
-            .lock()
-            .expect("spawner lock")
+        // Only the send happens under the lock; the fork is waited for outside it.
+        let sent = lock(&self.thread)
             .as_ref()
-            .map(|tx| tx.send((spec, rtx)).is_ok())
-            .unwrap_or(false);
+            .is_some_and(|(tx, _)| tx.send((spec, rtx)).is_ok());
         if !sent {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::BrokenPipe,
@@ -137,9 +135,10 @@ impl Spawner {
 
     /// Stop the spawner thread (after every worker is dead: its exit would SIGKILL them).
     pub fn stop(&self) {
-        self.tx.lock().expect("spawner lock").take();
-        if let Some(t) = self.thread.lock().expect("spawner lock").take() {
-            let _ = t.join();
+        let taken = lock(&self.thread).take();
+        if let Some((tx, thread)) = taken {
+            drop(tx);
+            let _ = thread.join();
         }
     }
 }
@@ -218,8 +217,8 @@ fn spawn(exe: &PathBuf, spec: &SpawnSpec) -> std::io::Result<Spawned> {
 /// When the thread cannot be created.
 pub fn forward_stderr(
     slot: usize,
-    pid: u32,
-    stderr: ChildStderr,
+    pid: Option<u32>,
+    stderr: impl Read + Send + 'static,
 ) -> std::io::Result<(StderrTail, std::thread::JoinHandle<()>)> {
     let tail = Arc::new(Mutex::new(Vec::new()));
     let t = Arc::clone(&tail);
@@ -260,7 +259,7 @@ pub fn forward_stderr(
                     }
                     Admit::No => {}
                 }
-                let mut t = t.lock().expect("stderr tail lock");
+                let mut t = lock(&t);
                 if t.len() == STDERR_KEEP {
                     t.remove(0);
                 }
@@ -268,6 +267,20 @@ pub fn forward_stderr(
             }
         })?;
     Ok((tail, h))
+}
+
+/// A worker's pid in log lines and messages: the number, or `-` for a worker that is not
+/// a local process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pid(pub Option<u32>);
+
+impl std::fmt::Display for Pid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(p) => write!(f, "{p}"),
+            None => f.write_str("-"),
+        }
+    }
 }
 
 /// The next line of `r` (lossy UTF-8, trailing whitespace trimmed), at most `max` bytes

@@ -1,21 +1,39 @@
 //! One thread per worker slot: start the worker, feed it cases, watch it, replace it.
 //!
-//! The slot thread owns its worker process and blocks on one channel that carries the
-//! worker's frames (from a reader thread), its death (the reader hits EOF) and wake-ups
-//! (new work, shutdown); deadlines (case timeout, heartbeat loss, start-up) are the
-//! channel's receive timeout. See the module doc of [`super`] for the retry policy.
+//! The slot thread starts its worker through the pool's [`super::launch::Launcher`] and
+//! owns what comes back: the worker's frame streams and its
+//! [`super::launch::WorkerHandle`] (kill, reap). It blocks on one channel that carries the
+//! worker's frames (from a reader thread), its death (the reader hits EOF), a malformed
+//! frame, and wake-ups (new work, shutdown); deadlines (case timeout, heartbeat loss,
+//! start-up) are the channel's receive timeout, their lengths [`Timing`] and
+//! `pool.case_timeout_secs`. See the module doc of [`super`] for the retry policy.
+//!
+//! # Locks
+//! What a slot alone needs (its worker, the cases it holds, its backoff) is owned by its
+//! thread; events reach it over its channel. The state shared with other slots and with
+//! callers sits behind one mutex per thing that changes together, each taken through
+//! [`super::lock`] (which recovers a poisoned lock: every critical section is one short
+//! update) and held for that update only:
+//! - `queue` (tasks waiting) and `aborted` (why the evaluation stopped): [`requeue`] and
+//!   the predictor check `aborted` while holding `queue`, the only nesting (always queue,
+//!   then aborted), so no task slips into a queue nobody serves any more;
+//! - `slots[i].info`: a slot's [`super::WorkerInfo`], written by its thread, read by the
+//!   others ([`other_idle`], [`give_up`]) and status displays;
+//! - `start` with `start_cv`: start-up progress, waited on by the pool's constructor;
+//! - `totals`, `broken`, `probe_req`: counters, the all-slots-gave-up reason, a pending
+//!   self-check probe.
 
 use std::io::BufReader;
-use std::process::{Child, ChildStdin};
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
+use super::launch::{LaunchSpec, Launched, WorkerHandle};
 use super::protocol::{
     self, CaseErrorKind, FatalKind, FromWorker, Init, ProbeReport, ToWorker, PROTO_VERSION,
 };
-use super::spawn::{self, SpawnSpec};
-use super::{Event, Outcome, PoolError, Shared, SlotEvent, SlotState, Task, WINDOW};
+use super::spawn::{self, Pid};
+use super::{lock, Event, Outcome, PoolError, Shared, SlotEvent, SlotState, Task, WINDOW};
 use crate::config::PoolSettings;
 use crate::evaluation::{Failure, Stage};
 use crate::infer::{InferSpec, InputKind, OutputKind, Window};
@@ -33,6 +51,37 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const START_FAILURES: u32 = 3;
 /// How long a worker gets to exit after its stdin closes, before SIGKILL.
 const EXIT_GRACE: Duration = Duration::from_secs(2);
+
+/// How long the supervisor waits for what: the constants above in production; the
+/// supervisor's tests shorten them (with `pool.case_timeout_secs`, the other clock).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Timing {
+    /// A worker must say hello this soon after it was launched.
+    pub hello: Duration,
+    /// Heartbeat period asked of workers.
+    pub heartbeat: Duration,
+    /// Silence after which a worker counts as hung.
+    pub silence: Duration,
+    /// First restart delay (doubling, reset by a finished case).
+    pub backoff_start: Duration,
+    /// Longest restart delay.
+    pub backoff_max: Duration,
+    /// How long a worker gets to exit after its requests stream closes, before a kill.
+    pub exit_grace: Duration,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Timing {
+            hello: HELLO_TIMEOUT,
+            heartbeat: HEARTBEAT,
+            silence: SILENCE,
+            backoff_start: BACKOFF_START,
+            backoff_max: BACKOFF_MAX,
+            exit_grace: EXIT_GRACE,
+        }
+    }
+}
 
 /// How long loading the model may take.
 pub(crate) fn load_timeout(s: &PoolSettings) -> Duration {
@@ -59,10 +108,10 @@ pub(crate) fn probe_spec() -> InferSpec {
 /// A running worker.
 struct Live {
     gen: u64,
-    pid: u32,
+    pid: Option<u32>,
     device: String,
-    child: Child,
-    stdin: Option<ChildStdin>,
+    handle: Box<dyn WorkerHandle>,
+    stdin: Option<Box<dyn std::io::Write + Send>>,
     tail: spawn::StderrTail,
     threads: Vec<std::thread::JoinHandle<()>>,
     sandbox: crate::sandbox::Report,
@@ -77,36 +126,62 @@ impl Live {
     }
 
     fn last_words(&self) -> String {
-        let t = self.tail.lock().expect("tail lock");
-        // The most telling line: a panic, a fatal error, or simply the last one.
-        let pick = t
-            .iter()
-            .rev()
-            .find(|l| {
-                l.contains("panicked")
-                    || l.contains("ERROR")
-                    || l.contains("terminate called")
-                    || l.contains("error")
-            })
-            .or_else(|| t.last());
-        pick.map(|l| format!("; last output: {}", l.chars().take(300).collect::<String>()))
-            .unwrap_or_default()
+        last_words(&self.tail)
     }
 
-    /// Close stdin, give it `grace` to exit, kill its group, reap, join helper threads.
-    fn stop(mut self, grace: Duration) -> String {
-        self.stdin.take();
-        let status = spawn::reap(&mut self.child, grace);
+    /// Join the frame reader and the log forwarder; they end when the worker's streams
+    /// close, i.e. once it (and its process group) is gone.
+    fn join_helpers(&mut self) {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
+    }
+
+    /// Why it is gone, after one of its streams ended (`what`): reaped first (up to
+    /// `grace`) so the cause names the exit code or signal, and its last words taken only
+    /// then, when its log thread has read them all.
+    fn ended(&mut self, grace: Duration, what: &str) -> Cause {
+        let status = self.handle.reap(grace);
+        self.join_helpers();
+        Cause::Crash(format!(
+            "(pid {}) {} ({what}){}",
+            Pid(self.pid),
+            spawn::describe_exit(&status),
+            self.last_words()
+        ))
+    }
+
+    /// Close its requests, give it `grace` to exit, kill it (its process group), reap,
+    /// join the helper threads.
+    fn stop(mut self, grace: Duration) -> String {
+        self.stdin.take();
+        let status = self.handle.reap(grace);
+        self.join_helpers();
         spawn::describe_exit(&status)
     }
 
-    fn kill(self) -> String {
-        spawn::kill_group(self.pid);
+    fn kill(mut self) -> String {
+        self.handle.kill();
         self.stop(Duration::ZERO)
     }
+}
+
+/// The most telling line a worker wrote (a panic, a fatal error, or simply the last
+/// one), as a suffix for a failure message; empty when it wrote nothing.
+fn last_words(tail: &spawn::StderrTail) -> String {
+    let t = lock(tail);
+    let pick = t
+        .iter()
+        .rev()
+        .find(|l| {
+            l.contains("panicked")
+                || l.contains("ERROR")
+                || l.contains("terminate called")
+                || l.contains("error")
+        })
+        .or_else(|| t.last());
+    pick.map(|l| format!("; last output: {}", l.chars().take(300).collect::<String>()))
+        .unwrap_or_default()
 }
 
 enum StartError {
@@ -170,7 +245,7 @@ impl Cause {
 }
 
 fn set_info(sh: &Shared, slot: usize, f: impl FnOnce(&mut super::WorkerInfo)) {
-    f(&mut sh.slots[slot].info.lock().expect("info lock"));
+    f(&mut lock(&sh.slots[slot].info));
 }
 
 fn shutting_down(sh: &Shared) -> bool {
@@ -178,21 +253,21 @@ fn shutting_down(sh: &Shared) -> bool {
 }
 
 fn aborted(sh: &Shared) -> Option<String> {
-    sh.aborted.lock().expect("aborted lock").clone()
+    lock(&sh.aborted).clone()
 }
 
 /// Stop the evaluation early: no case starts any more, queued ones fail with `why`, every
 /// slot kills its worker at its next look (they are woken). The first reason wins.
 fn abort(sh: &Shared, why: String) {
     {
-        let mut a = sh.aborted.lock().expect("aborted lock");
+        let mut a = lock(&sh.aborted);
         if a.is_some() {
             return;
         }
         tracing::error!("stopping the evaluation: {why}");
         *a = Some(why.clone());
     }
-    let tasks: Vec<Task> = sh.queue.lock().expect("queue lock").drain(..).collect();
+    let tasks: Vec<Task> = lock(&sh.queue).drain(..).collect();
     for t in tasks {
         reply_failed(sh, t, Stage::Aborted, format!("not run: {why}"));
     }
@@ -201,7 +276,7 @@ fn abort(sh: &Shared, why: String) {
 
 /// Reply a failure to every queued task (pool stopping or broken).
 pub(crate) fn fail_queued(sh: &Shared, why: &str) {
-    let tasks: Vec<Task> = sh.queue.lock().expect("queue lock").drain(..).collect();
+    let tasks: Vec<Task> = lock(&sh.queue).drain(..).collect();
     for t in tasks {
         let _ = t.reply.send(Outcome::Failed(Failure {
             case: t.case,
@@ -226,7 +301,8 @@ fn sleep_interruptible(rx: &mpsc::Receiver<Event>, sh: &Shared, d: Duration) {
 /// The slot thread's body.
 pub(crate) fn run_slot(sh: &Arc<Shared>, slot: usize, rx: &mpsc::Receiver<Event>) {
     let mut gen = 0u64;
-    let mut backoff = BACKOFF_START;
+    let timing = sh.timing;
+    let mut backoff = timing.backoff_start;
     let mut start_failures = 0u32;
     while !shutting_down(sh) && aborted(sh).is_none() {
         gen += 1;
@@ -240,7 +316,7 @@ pub(crate) fn run_slot(sh: &Arc<Shared>, slot: usize, rx: &mpsc::Receiver<Event>
             Err(StartError::Fatal(e)) => {
                 tracing::error!(worker = slot, "{e}");
                 let msg = e.to_string();
-                let mut st = sh.start.lock().expect("start lock");
+                let mut st = lock(&sh.start);
                 if st.fatal.is_none() && st.ready == 0 {
                     st.fatal = Some(e);
                 }
@@ -258,42 +334,44 @@ pub(crate) fn run_slot(sh: &Arc<Shared>, slot: usize, rx: &mpsc::Receiver<Event>
                     attempt = start_failures,
                     "worker failed to start: {why}"
                 );
-                sh.start.lock().expect("start lock").last_error = Some(why.clone());
-                if start_failures >= START_FAILURES {
+                let gives_up = start_failures >= START_FAILURES;
+                {
+                    // One critical section: `wait_first_ready` must never see the slot
+                    // counted as given up without the reason, or the reverse.
+                    let mut st = lock(&sh.start);
+                    st.last_error = Some(why.clone());
+                    st.gave_up += usize::from(gives_up);
+                }
+                if gives_up {
                     let msg = format!(
                         "worker {slot} failed to start {start_failures} times in a row; last: {why}"
                     );
-                    sh.start.lock().expect("start lock").gave_up += 1;
                     sh.start_cv.notify_all();
                     give_up(sh, slot, &msg);
                     break;
                 }
                 set_info(sh, slot, |i| i.state = i.state.on(SlotEvent::Lost));
                 sleep_interruptible(rx, sh, backoff);
-                backoff = (backoff * 2).min(BACKOFF_MAX);
+                backoff = (backoff * 2).min(timing.backoff_max);
                 continue;
             }
         };
         start_failures = 0;
-        {
-            let mut st = sh.start.lock().expect("start lock");
-            st.ready += 1;
-        }
+        lock(&sh.start).ready += 1;
         sh.start_cv.notify_all();
         let (healthy, end) = serve(sh, slot, &mut live, rx);
         let pid = live.pid;
         let how = match end {
-            End::Shutdown => live.stop(EXIT_GRACE),
+            End::Shutdown | End::Died => live.stop(timing.exit_grace),
             End::Killed => live.kill(),
-            End::Died => live.stop(EXIT_GRACE),
         };
         if shutting_down(sh) || aborted(sh).is_some() {
             break;
         }
-        sh.totals.lock().expect("totals lock").worker_losses += 1;
+        lock(&sh.totals).worker_losses += 1;
         tracing::warn!(worker = slot, pid, "worker ended: {how}; restarting");
         if healthy {
-            backoff = BACKOFF_START;
+            backoff = timing.backoff_start;
         }
         set_info(sh, slot, |i| {
             i.state = i.state.on(SlotEvent::Lost);
@@ -301,7 +379,7 @@ pub(crate) fn run_slot(sh: &Arc<Shared>, slot: usize, rx: &mpsc::Receiver<Event>
             i.restarts += 1;
         });
         sleep_interruptible(rx, sh, backoff);
-        backoff = (backoff * 2).min(BACKOFF_MAX);
+        backoff = (backoff * 2).min(timing.backoff_max);
     }
     set_info(sh, slot, |i| {
         i.state = i.state.on(SlotEvent::Stop);
@@ -316,9 +394,9 @@ fn give_up(sh: &Shared, slot: usize, why: &str) {
     let all_stopped = sh
         .slots
         .iter()
-        .all(|s| s.info.lock().expect("info lock").state == SlotState::Stopped);
+        .all(|s| lock(&s.info).state == SlotState::Stopped);
     if all_stopped {
-        *sh.broken.lock().expect("broken lock") = Some(format!("no worker can run: {why}"));
+        *lock(&sh.broken) = Some(format!("no worker can run: {why}"));
         fail_queued(sh, &format!("no worker can run: {why}"));
     }
 }
@@ -343,34 +421,36 @@ fn start_worker(
     let _ = std::fs::remove_dir_all(&scratch);
     std::fs::create_dir_all(&scratch)
         .map_err(|e| fatal(None, format!("scratch folder {}: {e}", scratch.display())))?;
-    let spawned = sh
-        .spawner
-        .spawn(SpawnSpec {
-            slot,
-            scratch: scratch.clone(),
-            threads: sh.settings.threads_per_worker.max(1),
-            cgroup_procs: sh.cap.as_ref().and_then(|c| c.procs_file(slot)),
-        })
-        .map_err(|e| {
-            if shutting_down(sh) {
-                StartError::Shutdown
-            } else {
-                StartError::Transient(format!("spawn {}: {e}", sh.spawner.exe().display()))
-            }
-        })?;
-    let pid = spawned.child.id();
-    set_info(sh, slot, |i| i.pid = Some(pid));
-    let mut child = spawned.child;
-    let (tail, err_thread) = match spawn::forward_stderr(slot, pid, spawned.stderr) {
+    let spec = LaunchSpec {
+        slot,
+        device: device.clone(),
+        scratch: scratch.clone(),
+        threads: sh.settings.threads_per_worker.max(1),
+    };
+    let Launched {
+        mut handle,
+        requests,
+        frames,
+        logs,
+    } = sh.launcher.launch(&spec).map_err(|e| {
+        if shutting_down(sh) {
+            StartError::Shutdown
+        } else {
+            StartError::Transient(e.to_string())
+        }
+    })?;
+    let pid = handle.pid();
+    set_info(sh, slot, |i| i.pid = pid);
+    let (tail, err_thread) = match spawn::forward_stderr(slot, pid, logs) {
         Ok(x) => x,
         Err(e) => {
-            spawn::kill_group(pid);
-            let _ = spawn::reap(&mut child, Duration::ZERO);
+            handle.kill();
+            let _ = handle.reap(Duration::ZERO);
             return Err(StartError::Transient(format!("log thread: {e}")));
         }
     };
-    let tx = sh.slots[slot].tx.lock().expect("slot tx lock").clone();
-    let mut stdout = BufReader::new(spawned.stdout);
+    let tx = sh.slots[slot].tx.clone();
+    let mut stdout = BufReader::new(frames);
     let reader = std::thread::Builder::new()
         .name(format!("evald-w{slot}-frames"))
         .spawn(move || loop {
@@ -379,6 +459,11 @@ fn start_worker(
                     if tx.send(Event::Frame(gen, m)).is_err() {
                         break;
                     }
+                }
+                // The stream cannot be trusted past a bad frame: stop reading either way.
+                Err(e) if e.is_violation() => {
+                    let _ = tx.send(Event::Malformed(gen, e));
+                    break;
                 }
                 Err(e) => {
                     let _ = tx.send(Event::Closed(gen, e.to_string()));
@@ -389,8 +474,8 @@ fn start_worker(
     let reader = match reader {
         Ok(r) => r,
         Err(e) => {
-            spawn::kill_group(pid);
-            let _ = spawn::reap(&mut child, Duration::ZERO);
+            handle.kill();
+            let _ = handle.reap(Duration::ZERO);
             return Err(StartError::Transient(format!("frame reader thread: {e}")));
         }
     };
@@ -398,15 +483,15 @@ fn start_worker(
         gen,
         pid,
         device: device.clone(),
-        child,
-        stdin: Some(spawned.stdin),
+        handle,
+        stdin: Some(requests),
         tail,
         threads: vec![reader, err_thread],
         sandbox: crate::sandbox::Report::off(),
     };
 
     // Hello.
-    let hello = wait_frame(sh, rx, gen, Instant::now() + HELLO_TIMEOUT);
+    let hello = wait_frame(sh, rx, gen, Instant::now() + sh.timing.hello);
     match hello {
         Ok(FromWorker::Hello { proto, .. }) if proto == PROTO_VERSION => {}
         Ok(FromWorker::Hello { proto, version, .. }) => {
@@ -421,11 +506,12 @@ fn start_worker(
                 "expected hello, got {other:?}"
             )));
         }
-        Err(w) => return Err(w.into_start(live)),
+        Err(w) => return Err(w.into_start(live, sh.timing.exit_grace)),
     }
     let init = Init {
         proto: PROTO_VERSION,
         slot,
+        format: sh.job.format,
         model: sh.model.clone(),
         model_sha256: sh.job.model_sha256.clone(),
         spec: sh.job.spec.clone(),
@@ -434,10 +520,10 @@ fn start_worker(
         read_only: sh.read_only.clone(),
         scratch,
         sandbox: sh.settings.sandbox,
-        heartbeat_ms: HEARTBEAT.as_millis() as u64,
+        heartbeat_ms: sh.timing.heartbeat.as_millis() as u64,
     };
     if let Err(e) = live.send(&ToWorker::Init(init)) {
-        let how = live.stop(EXIT_GRACE);
+        let how = live.stop(sh.timing.exit_grace);
         return Err(StartError::Transient(format!("sending init: {e}; {how}")));
     }
     // Ready, with heartbeats meanwhile.
@@ -473,7 +559,7 @@ fn start_worker(
                 return Ok(live);
             }
             Ok(FromWorker::Fatal { kind, message }) => {
-                let _ = live.stop(EXIT_GRACE);
+                let _ = live.stop(sh.timing.exit_grace);
                 let what = match kind {
                     FatalKind::Sandbox => "sandbox",
                     FatalKind::Load => "model",
@@ -489,7 +575,7 @@ fn start_worker(
                     "expected ready, got {other:?}"
                 )));
             }
-            Err(w) => return Err(w.into_start(live)),
+            Err(w) => return Err(w.into_start(live, sh.timing.exit_grace)),
         }
     }
 }
@@ -497,11 +583,12 @@ fn start_worker(
 enum WaitErr {
     Timeout,
     Closed(String),
+    Malformed(protocol::FrameError),
     Shutdown,
 }
 
 impl WaitErr {
-    fn into_start(self, live: Live) -> StartError {
+    fn into_start(self, live: Live, grace: Duration) -> StartError {
         match self {
             WaitErr::Shutdown => {
                 let _ = live.kill();
@@ -512,9 +599,15 @@ impl WaitErr {
                 StartError::Transient(format!("did not start in time; {how}"))
             }
             WaitErr::Closed(e) => {
-                let words = live.last_words();
-                let how = live.stop(EXIT_GRACE);
+                // Its last words after it is gone: the log thread has read them all then.
+                let tail = std::sync::Arc::clone(&live.tail);
+                let how = live.stop(grace);
+                let words = last_words(&tail);
                 StartError::Transient(format!("{how} ({e}){words}"))
+            }
+            WaitErr::Malformed(e) => {
+                let how = live.kill();
+                StartError::Transient(format!("sent a malformed frame ({e}); killed: {how}"))
             }
         }
     }
@@ -538,6 +631,7 @@ fn wait_frame(
         match rx.recv_timeout(deadline - now) {
             Ok(Event::Frame(g, m)) if g == gen => return Ok(m),
             Ok(Event::Closed(g, e)) if g == gen => return Err(WaitErr::Closed(e)),
+            Ok(Event::Malformed(g, e)) if g == gen => return Err(WaitErr::Malformed(e)),
             Ok(_) => {}
             Err(mpsc::RecvTimeoutError::Timeout) => return Err(WaitErr::Timeout),
             Err(mpsc::RecvTimeoutError::Disconnected) => return Err(WaitErr::Shutdown),
@@ -556,7 +650,7 @@ enum End {
 fn other_idle(sh: &Shared, slot: usize) -> bool {
     sh.slots.iter().enumerate().any(|(i, s)| {
         i != slot && {
-            let info = s.info.lock().expect("info lock");
+            let info = lock(&s.info);
             info.state == SlotState::Ready && info.cases.is_empty()
         }
     })
@@ -566,6 +660,7 @@ fn other_idle(sh: &Shared, slot: usize) -> bool {
 /// it finished at least one case (healthy) and how it ended.
 fn serve(sh: &Shared, slot: usize, live: &mut Live, rx: &mpsc::Receiver<Event>) -> (bool, End) {
     let timeout = sh.settings.case_timeout;
+    let silence = sh.timing.silence;
     let mut held: std::collections::VecDeque<Task> = std::collections::VecDeque::new();
     let mut head_since: Option<Instant> = None;
     let mut last_heard = Instant::now();
@@ -602,7 +697,7 @@ fn serve(sh: &Shared, slot: usize, live: &mut Live, rx: &mpsc::Receiver<Event>) 
             return (healthy, if n > 0 { End::Killed } else { End::Shutdown });
         }
         if held.is_empty() {
-            let req = sh.probe_req.lock().expect("probe lock").take();
+            let req = lock(&sh.probe_req).take();
             if let Some((p, reply)) = req {
                 let r = run_probe(sh, live, rx, p);
                 let _ = reply.send(r);
@@ -611,7 +706,7 @@ fn serve(sh: &Shared, slot: usize, live: &mut Live, rx: &mpsc::Receiver<Event>) 
         }
         // Take work.
         while held.len() < WINDOW && (held.is_empty() || !other_idle(sh, slot)) {
-            let Some(task) = sh.queue.lock().expect("queue lock").pop_front() else {
+            let Some(task) = lock(&sh.queue).pop_front() else {
                 break;
             };
             let msg = ToWorker::Case {
@@ -625,14 +720,16 @@ fn serve(sh: &Shared, slot: usize, live: &mut Live, rx: &mpsc::Receiver<Event>) 
             held.push_back(task);
             update(&held);
             if let Err(e) = live.send(&msg) {
-                let cause = Cause::Crash(format!("stopped reading requests ({e})"));
+                // Most likely it died: say how, as when its frames end.
+                let what = format!("stopped reading requests: {e}");
+                let cause = live.ended(sh.timing.exit_grace, &what);
                 lose(sh, slot, live, &mut held, cause);
                 return (healthy, End::Died);
             }
         }
         // Wait for something to happen, or a deadline.
         let now = Instant::now();
-        let mut deadline = last_heard + SILENCE;
+        let mut deadline = last_heard + silence;
         if let Some(t) = head_since {
             deadline = deadline.min(t + timeout);
         }
@@ -661,7 +758,7 @@ fn serve(sh: &Shared, slot: usize, live: &mut Live, rx: &mpsc::Receiver<Event>) 
                         head_since = (!held.is_empty()).then(Instant::now);
                         update(&held);
                         {
-                            let mut t = sh.totals.lock().expect("totals lock");
+                            let mut t = lock(&sh.totals);
                             t.done += 1;
                             t.forward_secs += stats.forward_secs;
                             t.decode_secs += decode_secs;
@@ -699,16 +796,16 @@ fn serve(sh: &Shared, slot: usize, live: &mut Live, rx: &mpsc::Receiver<Event>) 
                 }
             }
             Ok(Event::Closed(g, e)) if g == live.gen => {
-                // Reap first so the cause names the signal or exit code.
-                let words = live.last_words();
-                let status = spawn::reap(&mut live.child, EXIT_GRACE);
-                let cause = Cause::Crash(format!(
-                    "(pid {}) {} ({e}){words}",
-                    live.pid,
-                    spawn::describe_exit(&status)
-                ));
+                let cause = live.ended(sh.timing.exit_grace, &e);
                 lose(sh, slot, live, &mut held, cause);
                 return (healthy, End::Died);
+            }
+            Ok(Event::Malformed(g, e)) if g == live.gen => {
+                // No grace: a worker that garbles its channel is not trusted to stop.
+                let cause = Cause::Crash(format!("sent a malformed frame ({e})"));
+                live.handle.kill();
+                lose(sh, slot, live, &mut held, cause);
+                return (healthy, End::Killed);
             }
             Ok(_) => {}
             Err(mpsc::RecvTimeoutError::Timeout) => {
@@ -728,7 +825,7 @@ fn serve(sh: &Shared, slot: usize, live: &mut Live, rx: &mpsc::Receiver<Event>) 
                     continue;
                 }
                 if head_since.is_some_and(|t| now >= t + timeout) {
-                    sh.totals.lock().expect("totals lock").timeouts += 1;
+                    lock(&sh.totals).timeouts += 1;
                     let n = sh.consecutive_timeouts.fetch_add(1, Ordering::SeqCst) + 1;
                     let max = sh.settings.max_consecutive_timeouts;
                     if max > 0 && n >= max {
@@ -743,13 +840,14 @@ fn serve(sh: &Shared, slot: usize, live: &mut Live, rx: &mpsc::Receiver<Event>) 
                             ),
                         );
                     }
-                    spawn::kill_group(live.pid);
+                    // Stop the model now; the slot reaps it after settling the case.
+                    live.handle.kill();
                     lose(sh, slot, live, &mut held, Cause::Timeout(timeout));
                     return (healthy, End::Killed);
                 }
-                if now >= last_heard + SILENCE {
-                    spawn::kill_group(live.pid);
-                    lose(sh, slot, live, &mut held, Cause::Silent(SILENCE));
+                if now >= last_heard + silence {
+                    live.handle.kill();
+                    lose(sh, slot, live, &mut held, Cause::Silent(silence));
                     return (healthy, End::Killed);
                 }
             }
@@ -788,7 +886,7 @@ fn pop_head(held: &mut std::collections::VecDeque<Task>, id: u64) -> Option<Task
 }
 
 fn reply_failed(sh: &Shared, t: Task, stage: Stage, reason: String) {
-    sh.totals.lock().expect("totals lock").failed += 1;
+    lock(&sh.totals).failed += 1;
     let _ = t.reply.send(Outcome::Failed(Failure {
         case: t.case,
         stage,
@@ -798,12 +896,15 @@ fn reply_failed(sh: &Shared, t: Task, stage: Stage, reason: String) {
 }
 
 /// Count a bad attempt against a task: retry it (front of the queue) or fail it.
-fn settle(sh: &Shared, mut task: Task, cause: Cause, pid: u32) {
+fn settle(sh: &Shared, mut task: Task, cause: Cause, pid: Option<u32>) {
     task.attempts += 1;
     let limit = cause.limit(sh.settings.max_attempts);
     let what = cause.describe();
-    task.history
-        .push(format!("attempt {} (pid {pid}): {what}", task.attempts));
+    task.history.push(format!(
+        "attempt {} (pid {}): {what}",
+        task.attempts,
+        Pid(pid)
+    ));
     if task.attempts < limit && !shutting_down(sh) && aborted(sh).is_none() {
         tracing::warn!(
             case = task.case,
@@ -811,7 +912,7 @@ fn settle(sh: &Shared, mut task: Task, cause: Cause, pid: u32) {
             limit,
             "{what}; retrying"
         );
-        sh.totals.lock().expect("totals lock").retries += 1;
+        lock(&sh.totals).retries += 1;
         requeue(sh, task);
         sh.wake_all();
     } else {
@@ -833,7 +934,7 @@ fn settle(sh: &Shared, mut task: Task, cause: Cause, pid: u32) {
 /// (checked under the queue lock, which [`abort`] takes after setting its reason, so no
 /// task can slip into a queue nobody serves any more).
 pub(crate) fn requeue(sh: &Shared, t: Task) {
-    let mut q = sh.queue.lock().expect("queue lock");
+    let mut q = lock(&sh.queue);
     match aborted(sh) {
         None => q.push_front(t),
         Some(why) => {
@@ -883,12 +984,8 @@ pub(crate) fn probe(
 ) -> Result<(crate::sandbox::Report, ProbeReport), PoolError> {
     // The slot thread owns the worker; it sends the probe when it holds no case.
     let (tx, rx) = mpsc::channel();
-    *sh.probe_req.lock().expect("probe lock") = Some((probe, tx));
-    let _ = sh.slots[slot]
-        .tx
-        .lock()
-        .expect("slot tx lock")
-        .send(Event::Wake);
+    *lock(&sh.probe_req) = Some((probe, tx));
+    let _ = sh.slots[slot].tx.send(Event::Wake);
     rx.recv_timeout(Duration::from_secs(30))
         .map_err(|_| PoolError::Startup("the self-check worker did not answer".into()))?
 }
