@@ -17,6 +17,7 @@ use crate::dataset;
 use crate::evaluation::{fixed, Evaluation, RunMeta};
 use crate::exec::InProcess;
 use crate::infer::Model;
+use crate::metrics::aggregate::Metric;
 use crate::metrics::EvalSpec;
 use crate::pipeline::{self, Progress};
 use crate::submission;
@@ -310,17 +311,17 @@ pub fn print_headline(eval: &Evaluation) {
         let Some(s) = eval.summary.per_class.get(&c.label) else {
             continue;
         };
-        let get = |k: &str, d| fixed(s.get(k).map_or(f64::NAN, |s| s.mean), d);
-        let dice = s.get("Dice");
+        let get = |k: Metric, d| fixed(s.get(&k).map_or(f64::NAN, |s| s.mean), d);
+        let dice = s.get(&Metric::Dice);
         println!(
             "  {:<12} Dice {} (95% CI {}-{})  IoU {}  HD95 {} mm  NSD {}",
             c.name,
-            get("Dice", 4),
+            get(Metric::Dice, 4),
             fixed(dice.map_or(f64::NAN, |s| s.ci95_low), 4),
             fixed(dice.map_or(f64::NAN, |s| s.ci95_high), 4),
-            get("IoU", 4),
-            get("HD95", 2),
-            get("NSD", 4),
+            get(Metric::IoU, 4),
+            get(Metric::Hd95, 2),
+            get(Metric::Nsd, 4),
         );
     }
     if let Some(p) = &eval.summary.patient {

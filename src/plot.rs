@@ -13,7 +13,7 @@ use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use crate::evaluation::Evaluation;
-use crate::metrics::aggregate::{class_value, percentile_sorted};
+use crate::metrics::aggregate::{class_value, percentile_sorted, Metric};
 
 /// DejaVu Sans (Bitstream Vera licence, see `assets/fonts/LICENSE-DejaVu.txt`).
 static FONT: &[u8] = include_bytes!("../assets/fonts/DejaVuSans.ttf");
@@ -69,7 +69,7 @@ fn dice_of(eval: &Evaluation, class_index: usize) -> Vec<f64> {
     eval.cases
         .iter()
         .filter_map(|c| c.classes.get(class_index))
-        .filter_map(|m| class_value(m, "Dice"))
+        .filter_map(|m| class_value(m, Metric::Dice))
         .collect()
 }
 

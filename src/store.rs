@@ -35,7 +35,7 @@ use std::collections::BTreeMap;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row};
 
 use crate::evaluation::{Evaluation, Failure};
-use crate::metrics::aggregate::Stats;
+use crate::metrics::aggregate::{Metric, Stats};
 
 /// Database file name inside `state_dir`.
 pub const DB_FILE: &str = "evald.db";
@@ -307,11 +307,13 @@ mod nan_null {
 
         use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+        use crate::metrics::aggregate::Metric;
+
         pub fn serialize<S: Serializer>(
-            m: &BTreeMap<String, f64>,
+            m: &BTreeMap<Metric, f64>,
             s: S,
         ) -> Result<S::Ok, S::Error> {
-            let o: BTreeMap<&String, Option<f64>> = m
+            let o: BTreeMap<&Metric, Option<f64>> = m
                 .iter()
                 .map(|(k, v)| (k, v.is_finite().then_some(*v)))
                 .collect();
@@ -320,8 +322,8 @@ mod nan_null {
 
         pub fn deserialize<'de, D: Deserializer<'de>>(
             d: D,
-        ) -> Result<BTreeMap<String, f64>, D::Error> {
-            let o = BTreeMap::<String, Option<f64>>::deserialize(d)?;
+        ) -> Result<BTreeMap<Metric, f64>, D::Error> {
+            let o = BTreeMap::<Metric, Option<f64>>::deserialize(d)?;
             Ok(o.into_iter()
                 .map(|(k, v)| (k, v.unwrap_or(f64::NAN)))
                 .collect())
@@ -433,12 +435,12 @@ pub struct Statistics {
     pub classes: Vec<StoredClass>,
     /// Per class label: metric key (`Dice`, `IoU`, `HD95`, `NSD`, ...) -> statistics, for
     /// every metric the evaluation computed.
-    pub per_class: BTreeMap<u8, BTreeMap<String, StoredStats>>,
+    pub per_class: BTreeMap<u8, BTreeMap<Metric, StoredStats>>,
     /// nnU-Net's `foreground_mean`: metric key -> mean over classes of the class means.
     #[serde(with = "nan_null::map")]
-    pub foreground_mean: BTreeMap<String, f64>,
+    pub foreground_mean: BTreeMap<Metric, f64>,
     /// Statistics over cases of each case's mean over classes.
-    pub foreground: BTreeMap<String, StoredStats>,
+    pub foreground: BTreeMap<Metric, StoredStats>,
     /// Patient-level diagnosis, when the task names a positive class.
     pub patient: Option<StoredPatient>,
 }
@@ -469,9 +471,9 @@ impl EvaluationResults {
     /// What the store keeps of `eval`.
     pub fn of(eval: &Evaluation) -> Self {
         let s = &eval.summary;
-        let stats = |m: &BTreeMap<String, Stats>| {
+        let stats = |m: &BTreeMap<Metric, Stats>| {
             m.iter()
-                .map(|(k, v)| (k.clone(), StoredStats::from(v)))
+                .map(|(k, v)| (*k, StoredStats::from(v)))
                 .collect::<BTreeMap<_, _>>()
         };
         EvaluationResults {
@@ -514,11 +516,11 @@ impl EvaluationResults {
 
     /// Mean of `key` for class `label` over the scored cases (NaN when undefined or not
     /// computed).
-    pub fn mean(&self, label: u8, key: &str) -> f64 {
+    pub fn mean(&self, label: u8, metric: Metric) -> f64 {
         self.statistics
             .per_class
             .get(&label)
-            .and_then(|m| m.get(key))
+            .and_then(|m| m.get(&metric))
             .map_or(f64::NAN, |s| s.mean)
     }
 
@@ -1902,16 +1904,10 @@ mod tests {
                 }],
                 per_class: BTreeMap::from([(
                     1,
-                    BTreeMap::from([
-                        ("Dice".to_string(), stats(dice)),
-                        ("HD95".to_string(), stats(f64::NAN)),
-                    ]),
+                    BTreeMap::from([(Metric::Dice, stats(dice)), (Metric::Hd95, stats(f64::NAN))]),
                 )]),
-                foreground_mean: BTreeMap::from([
-                    ("Dice".to_string(), dice),
-                    ("HD95".to_string(), f64::NAN),
-                ]),
-                foreground: BTreeMap::from([("Dice".to_string(), stats(dice))]),
+                foreground_mean: BTreeMap::from([(Metric::Dice, dice), (Metric::Hd95, f64::NAN)]),
+                foreground: BTreeMap::from([(Metric::Dice, stats(dice))]),
                 patient: Some(StoredPatient {
                     positive_class: 1,
                     min_positive_mm3: 10.0,
@@ -1978,7 +1974,7 @@ mod tests {
         assert!(same(&got.results, &want), "{:?}\n{want:?}", got.results);
         assert_eq!(got.queue_seq, r.queue_seq);
         assert!(
-            got.results.mean(1, "HD95").is_nan(),
+            got.results.mean(1, Metric::Hd95).is_nan(),
             "undefined stays undefined"
         );
         assert_eq!(
@@ -2019,7 +2015,7 @@ mod tests {
         let other = report(&mut s, "/d/t/zeta/v1", "zeta", 0.7, "set1");
         let v2 = report(&mut s, "/d/t/acme/v2", "acme", 0.6, "set1");
         let (p, r) = s.previous_results(v2).unwrap().expect("v1");
-        assert_eq!((p.id, r.results.mean(1, "Dice")), (v1, 0.5));
+        assert_eq!((p.id, r.results.mean(1, Metric::Dice)), (v1, 0.5));
         assert!(
             s.previous_results(other).unwrap().is_none(),
             "another vendor's"

@@ -270,7 +270,12 @@ fn recent_result(store: &Store, s: &Submission) -> Result<Option<RecentResult>> 
     let classes = &r.statistics.classes;
     let dice = classes
         .iter()
-        .map(|c| (c.name.clone(), finite(r.mean(c.label, "Dice"))))
+        .map(|c| {
+            (
+                c.name.clone(),
+                finite(r.mean(c.label, crate::metrics::aggregate::Metric::Dice)),
+            )
+        })
         .collect();
     let mut line = format!(
         "Dice {}; {}/{} cases scored",
@@ -279,7 +284,10 @@ fn recent_result(store: &Store, s: &Submission) -> Result<Option<RecentResult>> 
             .map(|c| format!(
                 "{} {}",
                 c.name,
-                crate::evaluation::fixed(r.mean(c.label, "Dice"), 3)
+                crate::evaluation::fixed(
+                    r.mean(c.label, crate::metrics::aggregate::Metric::Dice),
+                    3
+                )
             ))
             .collect::<Vec<_>>()
             .join(", "),
@@ -295,7 +303,9 @@ fn recent_result(store: &Store, s: &Submission) -> Result<Option<RecentResult>> 
             classes
                 .iter()
                 .map(|c| {
-                    let d = r.mean(c.label, "Dice") - pr.results.mean(c.label, "Dice");
+                    let d = r.mean(c.label, crate::metrics::aggregate::Metric::Dice)
+                        - pr.results
+                            .mean(c.label, crate::metrics::aggregate::Metric::Dice);
                     (c.name.clone(), finite(d))
                 })
                 .collect()

@@ -191,34 +191,6 @@ pub(crate) fn delivered(
     Ok(())
 }
 
-/// One line for logs, `evald status` and systemd's STATUS.
-pub(crate) fn headline(eval: &Evaluation) -> String {
-    let mut parts = Vec::new();
-    for c in &eval.spec.classes {
-        let dice = eval
-            .summary
-            .per_class
-            .get(&c.label)
-            .and_then(|m| m.get("Dice"))
-            .map_or(f64::NAN, |s| s.mean);
-        if dice.is_finite() {
-            parts.push(format!("{} {dice:.3}", c.name));
-        } else {
-            parts.push(format!("{} n/a", c.name));
-        }
-    }
-    let mut line = format!(
-        "Dice {}; {}/{} cases scored",
-        parts.join(", "),
-        eval.cases.len(),
-        eval.total_cases()
-    );
-    if let Some(why) = &eval.meta.stopped_early {
-        line.push_str(&format!("; stopped early: {why}"));
-    }
-    line
-}
-
 /// Evaluate one running submission (blocking; on the evaluation thread).
 fn evaluate(
     sub: &Submission,
@@ -686,7 +658,7 @@ async fn finish(
             let o = ReportedOutcome {
                 cases_scored: eval.cases.len() as u64,
                 cases_failed: eval.failures.len() as u64,
-                headline: headline(&eval),
+                headline: eval.status_line(),
                 summary_path: summary.clone(),
                 report_path: report.clone(),
                 results: EvaluationResults::of(&eval),

@@ -6,7 +6,7 @@ pub mod summary;
 
 use std::path::PathBuf;
 
-use crate::metrics::aggregate::{self, Summary};
+use crate::metrics::aggregate::{self, mean_defined, Metric, Summary};
 use crate::metrics::{CaseMetrics, EvalSpec};
 
 /// The time now as every output writes it (`started`, `finished`): RFC 3339 UTC to the
@@ -185,5 +185,79 @@ pub fn fixed(v: f64, d: usize) -> String {
         format!("{v:.d$}")
     } else {
         "n/a".into()
+    }
+}
+
+impl Evaluation {
+    /// The mean over cases of `metric` for the class `label` (NaN when undefined or not
+    /// computed).
+    pub fn class_mean(&self, label: u8, metric: Metric) -> f64 {
+        self.summary
+            .per_class
+            .get(&label)
+            .and_then(|m| m.get(&metric))
+            .map_or(f64::NAN, |s| s.mean)
+    }
+
+    /// The headline Dice: nnU-Net's foreground mean over classes (the class mean with one
+    /// class). When a class has no defined Dice in any case the foreground mean is undefined
+    /// (as in nnU-Net); the headline then averages the classes that have one, and says so.
+    pub fn headline_dice(&self) -> (f64, &'static str) {
+        let eval = self;
+        if eval.spec.classes.len() == 1 {
+            return (
+                eval.class_mean(eval.spec.classes[0].label, Metric::Dice),
+                "Dice, mean",
+            );
+        }
+        let fg = eval
+            .summary
+            .foreground_mean
+            .get(&Metric::Dice)
+            .copied()
+            .unwrap_or(f64::NAN);
+        if fg.is_finite() {
+            return (fg, "Dice, foreground mean");
+        }
+        let m = mean_defined(
+            eval.spec
+                .classes
+                .iter()
+                .map(|c| eval.class_mean(c.label, Metric::Dice)),
+        );
+        if m.is_nan() {
+            (f64::NAN, "Dice")
+        } else {
+            (m, "Dice, mean of classes with a defined Dice")
+        }
+    }
+
+    /// One line for logs, `evald status` and systemd's STATUS.
+    pub fn status_line(&self) -> String {
+        let eval = self;
+        let mut parts = Vec::new();
+        for c in &eval.spec.classes {
+            let dice = eval
+                .summary
+                .per_class
+                .get(&c.label)
+                .and_then(|m| m.get(&Metric::Dice))
+                .map_or(f64::NAN, |s| s.mean);
+            if dice.is_finite() {
+                parts.push(format!("{} {dice:.3}", c.name));
+            } else {
+                parts.push(format!("{} n/a", c.name));
+            }
+        }
+        let mut line = format!(
+            "Dice {}; {}/{} cases scored",
+            parts.join(", "),
+            eval.cases.len(),
+            eval.total_cases()
+        );
+        if let Some(why) = &eval.meta.stopped_early {
+            line.push_str(&format!("; stopped early: {why}"));
+        }
+        line
     }
 }

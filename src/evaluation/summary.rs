@@ -9,7 +9,7 @@ use std::path::Path;
 use serde_json::{json, Map, Value};
 
 use super::Evaluation;
-use crate::metrics::aggregate::{class_value, CLASS_KEYS};
+use crate::metrics::aggregate::{class_value, Metric};
 
 /// The conventions used, named in every output.
 pub fn conventions(eval: &Evaluation) -> Value {
@@ -47,10 +47,11 @@ fn num(v: f64) -> Value {
     }
 }
 
-fn int_or_num(key: &str, v: f64) -> Value {
+fn int_or_num(key: Metric, v: f64) -> Value {
+    use Metric::*;
     if matches!(
         key,
-        "TP" | "FP" | "FN" | "TN" | "n_pred" | "n_ref" | "LesionTP" | "LesionFP" | "LesionFN"
+        TP | FP | FN | TN | NPred | NRef | LesionTP | LesionFP | LesionFN
     ) && v.is_finite()
     {
         json!(v as u64)
@@ -60,12 +61,14 @@ fn int_or_num(key: &str, v: f64) -> Value {
 }
 
 /// `{metric: {n, n_nan, mean, std, median, p25, p75, min, max, ci95}}`.
-fn stats_json(by_key: &std::collections::BTreeMap<String, super::aggregate::Stats>) -> Value {
+fn stats_json(
+    by_key: &std::collections::BTreeMap<Metric, crate::metrics::aggregate::Stats>,
+) -> Value {
     let m: Map<String, Value> = by_key
         .iter()
         .map(|(k, s)| {
             (
-                k.clone(),
+                k.key().to_string(),
                 json!({"n": s.n, "n_nan": s.n_nan, "mean": num(s.mean), "std": num(s.std),
                        "median": num(s.median), "p25": num(s.p25), "p75": num(s.p75),
                        "min": num(s.min), "max": num(s.max),
@@ -83,9 +86,9 @@ pub fn to_json(eval: &Evaluation) -> Value {
         let mut metrics = Map::new();
         for m in &cm.classes {
             let mut d = Map::new();
-            for &key in CLASS_KEYS {
+            for key in Metric::ALL {
                 if let Some(v) = class_value(m, key) {
-                    d.insert(key.to_string(), int_or_num(key, v));
+                    d.insert(key.key().to_string(), int_or_num(key, v));
                 }
             }
             metrics.insert(m.label.to_string(), Value::Object(d));
@@ -101,7 +104,7 @@ pub fn to_json(eval: &Evaluation) -> Value {
     for (label, by_key) in &eval.summary.per_class {
         let m: Map<String, Value> = by_key
             .iter()
-            .map(|(k, s)| (k.clone(), num(s.mean)))
+            .map(|(k, s)| (k.key().to_string(), num(s.mean)))
             .collect();
         mean.insert(label.to_string(), Value::Object(m));
         stats.insert(label.to_string(), stats_json(by_key));
@@ -115,7 +118,7 @@ pub fn to_json(eval: &Evaluation) -> Value {
         .summary
         .foreground_mean
         .iter()
-        .map(|(k, v)| (k.clone(), num(*v)))
+        .map(|(k, v)| (k.key().to_string(), num(*v)))
         .collect();
     let labels: Vec<u8> = std::iter::once(0).chain(eval.spec.labels()).collect();
     let k = labels.len();

@@ -27,7 +27,7 @@ use lettre::Message;
 use crate::config::MailSettings;
 use crate::evaluation::fixed as f;
 use crate::evaluation::Evaluation;
-use crate::metrics::aggregate::{mean_defined, Stats};
+use crate::metrics::aggregate::{Metric, Stats};
 use crate::store::EvaluationResults;
 
 /// Content-ID of the inline plot.
@@ -73,9 +73,9 @@ pub struct Previous {
     /// Its submission name (folder), e.g. `v2`.
     pub submission: String,
     /// Per class label: metric key -> mean over cases (NaN when undefined).
-    pub means: BTreeMap<u8, BTreeMap<String, f64>>,
+    pub means: BTreeMap<u8, BTreeMap<Metric, f64>>,
     /// `foreground_mean`: metric key -> value.
-    pub foreground: BTreeMap<String, f64>,
+    pub foreground: BTreeMap<Metric, f64>,
     /// Patient-level (sensitivity, specificity), when computed.
     pub patient: Option<(f64, f64)>,
     /// Cases scored.
@@ -96,7 +96,7 @@ impl Previous {
             means: st
                 .per_class
                 .iter()
-                .map(|(l, m)| (*l, m.iter().map(|(k, s)| (k.clone(), s.mean)).collect()))
+                .map(|(l, m)| (*l, m.iter().map(|(k, s)| (*k, s.mean)).collect()))
                 .collect(),
             foreground: st.foreground_mean.clone(),
             patient: st.patient.map(|p| (p.sensitivity, p.specificity)),
@@ -111,10 +111,10 @@ impl Previous {
         !self.testset_hash.is_empty() && self.testset_hash == eval.meta.dataset_hash
     }
 
-    fn mean(&self, label: u8, key: &str) -> f64 {
+    fn mean(&self, label: u8, key: Metric) -> f64 {
         self.means
             .get(&label)
-            .and_then(|m| m.get(key))
+            .and_then(|m| m.get(&key))
             .copied()
             .unwrap_or(f64::NAN)
     }
@@ -181,41 +181,12 @@ pub struct Composed {
     pub label: String,
 }
 
-fn stat<'a>(eval: &'a Evaluation, label: u8, key: &str) -> Option<&'a Stats> {
-    eval.summary.per_class.get(&label)?.get(key)
+fn stat(eval: &Evaluation, label: u8, key: Metric) -> Option<&Stats> {
+    eval.summary.per_class.get(&label)?.get(&key)
 }
 
-fn mean(eval: &Evaluation, label: u8, key: &str) -> f64 {
+fn mean(eval: &Evaluation, label: u8, key: Metric) -> f64 {
     stat(eval, label, key).map_or(f64::NAN, |s| s.mean)
-}
-
-/// The headline Dice: nnU-Net's foreground mean over classes (the class mean with one
-/// class). When a class has no defined Dice in any case the foreground mean is undefined
-/// (as in nnU-Net); the headline then averages the classes that have one, and says so.
-pub fn headline_dice(eval: &Evaluation) -> (f64, &'static str) {
-    if eval.spec.classes.len() == 1 {
-        return (mean(eval, eval.spec.classes[0].label, "Dice"), "Dice, mean");
-    }
-    let fg = eval
-        .summary
-        .foreground_mean
-        .get("Dice")
-        .copied()
-        .unwrap_or(f64::NAN);
-    if fg.is_finite() {
-        return (fg, "Dice, foreground mean");
-    }
-    let m = mean_defined(
-        eval.spec
-            .classes
-            .iter()
-            .map(|c| mean(eval, c.label, "Dice")),
-    );
-    if m.is_nan() {
-        (f64::NAN, "Dice")
-    } else {
-        (m, "Dice, mean of classes with a defined Dice")
-    }
 }
 
 /// The class the subject names beside the headline: the patient-level class when set
@@ -232,12 +203,12 @@ fn focus_class(eval: &Evaluation) -> Option<(String, f64)> {
             eval.spec
                 .classes
                 .iter()
-                .map(|c| (c.label, mean(eval, c.label, "Dice")))
+                .map(|c| (c.label, mean(eval, c.label, Metric::Dice)))
                 .filter(|(_, d)| d.is_finite())
                 .min_by(|a, b| a.1.total_cmp(&b.1))
                 .map(|(l, _)| l)
         })?;
-    Some((eval.class_name(pick), mean(eval, pick, "Dice")))
+    Some((eval.class_name(pick), mean(eval, pick, Metric::Dice)))
 }
 
 /// `[evald] thyroid-ca / acme / v3: Dice 0.912 (nodule 0.81), 300/300 cases`.
@@ -250,7 +221,7 @@ pub fn subject(eval: &Evaluation) -> String {
     let mut s = format!(
         "[evald] {}: Dice {}",
         eval.who(),
-        f(headline_dice(eval).0, 3)
+        f(eval.headline_dice().0, 3)
     );
     if let Some((name, d)) = focus_class(eval) {
         let _ = write!(s, " ({name} {})", f(d, 2));
@@ -303,12 +274,12 @@ fn human_bytes(n: u64) -> String {
 }
 
 /// Is a higher value better for this metric? (For the colour of a change.)
-fn higher_is_better(key: &str) -> bool {
-    !matches!(key, "HD" | "HD95" | "HD95_pooled" | "ASSD")
+fn higher_is_better(key: Metric) -> bool {
+    !key.is_distance()
 }
 
 /// A signed change with its direction: ("+0.012", Some(true)) when better.
-fn change(now: f64, before: f64, key: &str, d: usize) -> (String, Option<bool>) {
+fn change(now: f64, before: f64, key: Metric, d: usize) -> (String, Option<bool>) {
     if !(now.is_finite() && before.is_finite()) {
         return ("n/a".into(), None);
     }
@@ -355,7 +326,7 @@ struct ClassRow {
     dice_ci: (f64, f64),
 }
 
-const HEAD_KEYS: [&str; 4] = ["Dice", "IoU", "HD95", "NSD"];
+const HEAD_KEYS: [Metric; 4] = [Metric::Dice, Metric::IoU, Metric::Hd95, Metric::Nsd];
 const HEAD_DECIMALS: [usize; 4] = [3, 3, 2, 3];
 
 fn facts(eval: &Evaluation) -> Facts {
@@ -364,7 +335,7 @@ fn facts(eval: &Evaluation) -> Facts {
         .classes
         .iter()
         .map(|c| {
-            let d = stat(eval, c.label, "Dice");
+            let d = stat(eval, c.label, Metric::Dice);
             ClassRow {
                 label: c.label,
                 name: c.name.clone(),
@@ -378,7 +349,7 @@ fn facts(eval: &Evaluation) -> Facts {
     let foreground = HEAD_KEYS.map(|k| {
         eval.summary
             .foreground_mean
-            .get(k)
+            .get(&k)
             .copied()
             .unwrap_or(f64::NAN)
     });
@@ -557,11 +528,11 @@ fn text_body(
                 .iter()
                 .enumerate()
                 .filter_map(|(i, key)| {
-                    let before = prev.mean(r.label, key);
+                    let before = prev.mean(r.label, *key);
                     if !(before.is_finite() || r.means[i].is_finite()) {
                         return None;
                     }
-                    let (delta, _) = change(r.means[i], before, key, HEAD_DECIMALS[i]);
+                    let (delta, _) = change(r.means[i], before, *key, HEAD_DECIMALS[i]);
                     Some(format!(
                         "{key} {} -> {} ({delta})",
                         f(before, HEAD_DECIMALS[i]),
@@ -649,7 +620,7 @@ const TD_L: &str = "padding:6px 10px;border-bottom:1px solid #e4e8ee;text-align:
 const H2: &str = "font-size:16px;margin:26px 0 8px;color:#1f2328;";
 const MUTED: &str = "color:#57606a;";
 
-fn delta_html(now: f64, before: f64, key: &str, d: usize) -> String {
+fn delta_html(now: f64, before: f64, key: Metric, d: usize) -> String {
     let (text, better) = change(now, before, key, d);
     let (color, arrow) = match better {
         Some(true) => ("#1a7f37", "&#9650; "),
@@ -725,7 +696,7 @@ fn html_body(
             escape(sub)
         );
     };
-    let (headline, dice_label) = headline_dice(eval);
+    let (headline, dice_label) = eval.headline_dice();
     tile(
         &mut h,
         dice_label,
@@ -789,7 +760,7 @@ fn html_body(
             let _ = write!(
                 h,
                 "<td style=\"{TD}\">{}</td>",
-                delta_html(r.means[0], p.mean(r.label, "Dice"), "Dice", 3)
+                delta_html(r.means[0], p.mean(r.label, Metric::Dice), Metric::Dice, 3)
             );
         }
         h.push_str("</tr>\n");
@@ -809,8 +780,8 @@ fn html_body(
                 "<td style=\"{TD}\">{}</td>",
                 delta_html(
                     fx.foreground[0],
-                    p.foreground.get("Dice").copied().unwrap_or(f64::NAN),
-                    "Dice",
+                    p.foreground.get(&Metric::Dice).copied().unwrap_or(f64::NAN),
+                    Metric::Dice,
                     3
                 )
             );
@@ -882,7 +853,11 @@ fn html_body(
         h.push_str("<table cellspacing=\"0\" cellpadding=\"0\" style=\"border-collapse:collapse;\">\n<thead><tr>");
         let _ = write!(h, "<th style=\"{TH_L}\">Class</th>");
         for &i in &keys {
-            let unit = if HEAD_KEYS[i] == "HD95" { " (mm)" } else { "" };
+            let unit = if HEAD_KEYS[i] == Metric::Hd95 {
+                " (mm)"
+            } else {
+                ""
+            };
             let _ = write!(
                 h,
                 "<th style=\"{TH}\">{}{unit}<br/><span style=\"font-weight:400;{MUTED}font-size:12px;\">{} &#8594; {}</span></th>",
@@ -913,10 +888,10 @@ fn html_body(
                 "<p style=\"margin:8px 0 0;\">Patient level: sensitivity {} &#8594; {} ({}) &#183; specificity {} &#8594; {} ({})</p>",
                 f(s0, 3),
                 f(p.sensitivity, 3),
-                delta_html(p.sensitivity, s0, "sensitivity", 3),
+                delta_html(p.sensitivity, s0, Metric::Sensitivity, 3),
                 f(p0, 3),
                 f(p.specificity, 3),
-                delta_html(p.specificity, p0, "specificity", 3)
+                delta_html(p.specificity, p0, Metric::Specificity, 3)
             );
         }
     }
@@ -1189,10 +1164,16 @@ mod tests {
 
     #[test]
     fn change_direction_follows_the_metric() {
-        assert_eq!(change(0.9, 0.8, "Dice", 3), ("+0.100".into(), Some(true)));
-        assert_eq!(change(3.0, 2.0, "HD95", 2), ("+1.00".into(), Some(false)));
-        assert_eq!(change(0.8, 0.8, "Dice", 3).1, None);
-        assert_eq!(change(f64::NAN, 0.8, "Dice", 3).0, "n/a");
+        assert_eq!(
+            change(0.9, 0.8, Metric::Dice, 3),
+            ("+0.100".into(), Some(true))
+        );
+        assert_eq!(
+            change(3.0, 2.0, Metric::Hd95, 2),
+            ("+1.00".into(), Some(false))
+        );
+        assert_eq!(change(0.8, 0.8, Metric::Dice, 3).1, None);
+        assert_eq!(change(f64::NAN, 0.8, Metric::Dice, 3).0, "n/a");
     }
 
     #[test]
@@ -1213,10 +1194,7 @@ mod tests {
         };
         per_class.insert(
             1u8,
-            BTreeMap::from([
-                ("Dice".to_string(), st(0.5)),
-                ("HD95".to_string(), st(f64::NAN)),
-            ]),
+            BTreeMap::from([(Metric::Dice, st(0.5)), (Metric::Hd95, st(f64::NAN))]),
         );
         let r = EvaluationResults {
             model_sha256: None,
@@ -1235,9 +1213,9 @@ mod tests {
             failures: Vec::new(),
         };
         let p = Previous::from_results("v1", &r);
-        assert_eq!(p.mean(1, "Dice"), 0.5);
-        assert!(p.mean(1, "HD95").is_nan());
-        assert!(p.mean(2, "Dice").is_nan());
+        assert_eq!(p.mean(1, Metric::Dice), 0.5);
+        assert!(p.mean(1, Metric::Hd95).is_nan());
+        assert!(p.mean(2, Metric::Dice).is_nan());
         assert_eq!((p.cases_scored, p.cases_failed), (3, 1));
         assert!(p.patient.is_none());
     }

@@ -9,66 +9,191 @@ use std::collections::BTreeMap;
 
 use super::{CaseMetrics, ClassMetrics, EvalSpec};
 
-/// Per-class scalar metrics, in report/summary order, with their `summary.json` keys.
-pub const CLASS_KEYS: &[&str] = &[
-    "Dice",
-    "IoU",
-    "TP",
-    "FP",
-    "FN",
-    "TN",
-    "n_pred",
-    "n_ref",
-    "Sensitivity",
-    "Specificity",
-    "Precision",
-    "VolRef_ml",
-    "VolPred_ml",
-    "RelVolDiff",
-    "HD",
-    "HD95",
-    "HD95_pooled",
-    "ASSD",
-    "NSD",
-    "NSD_voxel",
-    "LesionTP",
-    "LesionFP",
-    "LesionFN",
-    "LesionF1",
-];
+/// A per-class metric: the one name for it in every output (its `summary.json` key, the
+/// report's column, the email's table), in report order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Metric {
+    /// 2TP / (2TP + FP + FN).
+    Dice,
+    /// TP / (TP + FP + FN).
+    IoU,
+    /// True-positive voxels.
+    TP,
+    /// False-positive voxels.
+    FP,
+    /// False-negative voxels.
+    FN,
+    /// True-negative voxels.
+    TN,
+    /// Predicted voxels of the class.
+    NPred,
+    /// Reference voxels of the class.
+    NRef,
+    /// TP / (TP + FN).
+    Sensitivity,
+    /// TN / (TN + FP).
+    Specificity,
+    /// TP / (TP + FP).
+    Precision,
+    /// Reference volume, ml.
+    VolRefMl,
+    /// Predicted volume, ml.
+    VolPredMl,
+    /// (pred - ref) / ref volume.
+    RelVolDiff,
+    /// Hausdorff distance, mm.
+    Hd,
+    /// 95th-percentile Hausdorff distance (MONAI), mm.
+    Hd95,
+    /// 95th-percentile Hausdorff distance, both directions pooled (MedPy), mm.
+    Hd95Pooled,
+    /// Average symmetric surface distance, mm.
+    Assd,
+    /// Normalised surface Dice (DeepMind surfels).
+    Nsd,
+    /// Normalised surface Dice on edge voxels (MONAI).
+    NsdVoxel,
+    /// Matched lesions.
+    LesionTP,
+    /// Predicted lesions without a match.
+    LesionFP,
+    /// Reference lesions without a match.
+    LesionFN,
+    /// Lesion-wise F1.
+    LesionF1,
+}
 
-/// The value of `key` (one of [`CLASS_KEYS`]) for a class; `None` when the metric was not
-/// computed (surface off, not a lesion class), NaN when it is undefined.
-pub fn class_value(m: &ClassMetrics, key: &str) -> Option<f64> {
+impl Metric {
+    /// Every metric, in report order.
+    pub const ALL: [Metric; 24] = [
+        Metric::Dice,
+        Metric::IoU,
+        Metric::TP,
+        Metric::FP,
+        Metric::FN,
+        Metric::TN,
+        Metric::NPred,
+        Metric::NRef,
+        Metric::Sensitivity,
+        Metric::Specificity,
+        Metric::Precision,
+        Metric::VolRefMl,
+        Metric::VolPredMl,
+        Metric::RelVolDiff,
+        Metric::Hd,
+        Metric::Hd95,
+        Metric::Hd95Pooled,
+        Metric::Assd,
+        Metric::Nsd,
+        Metric::NsdVoxel,
+        Metric::LesionTP,
+        Metric::LesionFP,
+        Metric::LesionFN,
+        Metric::LesionF1,
+    ];
+
+    /// Its key in `summary.json` (nnU-Net's names where nnU-Net has the metric).
+    pub fn key(self) -> &'static str {
+        match self {
+            Metric::Dice => "Dice",
+            Metric::IoU => "IoU",
+            Metric::TP => "TP",
+            Metric::FP => "FP",
+            Metric::FN => "FN",
+            Metric::TN => "TN",
+            Metric::NPred => "n_pred",
+            Metric::NRef => "n_ref",
+            Metric::Sensitivity => "Sensitivity",
+            Metric::Specificity => "Specificity",
+            Metric::Precision => "Precision",
+            Metric::VolRefMl => "VolRef_ml",
+            Metric::VolPredMl => "VolPred_ml",
+            Metric::RelVolDiff => "RelVolDiff",
+            Metric::Hd => "HD",
+            Metric::Hd95 => "HD95",
+            Metric::Hd95Pooled => "HD95_pooled",
+            Metric::Assd => "ASSD",
+            Metric::Nsd => "NSD",
+            Metric::NsdVoxel => "NSD_voxel",
+            Metric::LesionTP => "LesionTP",
+            Metric::LesionFP => "LesionFP",
+            Metric::LesionFN => "LesionFN",
+            Metric::LesionF1 => "LesionF1",
+        }
+    }
+
+    /// The metric of a `summary.json` key.
+    pub fn parse(key: &str) -> Option<Metric> {
+        Metric::ALL.into_iter().find(|m| m.key() == key)
+    }
+
+    /// A distance in mm (lower is better).
+    pub fn is_distance(self) -> bool {
+        matches!(
+            self,
+            Metric::Hd | Metric::Hd95 | Metric::Hd95Pooled | Metric::Assd
+        )
+    }
+
+    /// A fraction in [0, 1] where higher is better (overlap and surface agreement).
+    pub fn is_score(self) -> bool {
+        matches!(
+            self,
+            Metric::Dice | Metric::IoU | Metric::Nsd | Metric::NsdVoxel
+        )
+    }
+}
+
+impl std::fmt::Display for Metric {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.key())
+    }
+}
+
+impl serde::Serialize for Metric {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.key())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Metric {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Metric::parse(&s).ok_or_else(|| serde::de::Error::custom(format!("unknown metric '{s}'")))
+    }
+}
+
+/// The value of `metric` for a class; `None` when it was not computed (surface off, not
+/// a lesion class), NaN when it is undefined.
+pub fn class_value(m: &ClassMetrics, metric: Metric) -> Option<f64> {
     let c = &m.counts;
     let s = m.surface.as_ref();
     let l = m.lesions.as_ref();
-    Some(match key {
-        "Dice" => c.dice(),
-        "IoU" => c.iou(),
-        "TP" => c.tp as f64,
-        "FP" => c.fp as f64,
-        "FN" => c.fn_ as f64,
-        "TN" => c.tn as f64,
-        "n_pred" => c.n_pred() as f64,
-        "n_ref" => c.n_ref() as f64,
-        "Sensitivity" => c.sensitivity(),
-        "Specificity" => c.specificity(),
-        "Precision" => c.precision(),
-        "VolRef_ml" => m.vol_ref_ml,
-        "VolPred_ml" => m.vol_pred_ml,
-        "RelVolDiff" => m.rel_vol_diff(),
-        "HD" => s?.hd,
-        "HD95" => s?.hd95,
-        "HD95_pooled" => s?.hd95_pooled,
-        "ASSD" => s?.assd,
-        "NSD" => s?.nsd,
-        "NSD_voxel" => s?.nsd_voxel,
-        "LesionTP" => f64::from(l?.tp),
-        "LesionFP" => f64::from(l?.fp),
-        "LesionFN" => f64::from(l?.fn_),
-        "LesionF1" => l?.f1,
-        _ => return None,
+    Some(match metric {
+        Metric::Dice => c.dice(),
+        Metric::IoU => c.iou(),
+        Metric::TP => c.tp as f64,
+        Metric::FP => c.fp as f64,
+        Metric::FN => c.fn_ as f64,
+        Metric::TN => c.tn as f64,
+        Metric::NPred => c.n_pred() as f64,
+        Metric::NRef => c.n_ref() as f64,
+        Metric::Sensitivity => c.sensitivity(),
+        Metric::Specificity => c.specificity(),
+        Metric::Precision => c.precision(),
+        Metric::VolRefMl => m.vol_ref_ml,
+        Metric::VolPredMl => m.vol_pred_ml,
+        Metric::RelVolDiff => m.rel_vol_diff(),
+        Metric::Hd => s?.hd,
+        Metric::Hd95 => s?.hd95,
+        Metric::Hd95Pooled => s?.hd95_pooled,
+        Metric::Assd => s?.assd,
+        Metric::Nsd => s?.nsd,
+        Metric::NsdVoxel => s?.nsd_voxel,
+        Metric::LesionTP => f64::from(l?.tp),
+        Metric::LesionFP => f64::from(l?.fp),
+        Metric::LesionFN => f64::from(l?.fn_),
+        Metric::LesionF1 => l?.f1,
     })
 }
 
@@ -250,12 +375,12 @@ pub struct PatientLevel {
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Summary {
     /// Per class label: metric key -> statistics (keys that were computed).
-    pub per_class: BTreeMap<u8, BTreeMap<String, Stats>>,
+    pub per_class: BTreeMap<u8, BTreeMap<Metric, Stats>>,
     /// nnU-Net `foreground_mean`: plain mean over classes of the per-class means.
-    pub foreground_mean: BTreeMap<String, f64>,
+    pub foreground_mean: BTreeMap<Metric, f64>,
     /// Statistics over cases of each case's mean over classes (NaN classes excluded), for
     /// the keys of `foreground_mean`.
-    pub foreground: BTreeMap<String, Stats>,
+    pub foreground: BTreeMap<Metric, Stats>,
     /// Summed voxel confusion matrix over `[0] + labels` (row = reference).
     pub confusion: Vec<u64>,
     /// Per class label: per-slice tallies.
@@ -279,13 +404,13 @@ pub fn summarize(cases: &[CaseMetrics], spec: &EvalSpec) -> Summary {
     let mut slices = BTreeMap::new();
     for (ci, c) in spec.classes.iter().enumerate() {
         let mut by_key = BTreeMap::new();
-        for &key in CLASS_KEYS {
+        for key in Metric::ALL {
             let vals: Vec<f64> = cases
                 .iter()
                 .filter_map(|cm| cm.classes.get(ci).and_then(|m| class_value(m, key)))
                 .collect();
             if !vals.is_empty() {
-                by_key.insert(key.to_string(), stats(&vals));
+                by_key.insert(key, stats(&vals));
             }
         }
         per_class.insert(c.label, by_key);
@@ -317,18 +442,18 @@ pub fn summarize(cases: &[CaseMetrics], spec: &EvalSpec) -> Summary {
                 .values()
                 .map(|m| m.get(key).map_or(f64::NAN, |s| s.mean))
                 .collect();
-            foreground_mean.insert(key.clone(), means.iter().sum::<f64>() / means.len() as f64);
+            foreground_mean.insert(*key, means.iter().sum::<f64>() / means.len() as f64);
         }
     }
     // Foreground statistics over cases: per case, the mean over classes of the defined
     // values (NaN classes excluded, NaN when none is defined), then the usual statistics.
     let mut foreground = BTreeMap::new();
-    for key in foreground_mean.keys() {
+    for &key in foreground_mean.keys() {
         let per_case: Vec<f64> = cases
             .iter()
             .map(|cm| mean_defined(cm.classes.iter().filter_map(|m| class_value(m, key))))
             .collect();
-        foreground.insert(key.clone(), stats(&per_case));
+        foreground.insert(key, stats(&per_case));
     }
     let mut confusion = vec![0u64; k * k];
     for cm in cases {

@@ -9,6 +9,7 @@
 //! Undefined Dice values are left out of every chart (they have no position on the axis);
 //! the Summary counts them.
 
+use crate::metrics::aggregate::Metric;
 use rust_xlsxwriter::{
     Chart, ChartFormat, ChartLine, ChartMarker, ChartMarkerType, ChartSolidFill, ChartType, Color,
     Worksheet, XlsxError,
@@ -49,7 +50,7 @@ pub(crate) fn bin_of(d: f64) -> usize {
 /// (reference volume, Dice) of every case with a defined Dice, per class.
 fn scatter_points(eval: &Evaluation, t: &CaseTable) -> Vec<Vec<(String, f64, f64)>> {
     let mut out = vec![Vec::new(); eval.spec.classes.len()];
-    let (Some(di), Some(vi)) = (t.key_index("Dice"), t.key_index("VolRef_ml")) else {
+    let (Some(di), Some(vi)) = (t.key_index(Metric::Dice), t.key_index(Metric::VolRefMl)) else {
         return out;
     };
     for (ci, ki, vals) in &t.rows {

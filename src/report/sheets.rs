@@ -7,12 +7,12 @@ use rust_xlsxwriter::{Image, Worksheet, XlsxError};
 
 use super::style::{self, color_scale, header, key_values, num, Styles};
 use crate::evaluation::Evaluation;
-use crate::metrics::aggregate::{class_value, Stats, CLASS_KEYS};
+use crate::metrics::aggregate::{class_value, Metric, Stats};
 
 /// Per case x class values of every computed key, shared by Cases and Charts.
 pub(crate) struct CaseTable {
-    /// Keys of [`CLASS_KEYS`] computed for at least one case and class, in that order.
-    pub keys: Vec<&'static str>,
+    /// Metrics computed for at least one case and class, in report order.
+    pub keys: Vec<Metric>,
     /// (case index, class index, value per key).
     pub rows: Vec<(usize, usize, Vec<Option<f64>>)>,
     /// Whether any class has lesion detection.
@@ -21,10 +21,9 @@ pub(crate) struct CaseTable {
 
 impl CaseTable {
     pub fn new(eval: &Evaluation) -> Self {
-        let keys: Vec<&'static str> = CLASS_KEYS
-            .iter()
-            .copied()
-            .filter(|k| {
+        let keys: Vec<Metric> = Metric::ALL
+            .into_iter()
+            .filter(|&k| {
                 eval.cases
                     .iter()
                     .any(|c| c.classes.iter().any(|m| class_value(m, k).is_some()))
@@ -33,7 +32,7 @@ impl CaseTable {
         let mut rows = Vec::new();
         for (i, c) in eval.cases.iter().enumerate() {
             for (j, m) in c.classes.iter().enumerate() {
-                rows.push((i, j, keys.iter().map(|k| class_value(m, k)).collect()));
+                rows.push((i, j, keys.iter().map(|&k| class_value(m, k)).collect()));
             }
         }
         let lesions = eval
@@ -48,17 +47,13 @@ impl CaseTable {
     }
 
     /// Column of `key` in the table's values, if computed.
-    pub fn key_index(&self, key: &str) -> Option<usize> {
-        self.keys.iter().position(|k| *k == key)
+    pub fn key_index(&self, key: Metric) -> Option<usize> {
+        self.keys.iter().position(|&k| k == key)
     }
 }
 
-fn mean_of<'a>(
-    eval: &'a Evaluation,
-    label: u8,
-    key: &str,
-) -> Option<&'a crate::metrics::aggregate::Stats> {
-    eval.summary.per_class.get(&label)?.get(key)
+fn mean_of(eval: &Evaluation, label: u8, key: Metric) -> Option<&Stats> {
+    eval.summary.per_class.get(&label)?.get(&key)
 }
 
 /// The Summary sheet.
@@ -124,10 +119,10 @@ pub(crate) fn summary(
     )?;
     r += 1;
     let head_keys = [
-        ("Dice", false),
-        ("IoU", false),
-        ("HD95", true),
-        ("NSD", false),
+        (Metric::Dice, false),
+        (Metric::IoU, false),
+        (Metric::Hd95, true),
+        (Metric::Nsd, false),
     ];
     let mut cols = vec!["Class", "Label", "Cases"];
     let names: Vec<String> = head_keys
@@ -149,9 +144,9 @@ pub(crate) fn summary(
         r += 1;
         ws.write_string(r, 0, &c.name)?;
         ws.write_number(r, 1, c.label)?;
-        let dice = mean_of(eval, c.label, "Dice");
+        let dice = mean_of(eval, c.label, Metric::Dice);
         num(ws, r, 2, dice.map(|s| s.n as f64), &st.int)?;
-        for (i, (k, _)) in head_keys.iter().enumerate() {
+        for (i, &(k, _)) in head_keys.iter().enumerate() {
             let s = mean_of(eval, c.label, k);
             let f = st.for_key(k);
             let col = 3 + 3 * i as u16;
@@ -164,8 +159,8 @@ pub(crate) fn summary(
     if eval.spec.classes.len() > 1 {
         r += 1;
         ws.write_string_with_format(r, 0, "foreground mean", &st.key)?;
-        for (i, (k, _)) in head_keys.iter().enumerate() {
-            let v = eval.summary.foreground_mean.get(*k).copied();
+        for (i, &(k, _)) in head_keys.iter().enumerate() {
+            let v = eval.summary.foreground_mean.get(&k).copied();
             num(ws, r, 3 + 3 * i as u16, v, st.for_key(k))?;
         }
     }
@@ -206,8 +201,8 @@ pub(crate) fn summary(
         let Some(by_key) = eval.summary.per_class.get(&c.label) else {
             continue;
         };
-        for key in CLASS_KEYS {
-            let Some(s) = by_key.get(*key) else { continue };
+        for key in Metric::ALL {
+            let Some(s) = by_key.get(&key) else { continue };
             r += 1;
             ws.write_string(r, 0, &c.name)?;
             ws.write_number(r, 1, c.label)?;
@@ -216,8 +211,8 @@ pub(crate) fn summary(
     }
     // Each case's mean over classes, then statistics over cases: the same block as
     // summary.json's `statistics.foreground`. No label: it is not a class.
-    for key in CLASS_KEYS {
-        let Some(s) = eval.summary.foreground.get(*key) else {
+    for key in Metric::ALL {
+        let Some(s) = eval.summary.foreground.get(&key) else {
             continue;
         };
         r += 1;
@@ -345,7 +340,7 @@ pub(crate) fn cases(
     st: &Styles,
 ) -> Result<(), XlsxError> {
     let mut cols: Vec<&str> = vec!["case", "class", "label"];
-    cols.extend(t.keys.iter().copied());
+    cols.extend(t.keys.iter().map(|k| k.key()));
     let lesion_extra = ["LesionPrecision", "LesionRecall", "LesionMeanMatchedDice"];
     if t.lesions {
         cols.extend(lesion_extra);
@@ -372,7 +367,7 @@ pub(crate) fn cases(
         ws.write_string(r, 1, &class.name)?;
         ws.write_number(r, 2, class.label)?;
         for (i, (k, v)) in t.keys.iter().zip(vals).enumerate() {
-            num(ws, r, 3 + i as u16, *v, st.for_key(k))?;
+            num(ws, r, 3 + i as u16, *v, st.for_key(*k))?;
         }
         if t.lesions {
             let l = case.classes[*ki].lesions.as_ref();
@@ -405,7 +400,7 @@ pub(crate) fn cases(
     ws.set_freeze_panes(1, 2)?;
     ws.autofilter(0, 0, r.max(1), cols.len() as u16 - 1)?;
     for (i, k) in t.keys.iter().enumerate() {
-        if style::is_scored_fraction(k) {
+        if style::is_scored_fraction(*k) {
             color_scale(ws, 1, r, 3 + i as u16)?;
         }
     }
@@ -701,12 +696,12 @@ pub(crate) fn run(ws: &mut Worksheet, eval: &Evaluation, st: &Styles) -> Result<
 fn stats_row(
     ws: &mut Worksheet,
     r: u32,
-    key: &str,
+    key: Metric,
     s: &Stats,
     st: &Styles,
 ) -> Result<(), XlsxError> {
     let f = st.for_key(key);
-    ws.write_string(r, 2, key)?;
+    ws.write_string(r, 2, key.key())?;
     ws.write_number_with_format(r, 3, s.n as f64, &st.int)?;
     ws.write_number_with_format(r, 4, s.n_nan as f64, &st.int)?;
     for (i, v) in [

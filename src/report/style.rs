@@ -2,6 +2,7 @@
 //! an undefined number (NaN, or a metric that was not computed) is an empty cell, never a
 //! 0, never Excel's "NAN" text, so averages and filters in Excel stay right.
 
+use crate::metrics::aggregate::Metric;
 use rust_xlsxwriter::{
     Color, ConditionalFormat3ColorScale, Format, FormatAlign, FormatBorder, Worksheet, XlsxError,
 };
@@ -57,14 +58,14 @@ impl Styles {
         }
     }
 
-    /// The number format of a per-class metric key (one of `CLASS_KEYS`).
-    pub fn for_key(&self, key: &str) -> &Format {
+    /// The number format of a per-class metric.
+    pub fn for_key(&self, key: Metric) -> &Format {
+        use Metric::*;
         match key {
-            "TP" | "FP" | "FN" | "TN" | "n_pred" | "n_ref" | "LesionTP" | "LesionFP"
-            | "LesionFN" => &self.int,
-            "VolRef_ml" | "VolPred_ml" => &self.ml,
-            "RelVolDiff" => &self.signed_pct,
-            "HD" | "HD95" | "HD95_pooled" | "ASSD" => &self.mm,
+            TP | FP | FN | TN | NPred | NRef | LesionTP | LesionFP | LesionFN => &self.int,
+            VolRefMl | VolPredMl => &self.ml,
+            RelVolDiff => &self.signed_pct,
+            k if k.is_distance() => &self.mm,
             _ => &self.frac,
         }
     }
@@ -135,6 +136,6 @@ pub(crate) fn color_scale(
 }
 
 /// Is this metric a score where higher is better in [0, 1] (gets a colour scale)?
-pub(crate) fn is_scored_fraction(key: &str) -> bool {
-    matches!(key, "Dice" | "IoU" | "NSD" | "NSD_voxel")
+pub(crate) fn is_scored_fraction(key: Metric) -> bool {
+    key.is_score()
 }

@@ -1103,7 +1103,9 @@ fn a_queued_email_goes_at_once_and_the_next_one_compares_with_the_stored_results
     assert!(r1.results.failures.is_empty());
     for label in ["1", "2"] {
         let want = summary["evald"]["statistics"][label]["Dice"]["median"].as_f64();
-        let got = r1.results.statistics.per_class[&label.parse::<u8>().unwrap()]["Dice"].median;
+        let got = r1.results.statistics.per_class[&label.parse::<u8>().unwrap()]
+            [&evald::metrics::aggregate::Metric::Dice]
+            .median;
         assert_eq!(
             want,
             got.is_finite().then_some(got),

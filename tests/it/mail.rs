@@ -310,12 +310,12 @@ fn email_arrives_over_smtp_with_subject_bodies_plot_and_exact_attachment() {
     assert_eq!(subject, m.subject);
     // Label 9 is in no map, so nnU-Net's foreground mean is undefined; the headline
     // averages the classes that have a Dice.
-    assert!(eval.summary.foreground_mean["Dice"].is_nan());
+    assert!(eval.summary.foreground_mean[&evald::metrics::aggregate::Metric::Dice].is_nan());
     let defined: Vec<f64> = eval
         .summary
         .per_class
         .values()
-        .map(|m| m["Dice"].mean)
+        .map(|m| m[&evald::metrics::aggregate::Metric::Dice].mean)
         .filter(|d| d.is_finite())
         .collect();
     assert_eq!(defined.len(), 7);
@@ -805,7 +805,10 @@ fn html_is_well_formed_and_carries_the_summary_numbers() {
     // The change against v2 (perfect): Dice fell, shown in red with a down arrow.
     assert!(text.contains("Change against v2"));
     let now = json["mean"]["1"]["Dice"].as_f64().unwrap();
-    assert_eq!(prev.means[&1]["Dice"], 1.0);
+    assert_eq!(
+        prev.means[&1][&evald::metrics::aggregate::Metric::Dice],
+        1.0
+    );
     let delta = format!("{:+.3}", now - 1.0);
     assert!(
         m.html.contains(&format!("#cf222e;\">&#9660; {delta}")),

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use calamine::{open_workbook, Data, Reader, Xlsx};
 use evald::evaluation::{Evaluation, Failure, RunMeta, Stage};
-use evald::metrics::{self, aggregate::CLASS_KEYS, EvalSpec};
+use evald::metrics::{self, aggregate::Metric, EvalSpec};
 
 use crate::util::data;
 
@@ -185,8 +185,8 @@ fn workbook_numbers_equal_summary_json() {
             .unwrap_or_else(|| panic!("{case} not in summary.json"));
         let m = &entry["metrics"][label.to_string()];
         let keys = m.as_object().unwrap();
-        for key in CLASS_KEYS {
-            match (keys.get(*key), h.get(*key)) {
+        for key in Metric::ALL.map(Metric::key) {
+            match (keys.get(key), h.get(key)) {
                 (Some(v), Some(&c)) => {
                     let got = number(cell(&cases, r, c));
                     assert_eq!(got, expected(v), "Cases {case} label {label} {key}");
