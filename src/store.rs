@@ -686,6 +686,18 @@ fn sql_error(path: &Path, what: &'static str) -> impl Fn(rusqlite::Error) -> Sto
     }
 }
 
+/// Open an existing database file (never creating it) with `mode` (read-write or
+/// read-only); one connection per thread, so no SQLite mutex.
+fn open_file(path: &Path, mode: OpenFlags) -> Result<Connection, StoreError> {
+    Connection::open_with_flags(path, mode | OpenFlags::SQLITE_OPEN_NO_MUTEX).map_err(|source| {
+        StoreError::Sql {
+            path: path.to_path_buf(),
+            what: "cannot open",
+            source,
+        }
+    })
+}
+
 fn path_str(p: &Path) -> String {
     p.to_string_lossy().into_owned()
 }
@@ -727,15 +739,7 @@ impl Store {
         if !path.is_file() {
             return Ok(None);
         }
-        let conn = Connection::open_with_flags(
-            &path,
-            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .map_err(|source| StoreError::Sql {
-            path: path.clone(),
-            what: "cannot open",
-            source,
-        })?;
+        let conn = open_file(&path, OpenFlags::SQLITE_OPEN_READ_WRITE)?;
         let mut store = Store {
             conn,
             path,
@@ -759,15 +763,7 @@ impl Store {
         if !path.is_file() {
             return Ok(None);
         }
-        let conn = Connection::open_with_flags(
-            &path,
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .map_err(|source| StoreError::Sql {
-            path: path.clone(),
-            what: "cannot open",
-            source,
-        })?;
+        let conn = open_file(&path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
         conn.busy_timeout(BUSY_TIMEOUT)
             .map_err(sql_error(&path, "setting busy_timeout"))?;
         let found: Option<i64> = conn

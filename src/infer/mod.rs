@@ -6,8 +6,8 @@
 //! (checking the bytes' hash), then [`Model::predict`] per case, whatever runs it.
 //! - [`tiling`]: the HU window into model input, the 3D sliding window's tile positions
 //!   and Gaussian importance map, with no tensor library;
-//! - runtimes, one per format: [`torchscript`] (libtorch via tch; [`sliding`] is its 3D
-//!   accumulation);
+//! - runtimes, one per format: [`torchscript`] (libtorch via tch: 2D batches, the 3D
+//!   sliding window's accumulation on the device);
 //! - [`device`]: `cpu` / `cuda:N` parsing, and loading libtorch's CUDA library at run time
 //!   so one binary serves CPU-only machines and GPUs.
 //!
@@ -20,7 +20,6 @@
 //! ([`halve_on_oom`], the one place that rule lives).
 
 pub mod device;
-pub mod sliding;
 pub mod tiling;
 pub mod torchscript;
 
