@@ -15,7 +15,7 @@
 
 use std::fs::File;
 use std::io::Read;
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
@@ -82,13 +82,17 @@ fn kind_of(ft: std::fs::FileType) -> &'static str {
 /// # Errors
 /// [`FileError::Io`] when it cannot be opened, [`FileError::NotRegular`] otherwise.
 pub fn open_regular(path: &Path) -> Result<File, FileError> {
+    open_regular_with(path, 0)
+}
+
+fn open_regular_with(path: &Path, extra_flags: i32) -> Result<File, FileError> {
     let io = |source| FileError::Io {
         path: path.to_path_buf(),
         source,
     };
     let f = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | extra_flags)
         .open(path)
         .map_err(io)?;
     let meta = f.metadata().map_err(io)?;
@@ -116,7 +120,36 @@ pub fn open_regular(path: &Path) -> Result<File, FileError> {
 /// # Errors
 /// As [`open_regular`], and [`FileError::TooLarge`].
 pub fn read_bounded(path: &Path, limit: u64) -> Result<Vec<u8>, FileError> {
-    let f = open_regular(path)?;
+    read_from(open_regular(path)?, path, limit)
+}
+
+/// [`read_bounded`] for a file an untrusted process wrote in a folder it controls (a
+/// worker's mask): the last component must not be a symbolic link (a worker could point
+/// one at a file only the supervisor may read, such as a reference label) and the file
+/// must have one name (nor a hard link).
+///
+/// # Errors
+/// As [`read_bounded`]; a symbolic link is [`FileError::Io`] (`ELOOP`), a second name
+/// [`FileError::NotRegular`].
+pub fn read_bounded_untrusted(path: &Path, limit: u64) -> Result<Vec<u8>, FileError> {
+    let f = open_regular_with(path, libc::O_NOFOLLOW)?;
+    let links = f
+        .metadata()
+        .map_err(|source| FileError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .nlink();
+    if links != 1 {
+        return Err(FileError::NotRegular {
+            path: path.to_path_buf(),
+            kind: "hard link",
+        });
+    }
+    read_from(f, path, limit)
+}
+
+fn read_from(f: File, path: &Path, limit: u64) -> Result<Vec<u8>, FileError> {
     let io = |source| FileError::Io {
         path: path.to_path_buf(),
         source,
@@ -178,6 +211,34 @@ pub fn output_temp_in(dir: &Path) -> std::io::Result<tempfile::NamedTempFile> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_untrusted_file_is_read_only_when_it_is_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("label.nii");
+        std::fs::write(&secret, b"reference").unwrap();
+        let own = dir.path().join("own.mask");
+        std::fs::write(&own, b"mask").unwrap();
+        assert_eq!(read_bounded_untrusted(&own, 4).unwrap(), b"mask");
+        assert!(matches!(
+            read_bounded_untrusted(&own, 3),
+            Err(FileError::TooLarge { .. })
+        ));
+        let sym = dir.path().join("sym.mask");
+        std::os::unix::fs::symlink(&secret, &sym).unwrap();
+        assert!(
+            read_bounded_untrusted(&sym, 100).is_err(),
+            "a link is not followed"
+        );
+        let hard = dir.path().join("hard.mask");
+        std::fs::hard_link(&secret, &hard).unwrap();
+        assert!(matches!(
+            read_bounded_untrusted(&hard, 100),
+            Err(FileError::NotRegular { .. })
+        ));
+        // The trusting reader follows links: the difference is the point.
+        assert_eq!(read_bounded(&sym, 100).unwrap(), b"reference");
+    }
     use std::ffi::CString;
 
     fn mkfifo(p: &Path) {

@@ -40,6 +40,9 @@ pub(crate) enum Start {
 pub(crate) enum Act {
     /// Write the mask, answer Done.
     Done,
+    /// Write the mask, answer Done, then exit with code 1 at once (the next worker of
+    /// the slot starts by emptying the scratch folder the mask was written to).
+    DoneThenDie,
     /// Answer Failed.
     Fail(CaseErrorKind, String),
     /// Never answer; heartbeats go on (a model that never returns).
@@ -354,7 +357,7 @@ impl FakeWorker {
                 nth,
             };
             match (self.script.case)(&request) {
-                Act::Done => {
+                act @ (Act::Done | Act::DoneThenDie) => {
                     let _ = std::fs::write(protocol::mask_path(&init.scratch, id), [0u8]);
                     self.send(&FromWorker::Done {
                         id,
@@ -362,6 +365,10 @@ impl FakeWorker {
                         stats: PredictStats::default(),
                         decode_secs: 0.0,
                     });
+                    if matches!(act, Act::DoneThenDie) {
+                        self.say("exiting after a finished case");
+                        break 1;
+                    }
                 }
                 Act::Fail(kind, message) => {
                     self.send(&FromWorker::Failed { id, kind, message });
@@ -497,13 +504,15 @@ mod tests {
                 waiting.push((case.to_string(), rx));
             }
             self.pool.shared.wake_all();
-            waiting
+            let mut masks = Vec::new();
+            let ends = waiting
                 .into_iter()
                 .map(|(case, rx)| {
                     let end = match rx.recv_timeout(PATIENCE) {
-                        // The mask is not looked at: the next worker of the slot may
-                        // have emptied the scratch folder already (tests back off 1 ms).
-                        Ok(Outcome::Done { attempts, .. }) => Ok(attempts),
+                        Ok(Outcome::Done { attempts, mask, .. }) => {
+                            masks.push((case.clone(), mask));
+                            Ok(attempts)
+                        }
                         Ok(Outcome::Failed(f)) => {
                             assert_eq!(f.case, case);
                             Err((f.stage, f.attempts, f.reason))
@@ -512,7 +521,15 @@ mod tests {
                     };
                     (case, end)
                 })
-                .collect()
+                .collect();
+            // Only now, after every answer (so after the workers that wrote the early
+            // masks were replaced, and their scratch folders emptied): each mask the
+            // pool handed out must still be there.
+            for (case, mask) in masks {
+                let got = crate::files::read_bounded_untrusted(&mask, 2);
+                assert_eq!(got.ok(), Some(vec![0u8]), "{case}: mask {mask:?}");
+            }
+            ends
         }
 
         /// No slot thread ended other than by giving up (a panic would end it in
@@ -550,6 +567,23 @@ mod tests {
             Err(f) => f,
             Ok(a) => panic!("expected a failure, got done after {a} attempts"),
         }
+    }
+
+    #[test]
+    fn a_mask_outlives_the_worker_that_wrote_it() {
+        // Every worker dies right after answering: its successor empties the scratch
+        // folder at once (1 ms backoff), and every case's mask must still be read.
+        let p = start(
+            &settings(1, 3, PATIENCE),
+            timing(),
+            Script::cases(|_| Act::DoneThenDie),
+        );
+        let ends = p.run(&["a", "b", "c", "d"]);
+        for c in ["a", "b", "c", "d"] {
+            assert!(ends[c].is_ok(), "{c}: {:?}", ends[c]);
+        }
+        let (totals, _, _) = p.stop();
+        assert_eq!((totals.done, totals.failed), (4, 0));
     }
 
     #[test]

@@ -291,6 +291,11 @@ impl Shared {
         self.job.scratch.join(format!("w{slot}"))
     }
 
+    /// Where finished masks wait for the pipeline, out of every worker's reach.
+    pub fn masks(&self) -> PathBuf {
+        self.job.scratch.join("masks")
+    }
+
     pub fn device(&self, slot: usize) -> String {
         let d = &self.settings.devices;
         d.get(slot % d.len().max(1))
@@ -367,8 +372,9 @@ impl PoolPredictor {
         timing: supervisor::Timing,
     ) -> Result<Self, PoolError> {
         let n = settings.workers.max(1);
-        std::fs::create_dir_all(&job.scratch).map_err(|source| PoolError::Scratch {
-            path: job.scratch.clone(),
+        let masks = job.scratch.join("masks");
+        std::fs::create_dir_all(&masks).map_err(|source| PoolError::Scratch {
+            path: masks,
             source,
         })?;
         let mut read_only = Vec::new();
@@ -514,7 +520,9 @@ impl PoolPredictor {
         attempts: u32,
     ) -> Result<Vec<u8>, Failure> {
         let want = geom.dims.iter().product::<usize>();
-        let res = std::fs::read(mask);
+        // Written by an untrusted worker: no link is followed, and no more than the image's
+        // voxel count (plus one, to tell "too long") is read.
+        let res = crate::files::read_bounded_untrusted(mask, want as u64 + 1);
         let _ = std::fs::remove_file(mask);
         let fail = |reason: String| Failure {
             case: case.id.clone(),
@@ -628,6 +636,7 @@ impl Drop for PoolPredictor {
         for s in 0..self.shared.slots.len() {
             let _ = std::fs::remove_dir_all(self.shared.scratch(s));
         }
+        let _ = std::fs::remove_dir_all(self.shared.masks());
     }
 }
 

@@ -168,6 +168,19 @@ impl Live {
 
 /// The most telling line a worker wrote (a panic, a fatal error, or simply the last
 /// one), as a suffix for a failure message; empty when it wrote nothing.
+/// Move a finished case's mask out of the worker's scratch folder into the pool's own
+/// (same file system: a rename), before anything else can happen to that worker: the
+/// next worker of the slot starts by emptying the folder, and a mask must outlive the
+/// worker that wrote it. If the rename fails the reader reports the file it expected.
+fn take_mask(sh: &Shared, slot: usize, id: u64) -> std::path::PathBuf {
+    let from = protocol::mask_path(&sh.scratch(slot), id);
+    let to = sh.masks().join(format!("{id}.mask"));
+    match std::fs::rename(&from, &to) {
+        Ok(()) => to,
+        Err(_) => from,
+    }
+}
+
 fn last_words(tail: &spawn::StderrTail) -> String {
     let t = lock(tail);
     let pick = t
@@ -765,7 +778,7 @@ fn serve(sh: &Shared, slot: usize, live: &mut Live, rx: &mpsc::Receiver<Event>) 
                             t.predict_secs += stats.total_secs;
                         }
                         let _ = task.reply.send(Outcome::Done {
-                            mask: protocol::mask_path(&sh.scratch(slot), task.id),
+                            mask: take_mask(sh, slot, task.id),
                             stats,
                             device: live.device.clone(),
                             attempts: task.attempts + 1,
