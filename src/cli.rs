@@ -275,7 +275,7 @@ fn score(a: ScoreArgs) -> Result<()> {
         task: "score".into(),
         labels_dir: a.labels.clone(),
         inputs_dir: a.predictions.clone(),
-        dataset_hash: dataset::manifest_hash(&data),
+        dataset_hash: dataset::manifest_hash(&data, None),
         evald_version: env!("CARGO_PKG_VERSION").into(),
         started,
         finished: crate::evaluation::timestamp_now(),
@@ -380,16 +380,6 @@ pub fn resolve_task<'a>(
 /// Configuration, manifest or model problems (per-case problems are failures in the report).
 pub fn run_submission(a: RunArgs) -> Result<Evaluation> {
     let settings = config::load(&a.config)?;
-    // The service's digest cache, when there is a state folder: an unchanged test set is
-    // not read again to hash it.
-    if settings.daemon.state_dir.is_dir() {
-        crate::dataset::use_digest_cache(Some(
-            settings
-                .daemon
-                .state_dir
-                .join(crate::dataset::DIGEST_CACHE_FILE),
-        ));
-    }
     let task = resolve_task(&settings, &a.submission, a.task.as_deref())?;
     let sub = submission::prepare(&a.submission, task)?;
     let eval = if a.in_process {
@@ -407,7 +397,7 @@ pub fn run_submission(a: RunArgs) -> Result<Evaluation> {
             &sub,
             task,
             &backend,
-            Some(settings.digest()),
+            &submission::RunContext::of(&settings),
             &progress_reporter("evaluating"),
             &AtomicBool::new(false),
         )?
@@ -459,7 +449,7 @@ fn evaluate_with_backend(
         sub,
         task,
         backend.as_ref(),
-        Some(settings.digest()),
+        &submission::RunContext::of(&settings),
         on_progress,
         &AtomicBool::new(false),
     )?;

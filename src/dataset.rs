@@ -169,31 +169,17 @@ pub fn pair_predictions(predictions: &Path, labels: &Path) -> Result<Dataset, Da
 /// File name of the digest cache in the state folder.
 pub const DIGEST_CACHE_FILE: &str = "testset-digests.json";
 
-/// The digest cache [`manifest_hash`] uses (set once by the daemon and `evald run` from
-/// the state folder; `None`: every file is read).
-static DIGEST_CACHE: Mutex<Option<PathBuf>> = Mutex::new(None);
 /// One reader/writer of a cache file at a time in this process (another process's write
 /// is an atomic rename: the worst case is a lost entry, read again next time).
 static CACHE_FILE_LOCK: Mutex<()> = Mutex::new(());
 
-/// Make [`manifest_hash`] keep its per-file digests in `cache` (a file; its folder must
-/// exist), or read every file (`None`).
-pub fn use_digest_cache(cache: Option<PathBuf>) {
-    *DIGEST_CACHE
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner) = cache;
-}
-
 /// Content hash of the test set a report was computed on: sha256 over the sorted cases and,
 /// per case, each test-set file's role (`image`, `label`) and sha256 of its bytes.
-/// Predictions (`evald score`) are not part of the test set and are not hashed. Uses the
-/// cache set by [`use_digest_cache`].
-pub fn manifest_hash(d: &Dataset) -> String {
-    let cache = DIGEST_CACHE
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .clone();
-    content_hash(d, cache.as_deref()).0
+/// Predictions (`evald score`) are not part of the test set and are not hashed. With a
+/// `cache` file (the state folder's [`DIGEST_CACHE_FILE`]), unchanged files are not read
+/// again; without one every file is read.
+pub fn manifest_hash(d: &Dataset, cache: Option<&Path>) -> String {
+    content_hash(d, cache).0
 }
 
 /// What computing a hash had to read (the rest came from the cache).

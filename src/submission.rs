@@ -242,7 +242,7 @@ pub fn evaluate(
     sub: &Prepared,
     task: &TaskSettings,
     backend: &dyn Backend,
-    config_digest: Option<String>,
+    ctx: &RunContext,
     on_progress: &(dyn Fn(Progress) + Sync),
     cancel: &AtomicBool,
 ) -> Result<Evaluation, SubmissionError> {
@@ -261,17 +261,41 @@ pub fn evaluate(
         model_sha256: Some(sub.model_sha256.clone()),
         labels_dir: task.labels.clone(),
         inputs_dir: task.images.clone(),
-        dataset_hash: dataset::manifest_hash(&data),
+        dataset_hash: dataset::manifest_hash(&data, ctx.digest_cache.as_deref()),
         devices: backend.devices(),
         evald_version: env!("CARGO_PKG_VERSION").into(),
         torch_version: Some(sub.format.runtime_version()),
-        config_digest,
+        config_digest: ctx.config_digest.clone(),
         started,
         finished: crate::evaluation::timestamp_now(),
         timings: times.pairs(),
         stopped_early: backend.stopped_early(),
     };
     Ok(Evaluation::new(task.eval.clone(), cases, failures, meta))
+}
+
+/// What an evaluation needs from the installation beside the submission and its task.
+#[derive(Debug, Clone, Default)]
+pub struct RunContext {
+    /// The settings' digest, recorded in the outputs (`None` outside a configuration).
+    pub config_digest: Option<String>,
+    /// The test-set digest cache (in the state folder), so an unchanged test set is not
+    /// read again to hash it; `None`: every file is read.
+    pub digest_cache: Option<PathBuf>,
+}
+
+impl RunContext {
+    /// The context of an evaluation under `settings`: its digest, and the state folder's
+    /// digest cache when that folder exists.
+    pub fn of(settings: &crate::config::Settings) -> Self {
+        let state = &settings.daemon.state_dir;
+        RunContext {
+            config_digest: Some(settings.digest()),
+            digest_cache: state
+                .is_dir()
+                .then(|| state.join(dataset::DIGEST_CACHE_FILE)),
+        }
+    }
 }
 
 /// Outputs could not be written.

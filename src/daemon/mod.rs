@@ -301,8 +301,6 @@ pub async fn run(
         // service from a store left behind by a crash.
         let lock = lock_state_dir(&state_dir)?;
         let mut s = store::Store::open(&state_dir)?;
-        // Test-set hashes read each file once; the cache lives beside the store.
-        crate::dataset::use_digest_cache(Some(state_dir.join(crate::dataset::DIGEST_CACHE_FILE)));
         // A read-only state folder used to start "ready" and then fail every submission:
         // refuse to start instead, saying what to fix (systemd retries the start).
         tempfile::tempfile_in(&state_dir).map_err(|source| DaemonError::Os {

@@ -302,7 +302,7 @@ fn evaluate(
         &prepared,
         task,
         backend.as_ref(),
-        Some(settings.digest()),
+        &submission::RunContext::of(settings),
         &on_progress,
         cancel,
     ) {

@@ -1095,6 +1095,22 @@ fn a_queued_email_goes_at_once_and_the_next_one_compares_with_the_stored_results
         r1.results.testset_hash,
         run["dataset_hash"].as_str().unwrap()
     );
+    // The service hashed the test set through its digest cache in the state folder (the
+    // next evaluation of an unchanged set reads no file to hash it).
+    let cache = std::fs::read_to_string(env.state.join(evald::dataset::DIGEST_CACHE_FILE))
+        .expect("the digest cache in the state folder");
+    let name = env
+        .labels
+        .read_dir()
+        .unwrap()
+        .flatten()
+        .next()
+        .unwrap()
+        .file_name();
+    assert!(
+        cache.contains(&*name.to_string_lossy()),
+        "the cache lists the test set's files: {cache}"
+    );
     assert_eq!(
         r1.results.model_sha256.as_deref(),
         s1.model_sha256.as_deref()
