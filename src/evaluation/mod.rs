@@ -94,7 +94,8 @@ pub struct RunMeta {
     pub labels_dir: PathBuf,
     /// Images (or predictions) folder.
     pub inputs_dir: PathBuf,
-    /// sha256 over the sorted (case, reference file size, mtime) list: which test set.
+    /// sha256 over the sorted cases and each test-set file's bytes (`dataset::manifest_hash`):
+    /// two evaluations scored the same test set exactly when these are equal.
     pub dataset_hash: String,
     /// Devices used for inference.
     pub devices: Vec<String>,

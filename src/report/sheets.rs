@@ -87,7 +87,7 @@ pub(crate) fn summary(
             ),
         ),
         ("Evaluated", format!("{} to {}", m.started, m.finished)),
-        ("Test set (manifest hash)", m.dataset_hash.clone()),
+        ("Test set (content hash)", m.dataset_hash.clone()),
         ("evald", m.evald_version.clone()),
     ];
     let mut rows = rows;
@@ -659,7 +659,7 @@ pub(crate) fn run(ws: &mut Worksheet, eval: &Evaluation, st: &Styles) -> Result<
         ("model sha256", m.model_sha256.clone().unwrap_or_else(na)),
         ("reference labels", m.labels_dir.display().to_string()),
         ("inputs", m.inputs_dir.display().to_string()),
-        ("dataset manifest hash", m.dataset_hash.clone()),
+        ("test set content hash", m.dataset_hash.clone()),
         (
             "devices",
             if m.devices.is_empty() {

@@ -393,7 +393,7 @@ fn workbook_numbers_equal_summary_json() {
     let run = sheet(&mut wb, "Run");
     let r = find_row(&run, 0, "config digest");
     assert_eq!(text(&run, r, 1), "cd".repeat(32));
-    let r = find_row(&run, 0, "dataset manifest hash");
+    let r = find_row(&run, 0, "test set content hash");
     assert_eq!(text(&run, r, 1), "0f".repeat(32));
     let r = find_row(&run, 0, "total");
     assert_eq!(number(cell(&run, r, 1)), Some(2.5));
