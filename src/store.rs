@@ -686,6 +686,25 @@ fn sql_error(path: &Path, what: &'static str) -> impl Fn(rusqlite::Error) -> Sto
     }
 }
 
+/// The schema version a component (`submissions`, the mail outbox, ...) recorded in the
+/// shared `evald_schema` table; `None` when it recorded none, or when the file has no
+/// such table yet (nothing of evald's in it).
+///
+/// # Errors
+/// The query failed for another reason.
+pub fn schema_version(conn: &Connection, component: &str) -> rusqlite::Result<Option<i64>> {
+    conn.query_row(
+        "SELECT version FROM evald_schema WHERE component = ?1",
+        [component],
+        |r| r.get(0),
+    )
+    .optional()
+    .or_else(|e| match e {
+        rusqlite::Error::SqliteFailure(_, Some(ref m)) if m.contains("no such table") => Ok(None),
+        e => Err(e),
+    })
+}
+
 /// Open an existing database file (never creating it) with `mode` (read-write or
 /// read-only); one connection per thread, so no SQLite mutex.
 fn open_file(path: &Path, mode: OpenFlags) -> Result<Connection, StoreError> {
@@ -766,20 +785,7 @@ impl Store {
         let conn = open_file(&path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
         conn.busy_timeout(BUSY_TIMEOUT)
             .map_err(sql_error(&path, "setting busy_timeout"))?;
-        let found: Option<i64> = conn
-            .query_row(
-                "SELECT version FROM evald_schema WHERE component = ?1",
-                [COMPONENT],
-                |r| r.get(0),
-            )
-            .optional()
-            .or_else(|e| match e {
-                // No evald_schema table: nothing of ours in the file yet.
-                rusqlite::Error::SqliteFailure(_, Some(ref m)) if m.contains("no such table") => {
-                    Ok(None)
-                }
-                e => Err(e),
-            })
+        let found = schema_version(&conn, COMPONENT)
             .map_err(sql_error(&path, "reading the schema version"))?;
         match found {
             None => Ok(None),
@@ -840,21 +846,8 @@ impl Store {
         let sql = |what: &'static str| sql_error(&path, what);
         // The usual case, an up-to-date file, takes no write lock and writes nothing:
         // `evald status` and the tests' observers open the store while the daemon writes.
-        let current: Option<i64> = self
-            .conn
-            .query_row(
-                "SELECT version FROM evald_schema WHERE component = ?1",
-                [COMPONENT],
-                |r| r.get(0),
-            )
-            .optional()
-            .or_else(|e| match e {
-                rusqlite::Error::SqliteFailure(_, Some(ref m)) if m.contains("no such table") => {
-                    Ok(None)
-                }
-                e => Err(e),
-            })
-            .map_err(sql("reading the schema version"))?;
+        let current =
+            schema_version(&self.conn, COMPONENT).map_err(sql("reading the schema version"))?;
         if current == Some(SCHEMA_VERSION) {
             self.schema = SCHEMA_VERSION;
             return Ok(());

@@ -266,14 +266,7 @@ fn ensure_schema(conn: &Connection, db: &Path) -> Result<(), OutboxError> {
          );",
     )
     .map_err(err)?;
-    let found: Option<i64> = tx
-        .query_row(
-            "SELECT version FROM evald_schema WHERE component = ?1",
-            [COMPONENT],
-            |r| r.get(0),
-        )
-        .optional()
-        .map_err(err)?;
+    let found = crate::store::schema_version(&tx, COMPONENT).map_err(err)?;
     match found {
         Some(v) if v > SCHEMA_VERSION => {
             return Err(OutboxError::NewerSchema {
