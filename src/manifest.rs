@@ -9,8 +9,7 @@ use serde::Deserialize;
 use crate::config::TaskSettings;
 use crate::infer::{rules, InferSpec, ModelFormat, SpecError};
 
-/// Manifest file name in a submission folder.
-pub use crate::layout::MANIFEST;
+use crate::layout::MANIFEST;
 /// A manifest is a dozen short keys; anything larger is refused unread (bytes a vendor
 /// controls are never amplified into logs, the store or `REJECTED.txt`).
 pub const MAX_MANIFEST_BYTES: u64 = 64 * 1024;

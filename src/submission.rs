@@ -15,7 +15,7 @@ use crate::infer::{InferSpec, ModelFormat};
 use crate::manifest::{self, Manifest};
 use crate::pipeline::{self, Progress};
 
-pub use crate::layout::{FAILED_TXT, REJECTED_TXT, REPORT_XLSX, SUMMARY_JSON};
+use crate::layout::{REPORT_XLSX, SUMMARY_JSON};
 
 /// Why a submission cannot be evaluated (goes to `REJECTED.txt` for the vendor).
 #[derive(Debug, thiserror::Error)]

@@ -144,7 +144,7 @@ pub(crate) fn notify_team(
     let previous = store
         .call_blocking(move |s| s.previous_results(id))?
         .map(|(p, r)| mail::Previous::from_results(&p.name, &r.results));
-    let report = sub.path.join(crate::submission::REPORT_XLSX);
+    let report = sub.path.join(crate::layout::REPORT_XLSX);
     let composed = mail::compose(
         eval,
         &recipients,
@@ -524,7 +524,7 @@ async fn tell_failed(shared: &Shared, settings: &Arc<Settings>, sub: Submission,
         } else if !sub.path.is_dir() {
             tracing::warn!(id, dir = %sub.path.display(), "failed, and the folder is gone: no FAILED.txt");
         } else if let Err(e) = ingest::write_failed(&sub, &reason) {
-            tracing::error!(id, dir = %sub.path.display(), "cannot write {}: {e}", submission::FAILED_TXT);
+            tracing::error!(id, dir = %sub.path.display(), "cannot write {}: {e}", crate::layout::FAILED_TXT);
         }
         notify_team_failed(&settings, &wake, &sub, &reason)
     })

@@ -204,14 +204,13 @@ impl Evaluation {
     /// class). When a class has no defined Dice in any case the foreground mean is undefined
     /// (as in nnU-Net); the headline then averages the classes that have one, and says so.
     pub fn headline_dice(&self) -> (f64, &'static str) {
-        let eval = self;
-        if eval.spec.classes.len() == 1 {
+        if self.spec.classes.len() == 1 {
             return (
-                eval.class_mean(eval.spec.classes[0].label, Metric::Dice),
+                self.class_mean(self.spec.classes[0].label, Metric::Dice),
                 "Dice, mean",
             );
         }
-        let fg = eval
+        let fg = self
             .summary
             .foreground_mean
             .get(&Metric::Dice)
@@ -221,10 +220,10 @@ impl Evaluation {
             return (fg, "Dice, foreground mean");
         }
         let m = mean_defined(
-            eval.spec
+            self.spec
                 .classes
                 .iter()
-                .map(|c| eval.class_mean(c.label, Metric::Dice)),
+                .map(|c| self.class_mean(c.label, Metric::Dice)),
         );
         if m.is_nan() {
             (f64::NAN, "Dice")
@@ -235,15 +234,9 @@ impl Evaluation {
 
     /// One line for logs, `evald status` and systemd's STATUS.
     pub fn status_line(&self) -> String {
-        let eval = self;
         let mut parts = Vec::new();
-        for c in &eval.spec.classes {
-            let dice = eval
-                .summary
-                .per_class
-                .get(&c.label)
-                .and_then(|m| m.get(&Metric::Dice))
-                .map_or(f64::NAN, |s| s.mean);
+        for c in &self.spec.classes {
+            let dice = self.class_mean(c.label, Metric::Dice);
             if dice.is_finite() {
                 parts.push(format!("{} {dice:.3}", c.name));
             } else {
@@ -253,10 +246,10 @@ impl Evaluation {
         let mut line = format!(
             "Dice {}; {}/{} cases scored",
             parts.join(", "),
-            eval.cases.len(),
-            eval.total_cases()
+            self.cases.len(),
+            self.total_cases()
         );
-        if let Some(why) = &eval.meta.stopped_early {
+        if let Some(why) = &self.meta.stopped_early {
             line.push_str(&format!("; stopped early: {why}"));
         }
         line

@@ -132,10 +132,13 @@ pub fn describe() -> String {
     match cuda_devices() {
         Ok(n) => format!(
             "libtorch {}: {n} CUDA device(s), cuDNN {}",
-            super::torch_version(),
+            super::torchscript::libtorch_version(),
             tch::utils::version_cudnn()
         ),
-        Err(why) => format!("libtorch {}: CPU only ({why})", super::torch_version()),
+        Err(why) => format!(
+            "libtorch {}: CPU only ({why})",
+            super::torchscript::libtorch_version()
+        ),
     }
 }
 

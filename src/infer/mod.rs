@@ -546,11 +546,6 @@ pub fn halve_on_oom(err: &InferError, batch: &mut usize) -> bool {
     }
 }
 
-/// libtorch version string (`2.11.0`), for the report's provenance.
-pub fn torch_version() -> String {
-    ModelFormat::TorchScript.runtime_version()
-}
-
 /// Convenience for callers that time things.
 pub fn secs(d: Duration) -> f64 {
     d.as_secs_f64()

@@ -185,10 +185,6 @@ fn stat(eval: &Evaluation, label: u8, key: Metric) -> Option<&Stats> {
     eval.summary.per_class.get(&label)?.get(&key)
 }
 
-fn mean(eval: &Evaluation, label: u8, key: Metric) -> f64 {
-    stat(eval, label, key).map_or(f64::NAN, |s| s.mean)
-}
-
 /// The class the subject names beside the headline: the patient-level class when set
 /// (what the program is about, e.g. the nodule), else the weakest class.
 fn focus_class(eval: &Evaluation) -> Option<(String, f64)> {
@@ -203,12 +199,12 @@ fn focus_class(eval: &Evaluation) -> Option<(String, f64)> {
             eval.spec
                 .classes
                 .iter()
-                .map(|c| (c.label, mean(eval, c.label, Metric::Dice)))
+                .map(|c| (c.label, eval.class_mean(c.label, Metric::Dice)))
                 .filter(|(_, d)| d.is_finite())
                 .min_by(|a, b| a.1.total_cmp(&b.1))
                 .map(|(l, _)| l)
         })?;
-    Some((eval.class_name(pick), mean(eval, pick, Metric::Dice)))
+    Some((eval.class_name(pick), eval.class_mean(pick, Metric::Dice)))
 }
 
 /// `[evald] thyroid-ca / acme / v3: Dice 0.912 (nodule 0.81), 300/300 cases`.
@@ -341,7 +337,7 @@ fn facts(eval: &Evaluation) -> Facts {
                 name: c.name.clone(),
                 n: d.map_or(0, |s| s.n),
                 n_nan: d.map_or(0, |s| s.n_nan),
-                means: HEAD_KEYS.map(|k| mean(eval, c.label, k)),
+                means: HEAD_KEYS.map(|k| eval.class_mean(c.label, k)),
                 dice_ci: d.map_or((f64::NAN, f64::NAN), |s| (s.ci95_low, s.ci95_high)),
             }
         })

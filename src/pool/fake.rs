@@ -406,8 +406,9 @@ mod tests {
     use super::*;
     use crate::config::{PoolSettings, SandboxPolicy};
     use crate::evaluation::Stage;
+    use crate::exec::Job;
     use crate::pool::supervisor::{probe_spec, Timing};
-    use crate::pool::{Job, Outcome, PoolError, PoolPredictor, Task, NEXT_ID};
+    use crate::pool::{Outcome, PoolError, PoolPredictor, Task, NEXT_ID};
 
     /// Bound on any wait in these tests: generous, never reached when things work.
     const PATIENCE: Duration = Duration::from_secs(60);
@@ -549,7 +550,7 @@ mod tests {
         fn stop(
             self,
         ) -> (
-            crate::pool::Totals,
+            crate::exec::Totals,
             Vec<crate::pool::WorkerInfo>,
             FakeLauncher,
         ) {

@@ -60,7 +60,7 @@ use crate::config::PoolSettings;
 use crate::dataset::CaseFiles;
 use crate::evaluation::{Failure, Stage};
 use crate::exec::{Backend, Prediction};
-pub use crate::exec::{Job, Totals};
+use crate::exec::{Job, Totals};
 use crate::infer::PredictStats;
 use crate::volume::{self, Volume};
 

@@ -9,10 +9,11 @@ use std::time::{Duration, Instant};
 use evald::config::{PoolSettings, SandboxPolicy};
 use evald::dataset::{self, Dataset};
 use evald::evaluation::{Failure, Stage};
+use evald::exec::{Job, Totals};
 use evald::infer::{InferSpec, InputKind, OutputKind, Window};
 use evald::metrics::{CaseMetrics, EvalSpec};
 use evald::pipeline;
-use evald::pool::{Job, PoolError, PoolPredictor, Totals};
+use evald::pool::{PoolError, PoolPredictor};
 use evald::volume::{self, Volume};
 
 use crate::util::{data, evald, run_ok};
