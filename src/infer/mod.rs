@@ -20,6 +20,7 @@
 //! ([`halve_on_oom`], the one place that rule lives).
 
 pub mod device;
+pub mod nnunet;
 pub mod tiling;
 pub mod torchscript;
 

@@ -143,10 +143,14 @@ impl Live {
     fn ended(&mut self, grace: Duration, what: &str) -> Cause {
         let status = self.handle.reap(grace);
         self.join_helpers();
+        self.crash(&status, what)
+    }
+
+    fn crash(&self, status: &std::process::ExitStatus, what: &str) -> Cause {
         Cause::Crash(format!(
             "(pid {}) {} ({what}){}",
             Pid(self.pid),
-            spawn::describe_exit(&status),
+            spawn::describe_exit(status),
             self.last_words()
         ))
     }
@@ -678,6 +682,7 @@ fn serve(sh: &Shared, slot: usize, live: &mut Live, rx: &mpsc::Receiver<Event>) 
     let mut head_since: Option<Instant> = None;
     let mut last_heard = Instant::now();
     let mut healthy = false;
+    let mut write_failed: Option<String> = None;
     let update = |held: &std::collections::VecDeque<Task>| {
         set_info(sh, slot, |i| {
             i.cases = held.iter().map(|t| t.case.clone()).collect();
@@ -718,7 +723,10 @@ fn serve(sh: &Shared, slot: usize, live: &mut Live, rx: &mpsc::Receiver<Event>) 
             }
         }
         // Take work.
-        while held.len() < WINDOW && (held.is_empty() || !other_idle(sh, slot)) {
+        while live.stdin.is_some()
+            && held.len() < WINDOW
+            && (held.is_empty() || !other_idle(sh, slot))
+        {
             let Some(task) = lock(&sh.queue).pop_front() else {
                 break;
             };
@@ -733,12 +741,24 @@ fn serve(sh: &Shared, slot: usize, live: &mut Live, rx: &mpsc::Receiver<Event>) 
             held.push_back(task);
             update(&held);
             if let Err(e) = live.send(&msg) {
-                // Most likely it died: say how, as when its frames end.
-                let what = format!("stopped reading requests: {e}");
-                let cause = live.ended(sh.timing.exit_grace, &what);
-                lose(sh, slot, live, &mut held, cause);
-                return (healthy, End::Died);
+                // It stopped reading requests, most likely because it exited. What it
+                // answered before is still in its frame stream: read on until that ends
+                // (which also says how it ended). The case just sent never reached it.
+                if let Some(t) = held.pop_back() {
+                    requeue_unstarted(sh, &mut std::collections::VecDeque::from([t]));
+                }
+                update(&held);
+                live.stdin = None;
+                write_failed = Some(e);
             }
+        }
+        if let Some(e) = write_failed.as_ref().filter(|_| held.is_empty()) {
+            // Nothing of ours is left in it: reap it (killed after the grace if it lives on
+            // without reading) and start a fresh one.
+            let what = format!("stopped reading requests: {e}");
+            let cause = live.ended(sh.timing.exit_grace, &what);
+            lose(sh, slot, live, &mut held, cause);
+            return (healthy, End::Died);
         }
         // Wait for something to happen, or a deadline.
         let now = Instant::now();

@@ -1,0 +1,7 @@
+//! nnU-Net v2 trained-model folders, run natively (no Python): nnU-Net's inference
+//! pipeline reproduced step by step, as nnunetv2 2.8.1 does it on CPU.
+//!
+//! - [`plans`]: the folder's name, `plans.json`, `dataset.json` and folds, checked and
+//!   typed; what is not stock is refused here by name.
+
+pub mod plans;
