@@ -2,6 +2,9 @@
 //! pipeline reproduced step by step, as nnunetv2 2.8.1 does it on CPU.
 //!
 //! - [`plans`]: the folder's name, `plans.json`, `dataset.json` and folds, checked and
-//!   typed; what is not stock is refused here by name.
+//!   typed; what is not stock is refused here by name;
+//! - `npy` (tests only): NumPy arrays nnU-Net wrote, the references of the parity tests.
 
+#[cfg(test)]
+pub(crate) mod npy;
 pub mod plans;
