@@ -1,16 +1,22 @@
 # Quick start: `make demo` runs the whole pipeline on generated data; `make test` runs the tests.
-# Both install what they need first (libtorch from the registry's torch wheel, into .libtorch/).
+# Both install what they need first (libtorch from the registry's torch wheel, into .libtorch/;
+# ONNX Runtime's library from the registry's onnxruntime wheel, into .onnxruntime/).
 CARGO ?= cargo
 LIBTORCH_STAMP := .libtorch/installed
+ORT_STAMP := .onnxruntime/installed
 
 .PHONY: all setup build demo test lint fmt bench install clean
 
 all: build
 
-setup: $(LIBTORCH_STAMP)
+setup: $(LIBTORCH_STAMP) $(ORT_STAMP)
 
 $(LIBTORCH_STAMP): scripts/setup-libtorch.sh
 	bash scripts/setup-libtorch.sh
+
+# The CPU build; on a GPU machine: `bash scripts/setup-onnxruntime.sh --gpu`.
+$(ORT_STAMP): scripts/setup-onnxruntime.sh
+	bash scripts/setup-onnxruntime.sh
 
 build: setup
 	$(CARGO) build --release
