@@ -122,8 +122,9 @@ pub fn main(slot: usize) -> Result<i32, WorkerError> {
     }
     let gpu = crate::infer::device::DeviceName::parse(&init.device).is_some_and(|d| d.is_gpu());
     if gpu {
-        // Conservative GPU path: let the driver open what it needs before the sandbox.
-        if let Err(e) = crate::infer::device::parse(&init.device) {
+        // Conservative GPU path: let the driver open what it needs before the sandbox,
+        // through the format's own runtime.
+        if let Err(e) = init.format.check_device(&init.device) {
             fatal(&out, FatalKind::Device, e.to_string());
         }
     }
@@ -150,7 +151,8 @@ pub fn main(slot: usize) -> Result<i32, WorkerError> {
     let _ = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build_global();
-    tch::set_num_threads(threads as i32);
+    // Only this format's runtime's pool: an ONNX worker never starts libtorch's.
+    init.format.set_threads(threads);
     start_heartbeat(&out, Duration::from_millis(init.heartbeat_ms.max(50)));
     let work_rx = start_reader_and_decoder(input);
 
@@ -166,6 +168,10 @@ pub fn main(slot: usize) -> Result<i32, WorkerError> {
             match loaded {
                 Ok(m) => Some(m),
                 Err(InferError::Device(e)) => fatal(&out, FatalKind::Device, e.to_string()),
+                // evald's installation, not the vendor's model.
+                Err(e @ InferError::RuntimeUnavailable { .. }) => {
+                    fatal(&out, FatalKind::Device, e.to_string())
+                }
                 Err(e @ InferError::Changed { .. }) => {
                     fatal(&out, FatalKind::Integrity, e.to_string())
                 }
@@ -302,7 +308,9 @@ fn predict_case(
             | InferError::File(_) => CaseErrorKind::Model,
             InferError::BadOutput(_) => CaseErrorKind::BadOutput,
             InferError::OutOfMemory { .. } => CaseErrorKind::OutOfMemory,
-            InferError::Device(_) | InferError::Torch(_) => CaseErrorKind::Torch,
+            InferError::Device(_)
+            | InferError::Torch(_)
+            | InferError::RuntimeUnavailable { .. } => CaseErrorKind::Torch,
         };
         (kind, e.to_string())
     })?;

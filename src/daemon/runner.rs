@@ -245,9 +245,7 @@ fn evaluate(
             return Outcome::Rejected(Rejection::new(
                 RejectCode::NotLoadable,
                 e.to_string(),
-                "Export the model with torch.jit.trace or torch.jit.script, save it with \
-                 .save(\"model.pt\") using PyTorch 2.x, and check that torch.jit.load(\"model.pt\") \
-                 works on a machine without your training code.",
+                job.format.reload_fix(),
             ))
         }
         // The device, the sandbox, the scratch folder: the admin's to fix, then it runs.

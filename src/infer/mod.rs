@@ -7,7 +7,8 @@
 //! - [`tiling`]: the HU window into model input, the 3D sliding window's tile positions
 //!   and Gaussian importance map, with no tensor library;
 //! - runtimes, one per format: [`torchscript`] (libtorch via tch: 2D batches, the 3D
-//!   sliding window's accumulation on the device);
+//!   sliding window's accumulation on the device), [`onnx`] (ONNX Runtime via ort, loaded
+//!   at run time: the same 2D batches and 3D windows, accumulated on the CPU);
 //! - [`device`]: `cpu` / `cuda:N` parsing, and loading libtorch's CUDA library at run time
 //!   so one binary serves CPU-only machines and GPUs.
 //!
@@ -21,6 +22,7 @@
 
 pub mod device;
 pub mod nnunet;
+pub mod onnx;
 pub mod tiling;
 pub mod torchscript;
 
@@ -259,7 +261,7 @@ pub enum InferError {
         format: ModelFormat,
         /// Device.
         device: String,
-        /// libtorch's message, first line.
+        /// The runtime's message, first line (or what evald found wrong with the graph).
         message: String,
     },
     /// The model raised during forward.
@@ -300,6 +302,15 @@ pub enum InferError {
     /// Any other libtorch failure (tensor conversion, device copy).
     #[error("libtorch: {0}")]
     Torch(String),
+    /// The runtime of the model's format is not installed or not usable here (evald's
+    /// installation, not the model: the ONNX Runtime library is missing, say).
+    #[error("{format} runtime unavailable: {message}", format = format.name())]
+    RuntimeUnavailable {
+        /// The format whose runtime is missing.
+        format: ModelFormat,
+        /// What is missing and how to install it.
+        message: String,
+    },
 }
 
 impl InferError {
@@ -328,16 +339,19 @@ pub struct PredictStats {
 pub enum ModelFormat {
     /// A `torch.jit` module saved with `.save()`, run by libtorch.
     TorchScript,
+    /// An ONNX graph (`torch.onnx.export`), run by ONNX Runtime.
+    Onnx,
 }
 
 impl ModelFormat {
     /// Every format evald runs.
-    pub const ALL: [ModelFormat; 1] = [ModelFormat::TorchScript];
+    pub const ALL: [ModelFormat; 2] = [ModelFormat::TorchScript, ModelFormat::Onnx];
 
     /// Its name in messages.
     pub fn name(self) -> &'static str {
         match self {
             ModelFormat::TorchScript => "TorchScript",
+            ModelFormat::Onnx => "ONNX",
         }
     }
 
@@ -345,6 +359,15 @@ impl ModelFormat {
     pub fn key(self) -> &'static str {
         match self {
             ModelFormat::TorchScript => "torchscript",
+            ModelFormat::Onnx => "onnx",
+        }
+    }
+
+    /// The library that runs it, for the report's provenance (`ONNX Runtime`).
+    pub fn runtime_name(self) -> &'static str {
+        match self {
+            ModelFormat::TorchScript => "libtorch",
+            ModelFormat::Onnx => "ONNX Runtime",
         }
     }
 
@@ -357,6 +380,7 @@ impl ModelFormat {
     pub fn default_file(self) -> &'static str {
         match self {
             ModelFormat::TorchScript => "model.pt",
+            ModelFormat::Onnx => "model.onnx",
         }
     }
 
@@ -366,6 +390,27 @@ impl ModelFormat {
             ModelFormat::TorchScript => {
                 "export it with torch.jit.trace or torch.jit.script and save with .save()"
             }
+            ModelFormat::Onnx => {
+                "export it with torch.onnx.export(model, x, \"model.onnx\", dynamo=True, dynamic_shapes=...) \
+                 with one float32 input and one output"
+            }
+        }
+    }
+
+    /// What a vendor whose file this format's runtime cannot load should do (the fix of
+    /// the daemon's rejection).
+    pub fn reload_fix(self) -> &'static str {
+        match self {
+            ModelFormat::TorchScript => {
+                "Export the model with torch.jit.trace or torch.jit.script, save it with \
+                 .save(\"model.pt\") using PyTorch 2.x, and check that torch.jit.load(\"model.pt\") \
+                 works on a machine without your training code."
+            }
+            ModelFormat::Onnx => {
+                "Export the model with torch.onnx.export(model, x, \"model.onnx\", dynamo=True, \
+                 dynamic_shapes=...) (one float32 input [B, 1, ...], one output, dynamic batch and \
+                 spatial axes), and check that onnxruntime.InferenceSession(\"model.onnx\") runs it."
+            }
         }
     }
 
@@ -373,6 +418,30 @@ impl ModelFormat {
     pub fn runtime_version(self) -> String {
         match self {
             ModelFormat::TorchScript => torchscript::libtorch_version(),
+            ModelFormat::Onnx => onnx::version(),
+        }
+    }
+
+    /// Check that `device` (`cpu`, `cuda:N`) is usable by this format's runtime. Asking
+    /// initialises the CUDA driver (the worker does it before its sandbox), through the
+    /// format's own runtime: an ONNX worker never touches libtorch's CUDA.
+    ///
+    /// # Errors
+    /// [`device::DeviceError`] for a malformed name or a device this runtime cannot use.
+    pub fn check_device(self, device: &str) -> Result<(), device::DeviceError> {
+        match self {
+            ModelFormat::TorchScript => device::parse(device).map(drop),
+            ModelFormat::Onnx => onnx::check_device(device).map(drop),
+        }
+    }
+
+    /// Size this format's runtime's intra-op thread pool (the worker's per-worker thread
+    /// count), touching no other runtime's: two busy thread pools in one process slow each
+    /// other down.
+    pub fn set_threads(self, threads: usize) {
+        match self {
+            ModelFormat::TorchScript => tch::set_num_threads(threads as i32),
+            ModelFormat::Onnx => onnx::set_intra_threads(threads),
         }
     }
 
@@ -381,6 +450,7 @@ impl ModelFormat {
     pub fn sandbox_needs(self, gpu: bool) -> SandboxNeeds {
         match self {
             ModelFormat::TorchScript => torchscript::sandbox_needs(gpu),
+            ModelFormat::Onnx => onnx::sandbox_needs(gpu),
         }
     }
 }
@@ -441,6 +511,7 @@ impl Model {
             ModelFormat::TorchScript => {
                 Box::new(torchscript::TorchScript::load(path, device, spec.clone())?)
             }
+            ModelFormat::Onnx => Box::new(onnx::Onnx::load(path, device, spec.clone())?),
         };
         Ok(Model {
             format,
@@ -478,7 +549,7 @@ impl Model {
         spec: InferSpec,
     ) -> Result<Self, InferError> {
         // The device first: a missing GPU is the admin's problem whatever the file holds.
-        device::parse(device)?;
+        format.check_device(device)?;
         let bytes = crate::files::read_bounded(path, MAX_MODEL_BYTES)?;
         let found = crate::files::sha256_hex(&bytes[..]).map_err(|e| {
             InferError::File(crate::files::FileError::Io {
@@ -500,6 +571,9 @@ impl Model {
                 device,
                 spec.clone(),
             )?),
+            ModelFormat::Onnx => {
+                Box::new(onnx::Onnx::load_bytes(&bytes, path, device, spec.clone())?)
+            }
         };
         Ok(Model {
             format,
