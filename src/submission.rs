@@ -264,7 +264,12 @@ pub fn evaluate(
         dataset_hash: dataset::manifest_hash(&data, ctx.digest_cache.as_deref()),
         devices: backend.devices(),
         evald_version: env!("CARGO_PKG_VERSION").into(),
-        torch_version: Some(sub.format.runtime_version()),
+        model_format: Some(sub.format.name().to_string()),
+        runtime: Some(format!(
+            "{} {}",
+            sub.format.runtime_name(),
+            sub.format.runtime_version()
+        )),
         config_digest: ctx.config_digest.clone(),
         started,
         finished: crate::evaluation::timestamp_now(),

@@ -101,8 +101,11 @@ pub struct RunMeta {
     pub devices: Vec<String>,
     /// evald version.
     pub evald_version: String,
-    /// libtorch version used (when inference ran).
-    pub torch_version: Option<String>,
+    /// The model's format, by name (`TorchScript`, `ONNX`), when inference ran.
+    pub model_format: Option<String>,
+    /// The library that ran it and its version (`libtorch 2.11.0`, `ONNX Runtime 1.32.0`),
+    /// when inference ran.
+    pub runtime: Option<String>,
     /// Digest of the effective configuration (when run from a config).
     pub config_digest: Option<String>,
     /// RFC 3339 start time.

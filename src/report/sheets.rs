@@ -643,10 +643,8 @@ pub(crate) fn run(ws: &mut Worksheet, eval: &Evaluation, st: &Styles) -> Result<
     ws.write_string_with_format(0, 0, "Run", &st.title)?;
     let rows: Vec<(&str, String)> = vec![
         ("evald version", m.evald_version.clone()),
-        (
-            "libtorch version",
-            m.torch_version.clone().unwrap_or_else(na),
-        ),
+        ("model format", m.model_format.clone().unwrap_or_else(na)),
+        ("runtime", m.runtime.clone().unwrap_or_else(na)),
         ("task", m.task.clone()),
         ("vendor", m.vendor.clone().unwrap_or_else(na)),
         ("submission", m.submission.clone().unwrap_or_else(na)),
