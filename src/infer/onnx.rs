@@ -162,11 +162,15 @@ fn environment() -> Result<&'static Environment, InferError> {
     ENV.get_or_init(|| {
         let path = library_path()?;
         let builder = ort::init_from(&path).map_err(|e| e.to_string())?;
-        builder
+        let env = builder
             .with_name("evald")
             .with_telemetry(false)
             .build()
-            .map_err(|e| format!("{}: cannot create an environment: {e}", path.display()))
+            .map_err(|e| format!("{}: cannot create an environment: {e}", path.display()))?;
+        // ORT's info level narrates every graph transformation: warnings and errors only
+        // reach evald's log (through tracing, with the worker's fields).
+        env.set_log_level(ort::logging::LogLevel::Warning);
+        Ok(env)
     })
     .as_ref()
     .map_err(|message| InferError::RuntimeUnavailable {

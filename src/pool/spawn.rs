@@ -32,6 +32,8 @@ const PASS_ENV: &[&str] = &[
     "PYTORCH_CUDA_ALLOC_CONF",
     "NVIDIA_DRIVER_CAPABILITIES",
     "EVALD_LOG",
+    // The admin's choice of ONNX Runtime library (infer::onnx).
+    "ORT_DYLIB_PATH",
 ];
 
 /// Lines of a worker's stderr kept for failure messages.
