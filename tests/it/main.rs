@@ -9,6 +9,8 @@ mod infer;
 mod infer_peer;
 mod lesion;
 mod mail;
+mod onnx_e2e;
+mod onnx_peer;
 mod pool;
 mod report;
 mod surface;
