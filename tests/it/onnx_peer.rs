@@ -89,7 +89,7 @@ fn assert_close(what: &str, ours: &[f32], torch: &[f32]) -> f32 {
     for (i, (&a, &b)) in ours.iter().zip(torch).enumerate() {
         let d = (a - b).abs();
         worst = worst.max(d);
-        if !(d <= tol) {
+        if d.is_nan() || d > tol {
             bad.push((i, a, b));
         }
     }
