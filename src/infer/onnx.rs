@@ -1111,7 +1111,7 @@ mod tests {
     }
 
     #[test]
-    fn a_missing_library_names_where_it_was_looked_for() {
+    fn the_checkout_library_is_the_last_resort_and_device_names_are_checked() {
         // The candidates always end with the checkout's library (unless the variable
         // names one), so an error can say where to install it.
         let c = library_candidates();
