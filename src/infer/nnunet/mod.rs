@@ -3,8 +3,13 @@
 //!
 //! - [`plans`]: the folder's name, `plans.json`, `dataset.json` and folds, checked and
 //!   typed; what is not stock is refused here by name;
+//! - [`pickle`]: a restricted unpickler (allowlisted opcodes and globals into inert data);
+//! - [`checkpoint`]: a fold's `checkpoint_final.pth` (torch.save zip) read through it: the
+//!   trainer, configuration, mirroring axes and float32 weights;
 //! - `npy` (tests only): NumPy arrays nnU-Net wrote, the references of the parity tests.
 
+pub mod checkpoint;
 #[cfg(test)]
 pub(crate) mod npy;
+pub mod pickle;
 pub mod plans;
