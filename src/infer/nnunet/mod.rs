@@ -6,9 +6,12 @@
 //! - [`pickle`]: a restricted unpickler (allowlisted opcodes and globals into inert data);
 //! - [`checkpoint`]: a fold's `checkpoint_final.pth` (torch.save zip) read through it: the
 //!   trainer, configuration, mirroring axes and float32 weights;
+//! - [`network`]: PlainConvUNet and ResidualEncoderUNet in libtorch, from the plans'
+//!   architecture and those weights (every name checked);
 //! - `npy` (tests only): NumPy arrays nnU-Net wrote, the references of the parity tests.
 
 pub mod checkpoint;
+pub mod network;
 #[cfg(test)]
 pub(crate) mod npy;
 pub mod pickle;
