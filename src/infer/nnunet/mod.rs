@@ -8,6 +8,8 @@
 //!   trainer, configuration, mirroring axes and float32 weights;
 //! - [`network`]: PlainConvUNet and ResidualEncoderUNet in libtorch, from the plans'
 //!   architecture and those weights (every name checked);
+//! - [`predict`]: nnU-Net's sliding window, mirroring, fp16 accumulation and fold
+//!   ensemble over those networks: a preprocessed case's logits, nnU-Net's bit for bit;
 //! - `npy` (tests only): NumPy arrays nnU-Net wrote, the references of the parity tests.
 
 pub mod checkpoint;
@@ -16,3 +18,4 @@ pub mod network;
 pub(crate) mod npy;
 pub mod pickle;
 pub mod plans;
+pub mod predict;

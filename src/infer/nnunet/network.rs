@@ -345,14 +345,14 @@ impl Network {
                 // are `stages.<s>.0.convs.<c>`; the first carries the stage's stride.
                 let mut stages = Vec::with_capacity(n);
                 let mut cin = in_channels;
-                for s in 0..n {
+                for (s, &fs) in f.iter().enumerate() {
                     let mut blocks = Vec::new();
                     for c in 0..arch.n_per_stage[s] {
                         let stride = if c == 0 { &arch.strides[s] } else { &ones };
                         blocks.push(l.block(
                             &enc(&format!("stages.{s}.0.convs.{c}")),
-                            if c == 0 { cin } else { f[s] },
-                            f[s],
+                            if c == 0 { cin } else { fs },
+                            fs,
                             &arch.kernel_sizes[s],
                             stride,
                             bias,
@@ -361,7 +361,7 @@ impl Network {
                         )?);
                     }
                     stages.push(blocks);
-                    cin = f[s];
+                    cin = fs;
                 }
                 Encoder::Plain(stages)
             }
@@ -380,17 +380,17 @@ impl Network {
                 )?;
                 let mut stages = Vec::with_capacity(n);
                 let mut cin = f[0];
-                for s in 0..n {
+                for (s, &fs) in f.iter().enumerate() {
                     let mut blocks = Vec::new();
                     for b in 0..arch.n_per_stage[s] {
                         let p = format!("stages.{s}.blocks.{b}");
                         let stride = if b == 0 { &arch.strides[s] } else { &ones };
-                        let bin = if b == 0 { cin } else { f[s] };
+                        let bin = if b == 0 { cin } else { fs };
                         let k = &arch.kernel_sizes[s];
                         let conv1 = l.block(
                             &enc(&format!("{p}.conv1")),
                             bin,
-                            f[s],
+                            fs,
                             k,
                             stride,
                             bias,
@@ -399,8 +399,8 @@ impl Network {
                         )?;
                         let conv2 = l.block(
                             &enc(&format!("{p}.conv2")),
-                            f[s],
-                            f[s],
+                            fs,
+                            fs,
                             k,
                             &ones,
                             bias,
@@ -411,12 +411,12 @@ impl Network {
                         let pool = has_stride.then(|| stride.iter().map(|&x| x as i64).collect());
                         // The projection is skip.1 after a pool, else skip.0; its conv has
                         // no bias whatever conv_bias says (residual.py).
-                        let projection = if bin != f[s] {
+                        let projection = if bin != fs {
                             let i = usize::from(has_stride);
                             Some(l.block(
                                 &enc(&format!("{p}.skip.{i}")),
                                 bin,
-                                f[s],
+                                fs,
                                 &ones,
                                 &ones,
                                 false,
@@ -434,7 +434,7 @@ impl Network {
                         });
                     }
                     stages.push(blocks);
-                    cin = f[s];
+                    cin = fs;
                 }
                 Encoder::Residual { stem, stages }
             }

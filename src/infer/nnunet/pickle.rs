@@ -653,7 +653,7 @@ impl<'a> Machine<'a> {
     }
 
     fn set_items(&mut self, dict: &V, kv: Vec<V>) -> Result<(), PickleError> {
-        if kv.len() % 2 != 0 {
+        if !kv.len().is_multiple_of(2) {
             return Err(self.err("odd number of items for a dict"));
         }
         const NOT_A_DICT: &str = "setting items on something that is not a dict";
