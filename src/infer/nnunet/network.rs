@@ -696,12 +696,13 @@ impl Network {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::infer::nnunet::{checkpoint, npy};
     use std::path::{Path, PathBuf};
 
-    fn dir(name: &str) -> PathBuf {
+    /// `tests/data/nnunet/networks/<name>`.
+    pub(crate) fn dir(name: &str) -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("tests/data/nnunet/networks")
             .join(name)
@@ -715,8 +716,9 @@ mod tests {
             .collect()
     }
 
-    /// The architecture make_network_reference.py built, as plans.json would give it.
-    fn arch(name: &str) -> (Architecture, usize, usize) {
+    /// The architecture make_network_reference.py built, as plans.json would give it, with
+    /// its input and output channels.
+    pub(crate) fn arch(name: &str) -> (Architecture, usize, usize) {
         let a: serde_json::Value =
             serde_json::from_slice(&std::fs::read(dir(name).join("arch.json")).unwrap()).unwrap();
         let nested =

@@ -793,6 +793,54 @@ mod tests {
         parity(&[0, 1], "folds01");
     }
 
+    /// nnUNetPredictor's own logits (make_predictor_reference.py) for the cases the fixture
+    /// does not cover: a 2-fold ResidualEncoderUNet ensemble on a case smaller than the
+    /// patch along x and tiled along z and y, and a 2D network run slice by slice.
+    #[test]
+    fn residual_ensemble_and_2d_logits_are_nnunets_bit_for_bit() {
+        use crate::infer::nnunet::network::tests::{arch, dir};
+        for (name, patch, axes, folds) in [
+            (
+                "resenc3d",
+                vec![8, 16, 16],
+                vec![0, 1, 2],
+                &["checkpoint.pth", "checkpoint_fold1.pth"][..],
+            ),
+            ("plain2d", vec![20, 12], vec![0, 1], &["checkpoint.pth"][..]),
+        ] {
+            let (a, cin, cout) = arch(name);
+            let nets = folds
+                .iter()
+                .map(|f| {
+                    let ck = checkpoint::read(&dir(name).join(f)).unwrap();
+                    assert_eq!(ck.mirroring_axes, axes);
+                    Network::new(&a, cin, cout, &ck.weights, Device::Cpu).unwrap()
+                })
+                .collect();
+            let p = Predictor::new(nets, patch, axes, Device::Cpu).unwrap();
+            let x = npy::read(&dir(name).join("sw_input_f32.npy")).unwrap();
+            let shape: Vec<i64> = x.shape.iter().map(|&d| d as i64).collect();
+            let x = Tensor::from_slice(&x.to_f32()).reshape(shape.as_slice());
+            let want = npy::read(&dir(name).join("sw_logits_f16.npy")).unwrap();
+            let y = p.logits(&x).unwrap();
+            assert_eq!(
+                y.size(),
+                want.shape.iter().map(|&d| d as i64).collect::<Vec<_>>()
+            );
+            let got: Vec<u16> = Vec::<half::f16>::try_from(y.flatten(0, -1))
+                .unwrap()
+                .iter()
+                .map(|h| h.to_bits())
+                .collect();
+            let differ = got
+                .iter()
+                .zip(want.to_f16_bits())
+                .filter(|(a, b)| **a != *b)
+                .count();
+            assert_eq!(differ, 0, "{name}: {differ} of {} differ", got.len());
+        }
+    }
+
     #[test]
     fn refuses_inputs_and_setups_that_do_not_fit() {
         let folder = ModelFolder::open(&root().join(MODEL), Some(&[0])).unwrap();
