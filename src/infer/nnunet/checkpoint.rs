@@ -333,8 +333,15 @@ fn weight(t: &TensorRef, storage: &[u8]) -> Result<Weight, String> {
         f32::from_le_bytes([storage[b], storage[b + 1], storage[b + 2], storage[b + 3]])
     };
     let mut data = Vec::with_capacity(n);
-    // C-order walk over the view; `idx` counts per axis, `pos` is the storage index.
-    let stride: Vec<usize> = t.stride.iter().map(|&s| s as usize).collect();
+    // C-order walk over the view; `idx` counts per axis, `pos` is the storage index. The
+    // stride of a length-1 axis is never applied and may be anything: zeroed, every
+    // `stride * shape` is at most `2 * last`, so the walk cannot overflow.
+    let stride: Vec<usize> = t
+        .stride
+        .iter()
+        .zip(&shape)
+        .map(|(&s, &d)| if d == 1 { 0 } else { s as usize })
+        .collect();
     let mut idx = vec![0usize; shape.len()];
     let mut pos = offset;
     for _ in 0..n {
@@ -535,7 +542,10 @@ impl<'a> Archive<'a> {
         }
         let nlen = le16(self.bytes, at + 26).ok_or("local header truncated")?;
         let elen = le16(self.bytes, at + 28).ok_or("local header truncated")?;
-        let start = e.local + 30 + u64::from(nlen) + u64::from(elen);
+        let start = e
+            .local
+            .checked_add(30 + u64::from(nlen) + u64::from(elen))
+            .ok_or("local header out of bounds")?;
         slice(self.bytes, start, e.size).ok_or_else(|| {
             format!(
                 "{} bytes at {start} run past the end of the file ({} bytes)",
@@ -686,9 +696,16 @@ mod tests {
         v
     }
 
-    /// `{'network_weights': {'w': <float32 view of storage '0' (numel 4), offset, size (3,),
-    /// stride (1,)>}, 'trainer_name': 'nnUNetTrainer'}` at protocol 2.
-    fn one_tensor_pickle(offset: u8) -> Vec<u8> {
+    /// LONG1 of a 64-bit int.
+    fn int(v: i64) -> Vec<u8> {
+        let mut b = vec![0x8a, 8];
+        b.extend(v.to_le_bytes());
+        b
+    }
+
+    /// `{'network_weights': {'w': <float32 view of storage '0' (numel 4): offset, size,
+    /// stride>}, 'trainer_name': 'nnUNetTrainer'}` at protocol 2.
+    fn tensor_pickle(offset: i64, size: &[i64], stride: &[i64]) -> Vec<u8> {
         let mut p = vec![0x80, 2, b'}', b'('];
         p.extend(bu("network_weights"));
         p.extend([b'}', b'(']);
@@ -698,15 +715,26 @@ mod tests {
         p.extend(b"ctorch\nFloatStorage\n");
         p.extend(bu("0"));
         p.extend(bu("cpu"));
-        p.extend([
-            b'K', 4, b't', b'Q', b'K', offset, b'K', 3, 0x85, b'K', 1, 0x85, 0x89,
-        ]);
+        p.extend([b'K', 4, b't', b'Q']);
+        p.extend(int(offset));
+        for list in [size, stride] {
+            p.push(b'(');
+            for &v in list {
+                p.extend(int(v));
+            }
+            p.push(b't');
+        }
+        p.push(0x89);
         p.extend(b"ccollections\nOrderedDict\n)Rt");
         p.extend([b'R', b'u']);
         p.extend(bu("trainer_name"));
         p.extend(bu("nnUNetTrainer"));
         p.extend([b'u', b'.']);
         p
+    }
+
+    fn one_tensor_pickle(offset: i64) -> Vec<u8> {
+        tensor_pickle(offset, &[3], &[1])
     }
 
     #[test]
@@ -740,6 +768,44 @@ mod tests {
             matches!(&e, CheckpointError::Tensor { name, why, .. } if name == "w" && why.contains("reaches element 4")),
             "{e}"
         );
+        // A length-1 axis with an absurd stride (never applied); a transposed view:
+        // element (i, j) is storage[offset + i + 2 j].
+        let mut st = storage.clone();
+        st[12..].copy_from_slice(&0.5f32.to_le_bytes());
+        for (offset, size, stride, want) in [
+            (1, &[1i64, 3][..], &[i64::MAX, 1][..], vec![2.0, 3.0, 0.5]),
+            (0, &[2, 2], &[1, 2], vec![1.0, 3.0, 2.0, 0.5]),
+        ] {
+            let z = archive(
+                &[
+                    ("x/data.pkl", &tensor_pickle(offset, size, stride)),
+                    ("x/data/0", &st),
+                ],
+                false,
+            );
+            let w = &from_bytes(&z, p).unwrap().weights["w"];
+            assert_eq!(w.data, want, "{size:?} {stride:?}");
+            assert_eq!(
+                w.shape,
+                size.iter().map(|&d| d as usize).collect::<Vec<_>>()
+            );
+        }
+        // Views past the storage, negative or overflowing.
+        for (offset, size, stride) in [
+            (0i64, &[2i64, 2][..], &[i64::MAX, 1][..]),
+            (i64::MAX, &[1], &[1]),
+            (0, &[-1], &[1]),
+            (0, &[5], &[0]),
+        ] {
+            let z = archive(
+                &[
+                    ("x/data.pkl", &tensor_pickle(offset, size, stride)),
+                    ("x/data/0", &storage),
+                ],
+                false,
+            );
+            assert!(from_bytes(&z, p).is_err(), "{offset} {size:?} {stride:?}");
+        }
         // The storage shorter than its record says.
         let short = archive(
             &[

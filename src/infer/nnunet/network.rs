@@ -92,7 +92,10 @@ impl From<NetworkError> for crate::infer::InferError {
             NetworkError::Torch { during, message } => {
                 crate::infer::InferError::Torch(format!("{during}: {message}"))
             }
-            NetworkError::Input(m) => crate::infer::InferError::BadOutput(m),
+            NetworkError::Input(message) => crate::infer::InferError::Forward {
+                input_shape: Vec::new(),
+                message,
+            },
             other => super::checkpoint::load_error(std::path::PathBuf::new(), other.to_string()),
         }
     }
@@ -572,8 +575,9 @@ impl Network {
         let n = skips.len();
         for (s, stage) in self.decoder.iter().enumerate() {
             let up = self.transpose(&stage.transpconv, &lres)?;
-            let skip = skips
-                .get(n - 2 - s)
+            let skip = (n - 1)
+                .checked_sub(s + 1)
+                .and_then(|i| skips.get(i))
                 .ok_or_else(|| NetworkError::Architecture("decoder deeper than encoder".into()))?;
             let mut h = Tensor::f_cat(&[&up, skip], 1).map_err(&torch)?;
             for b in &stage.blocks {

@@ -210,10 +210,17 @@ fn gaussian_taps(size: usize) -> Vec<f64> {
 /// # Errors
 /// [`PredictError::Setup`] for an empty patch, [`PredictError::Torch`] for libtorch.
 pub fn gaussian(patch: &[usize], device: Device) -> Result<Tensor> {
-    if patch.is_empty() || patch.contains(&0) || patch.len() > 3 {
-        return Err(PredictError::Setup(format!("patch {patch:?}")));
-    }
-    let n: usize = patch.iter().product();
+    // Far above any nnU-Net patch (about 2^21 voxels); a bound on what is allocated here.
+    const MAX_VOXELS: usize = 1 << 27;
+    let n = patch
+        .iter()
+        .try_fold(1usize, |a, &p| a.checked_mul(p))
+        .filter(|&n| n <= MAX_VOXELS);
+    let (Some(n), false, 1..=3) = (n, patch.contains(&0), patch.len()) else {
+        return Err(PredictError::Setup(format!(
+            "patch {patch:?} (1 to 3 axes, 1 to {MAX_VOXELS} voxels)"
+        )));
+    };
     let taps: Vec<Vec<f64>> = patch.iter().map(|&p| gaussian_taps(p)).collect();
     // gaussian_filter filters axis 0 first, then 1, then 2: a delta becomes t0, then
     // t0 * t1 (rounded), then (t0 * t1) * t2 (rounded).
@@ -860,6 +867,18 @@ mod tests {
         let e =
             Predictor::from_checkpoints(&folder, &[(path.clone(), ck)], Device::Cpu).unwrap_err();
         assert!(matches!(e, PredictError::Mismatch { .. }), "{e}");
+        // Patches no Gaussian can be made for.
+        for patch in [
+            &[][..],
+            &[0, 4],
+            &[1 << 20, 1 << 20, 1 << 20],
+            &[usize::MAX, 2],
+        ] {
+            assert!(matches!(
+                gaussian(patch, Device::Cpu),
+                Err(PredictError::Setup(_))
+            ));
+        }
         // No folds.
         assert!(matches!(
             Predictor::new(Vec::new(), vec![1, 1, 1], Vec::new(), Device::Cpu),
