@@ -490,9 +490,15 @@ impl Predictor {
         let mut prediction: Option<Tensor> = None;
         for net in &self.nets {
             // Each fold's logits go to the CPU and are summed there (fp16).
-            let fold = tch::autocast(cuda, || self.sliding_window(net, input))?
-                .f_to_device(Device::Cpu)
-                .map_err(torch("copying logits"))?;
+            // tch::autocast asks libtorch whether CUDA is available, which must not happen
+            // before device.rs has loaded the CUDA backend: only on a CUDA device.
+            let fold = if cuda {
+                tch::autocast(true, || self.sliding_window(net, input))
+            } else {
+                self.sliding_window(net, input)
+            }?
+            .f_to_device(Device::Cpu)
+            .map_err(torch("copying logits"))?;
             match &mut prediction {
                 None => prediction = Some(fold),
                 Some(p) => {
@@ -689,6 +695,12 @@ mod tests {
                 "{patch:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_predictor_can_move_to_a_worker_thread() {
+        fn send<T: Send>() {}
+        send::<Predictor>();
     }
 
     #[test]
