@@ -3,8 +3,19 @@
 //!
 //! - [`plans`]: the folder's name, `plans.json`, `dataset.json` and folds, checked and
 //!   typed; what is not stock is refused here by name;
+//! - [`pickle`]: a restricted unpickler (allowlisted opcodes and globals into inert data);
+//! - [`checkpoint`]: a fold's `checkpoint_final.pth` (torch.save zip) read through it: the
+//!   trainer, configuration, mirroring axes and float32 weights;
+//! - [`network`]: PlainConvUNet and ResidualEncoderUNet in libtorch, from the plans'
+//!   architecture and those weights (every name checked);
+//! - [`predict`]: nnU-Net's sliding window, mirroring, fp16 accumulation and fold
+//!   ensemble over those networks: a preprocessed case's logits, nnU-Net's bit for bit;
 //! - `npy` (tests only): NumPy arrays nnU-Net wrote, the references of the parity tests.
 
+pub mod checkpoint;
+pub mod network;
 #[cfg(test)]
 pub(crate) mod npy;
+pub mod pickle;
 pub mod plans;
+pub mod predict;
