@@ -5,6 +5,8 @@
 //! `regions_class_order`), pasted into the bounding box of a zero image, and transposed
 //! back to the input's axis order. Owns the label decision rules.
 
+use std::cmp::Ordering;
+
 use half::f16;
 use rayon::prelude::*;
 
@@ -25,8 +27,8 @@ pub enum ExportError {
         /// The preprocessed grid.
         shape: [usize; 3],
     },
-    /// The case properties do not describe a box inside the image.
-    #[error("case properties inconsistent: bbox {bbox:?} of a {shape_before_cropping:?} image with cropped shape {shape_after_cropping:?}")]
+    /// The case properties do not describe a box inside an image evald can hold.
+    #[error("case properties inconsistent: bbox {bbox:?} of a {shape_before_cropping:?} image with cropped shape {shape_after_cropping:?} (or the image exceeds evald's label-map limit)")]
     Props {
         /// `bbox_used_for_cropping`.
         bbox: [[usize; 2]; 3],
@@ -48,7 +50,7 @@ pub enum ExportError {
         /// The image's spacing.
         to: [f64; 3],
         /// The cause.
-        source: ResampleError,
+        source: Box<ResampleError>,
     },
 }
 
@@ -78,10 +80,13 @@ pub fn labels(
     }
     let sb = props.shape_before_cropping;
     let sc = props.shape_after_cropping;
-    if (0..3).any(|a| {
-        let [lo, hi] = props.bbox[a];
-        lo > hi || hi > sb[a] || hi - lo != sc[a]
-    }) {
+    let n_full = sb[0].checked_mul(sb[1]).and_then(|n| n.checked_mul(sb[2]));
+    if n_full.is_none_or(|n| n as u64 > crate::volume::DEFAULT_MAX_LABEL_VOXELS)
+        || (0..3).any(|a| {
+            let [lo, hi] = props.bbox[a];
+            lo > hi || hi > sb[a] || hi - lo != sc[a]
+        })
+    {
         return Err(ExportError::Props {
             bbox: props.bbox,
             shape_before_cropping: sb,
@@ -121,7 +126,7 @@ pub fn labels(
     .map_err(|source| ExportError::Resample {
         from: current,
         to: props.spacing,
-        source,
+        source: Box::new(source),
     })?;
 
     let n = sc[0] * sc[1] * sc[2];
@@ -179,7 +184,8 @@ fn argmax(vals: impl Iterator<Item = f16>) -> u8 {
             if m.is_nan() {
                 break;
             }
-        } else if !(v <= m) {
+        } else if !matches!(v.partial_cmp(&m), Some(Ordering::Less | Ordering::Equal)) {
+            // numpy's `!(v <= m)`: greater, or NaN.
             m = v;
             best = i;
             if m.is_nan() {

@@ -69,7 +69,7 @@ pub enum PreprocessError {
         /// The target spacing.
         to: [f64; 3],
         /// The cause.
-        source: ResampleError,
+        source: Box<ResampleError>,
     },
 }
 
@@ -172,7 +172,7 @@ pub fn preprocess(
     let rs_err = |source| PreprocessError::Resample {
         from: net_spacing,
         to: target,
-        source,
+        source: Box::new(source),
     };
     let new_shape =
         resample::compute_new_shape(cropped_shape, net_spacing, target).map_err(rs_err)?;

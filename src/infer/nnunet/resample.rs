@@ -43,8 +43,9 @@ const ANISO_THRESHOLD: f64 = 3.0;
 /// (mode 'nearest' has no exact boundary condition for the filter).
 const NPAD: usize = 12;
 
-/// `ni_splines.c` `get_filter_poles`, order 3: sqrt(3) - 2.
-const POLE_3: f64 = -0.267_949_192_431_122_706_472_553_658_494_127_633;
+/// `ni_splines.c` `get_filter_poles`, order 3: sqrt(3) - 2, written there as
+/// -0.267949192431122706472553658494127633 (this is the same float64).
+const POLE_3: f64 = -0.267_949_192_431_122_7;
 
 /// Why a resampling cannot be done.
 #[derive(Debug, thiserror::Error)]
@@ -256,10 +257,12 @@ pub fn resample<'a, T: Sample>(
     new_spacing: [f64; 3],
     r: &Resampling,
 ) -> Result<Cow<'a, [T]>, ResampleError> {
-    let n_in = voxels(shape).ok_or(ResampleError::TooLarge {
-        what: "input",
-        shape,
-    })?;
+    let n_in = voxels(shape)
+        .filter(|&n| n <= MAX_VOXELS)
+        .ok_or(ResampleError::TooLarge {
+            what: "input",
+            shape,
+        })?;
     if n_in.checked_mul(channels) != Some(data.len()) {
         return Err(ResampleError::Length {
             len: data.len(),
@@ -317,22 +320,23 @@ pub fn resample<'a, T: Sample>(
     }
     let mut out = Vec::with_capacity(n_out * channels);
     for c in 0..channels {
-        let src: Vec<f64> = data[c * n_in..(c + 1) * n_in]
-            .par_iter()
-            .map(|v| v.to_f64())
-            .collect();
+        let ch = &data[c * n_in..(c + 1) * n_in];
         let res = match axis {
-            Some(a) => separate(&src, shape, new_shape, a, r.order, r.order_z),
-            None => resize(&src, shape, new_shape, [true; 3], r.order),
+            Some(a) => separate(ch, shape, new_shape, a, r.order, r.order_z),
+            None => {
+                let src: Vec<f64> = ch.par_iter().map(|v| v.to_f64()).collect();
+                resize(&src, shape, new_shape, [true; 3], r.order)
+            }
         };
         out.par_extend(res.into_par_iter().map(T::from_f64));
     }
     Ok(Cow::Owned(out))
 }
 
-/// The separate-axis branch (`default_resampling.py` L154-188).
-fn separate(
-    src: &[f64],
+/// The separate-axis branch (`default_resampling.py` L154-188), from the input's own type
+/// (each slice widened to float64 as it is taken, as `data.astype(float)` would).
+fn separate<T: Sample>(
+    src: &[T],
     shape: [usize; 3],
     new_shape: [usize; 3],
     a: usize,
@@ -349,26 +353,32 @@ fn separate(
     let slice_out = [1, new_shape[p], new_shape[q]];
     // Each slice along `a`, resized in plane (L165-170): as a 2D image, i.e. a leading
     // axis of one that is neither padded nor filtered.
-    let slices: Vec<Vec<f64>> = (0..shape[a])
-        .into_par_iter()
-        .map(|s| {
-            let mut img = Vec::with_capacity(shape[p] * shape[q]);
-            for i in 0..shape[p] {
-                let base = s * strides[a] + i * strides[p];
-                img.extend((0..shape[q]).map(|j| src[base + j * strides[q]]));
-            }
-            resize(&img, slice_in, slice_out, [false, true, true], order)
-        })
-        .collect();
+    let resized = |s: usize| {
+        let mut img = Vec::with_capacity(shape[p] * shape[q]);
+        for i in 0..shape[p] {
+            let base = s * strides[a] + i * strides[p];
+            img.extend((0..shape[q]).map(|j| src[base + j * strides[q]].to_f64()));
+        }
+        resize(&img, slice_in, slice_out, [false, true, true], order)
+    };
     let mut mid = new_shape;
     mid[a] = shape[a];
-    let ms = [mid[1] * mid[2], mid[2], 1];
-    let mut here = vec![0.0; mid.iter().product()];
-    for (s, img) in slices.iter().enumerate() {
-        for i in 0..mid[p] {
-            let base = s * ms[a] + i * ms[p];
-            for j in 0..mid[q] {
-                here[base + j * ms[q]] = img[i * mid[q] + j];
+    let plane = mid[p] * mid[q];
+    let mut here = vec![0.0; plane * mid[a]];
+    if a == 0 {
+        // Slices are contiguous planes of the stack: fill them in place.
+        here.par_chunks_mut(plane)
+            .enumerate()
+            .for_each(|(s, out)| out.copy_from_slice(&resized(s)));
+    } else {
+        let slices: Vec<Vec<f64>> = (0..shape[a]).into_par_iter().map(resized).collect();
+        let ms = [mid[1] * mid[2], mid[2], 1];
+        for (s, img) in slices.iter().enumerate() {
+            for i in 0..mid[p] {
+                let base = s * ms[a] + i * ms[p];
+                for j in 0..mid[q] {
+                    here[base + j * ms[q]] = img[i * mid[q] + j];
+                }
             }
         }
     }
@@ -504,7 +514,7 @@ fn filter_line(c: &mut [f64], z: f64) {
     }
     let z_n = z.powf(n as f64);
     let c0 = c[0];
-    c[0] = c[0] + z_n * c[n - 1];
+    c[0] += z_n * c[n - 1];
     let mut z_i = z;
     for i in 1..n {
         c[0] += z_i * (c[i] + z_n * c[n - 1 - i]);
@@ -522,7 +532,9 @@ fn filter_line(c: &mut [f64], z: f64) {
 }
 
 /// [`filter_line`] on lines stored across `rows` (element `i` of line `j` is
-/// `rows[i][j]`), the same operations per line.
+/// `rows[i][j]`), the same operations per line. Indexed like the C code, which reads the
+/// row it is updating (`c[n - 1 - i]` is `c[0]` when `i == n - 1`).
+#[allow(clippy::needless_range_loop)]
 fn filter_lines(rows: &mut [&mut [f64]], z: f64) {
     let n = rows.len();
     let Some(w) = rows.first().map(|r| r.len()) else {
@@ -539,7 +551,7 @@ fn filter_lines(rows: &mut [&mut [f64]], z: f64) {
     let z_n = z.powf(n as f64);
     let c0: Vec<f64> = rows[0].to_vec();
     for j in 0..w {
-        rows[0][j] = rows[0][j] + z_n * rows[n - 1][j];
+        rows[0][j] += z_n * rows[n - 1][j];
     }
     let mut z_i = z;
     for i in 1..n {
@@ -712,8 +724,8 @@ fn clip_to_input_range(input: &[f64], out: &mut [f64]) {
 /// numpy's `_NPY_CLIP(x, lo, hi) = _NPY_MIN(_NPY_MAX(x, lo), hi)` for floats
 /// (`_NPY_MAX(a, b) = isnan(a) ? a : (a > b ? a : b)`).
 pub(crate) fn np_clip<F: PartialOrd + Copy + NanCheck>(x: F, lo: F, hi: F) -> F {
-    let m = if x.is_nan_() || x > lo { x } else { lo };
-    if m.is_nan_() || m < hi {
+    let m = if x.nan() || x > lo { x } else { lo };
+    if m.nan() || m < hi {
         m
     } else {
         hi
@@ -723,15 +735,15 @@ pub(crate) fn np_clip<F: PartialOrd + Copy + NanCheck>(x: F, lo: F, hi: F) -> F 
 /// `is_nan` for the float types [`np_clip`] is used with.
 pub(crate) trait NanCheck {
     /// Whether the value is NaN.
-    fn is_nan_(self) -> bool;
+    fn nan(self) -> bool;
 }
 impl NanCheck for f32 {
-    fn is_nan_(self) -> bool {
+    fn nan(self) -> bool {
         self.is_nan()
     }
 }
 impl NanCheck for f64 {
-    fn is_nan_(self) -> bool {
+    fn nan(self) -> bool {
         self.is_nan()
     }
 }
