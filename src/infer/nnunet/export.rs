@@ -12,7 +12,7 @@ use rayon::prelude::*;
 
 use super::plans::{Labels, ModelFolder};
 use super::preprocess::{gather, CaseProps};
-use super::resample::{self, ResampleError};
+use super::resample::{self, f16_to_f32, ResampleError};
 
 /// Why logits cannot be turned into labels.
 #[derive(Debug, thiserror::Error)]
@@ -178,7 +178,7 @@ fn argmax(vals: impl Iterator<Item = f16>) -> u8 {
     let mut best = 0usize;
     let mut m = f32::NAN;
     for (i, v) in vals.enumerate() {
-        let v = v.to_f32();
+        let v = f16_to_f32(v);
         if i == 0 {
             m = v;
             if m.is_nan() {
@@ -202,7 +202,7 @@ fn argmax(vals: impl Iterator<Item = f16>) -> u8 {
 /// subnormal (whose sigmoid rounds to exactly 0.5); checked against torch for all 65536
 /// values in the tests.
 fn sigmoid_above_half(x: f16) -> bool {
-    let x = x.to_f32();
+    let x = f16_to_f32(x);
     1.0 / (1.0 + (-x).exp()) > 0.5
 }
 

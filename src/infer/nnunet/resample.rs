@@ -128,8 +128,7 @@ impl Sample for f32 {
 
 impl Sample for half::f16 {
     fn to_f64(self) -> f64 {
-        // Every float16 is exactly a float32.
-        f64::from(self.to_f32())
+        f64::from(f16_to_f32(self))
     }
     fn from_f64(v: f64) -> Self {
         f16_from_f64(v)
@@ -140,25 +139,57 @@ impl Sample for half::f16 {
 /// in one step. `half`'s own conversion goes through float32 (double rounding) or drops
 /// the low mantissa bits, and differs from numpy near float16 midpoints.
 pub fn f16_from_f64(v: f64) -> half::f16 {
-    if v.is_nan() {
-        return half::f16::from_f32(v as f32);
-    }
+    let bits = v.to_bits();
+    let sign = ((bits >> 48) & 0x8000) as u16;
     let a = v.abs();
-    // 65520 is halfway between 65504 (the largest float16) and 65536: ties to even go up.
-    let h = if a >= 65520.0 {
-        half::f16::INFINITY
+    let mag = if a.is_nan() {
+        // NaN: the top significand bits kept, still a NaN (npy_double_to_half).
+        match 0x7c00 + ((bits & 0x000f_ffff_ffff_ffff) >> 42) as u16 {
+            0x7c00 => 0x7c01,
+            m => m,
+        }
+    } else if a >= 65520.0 {
+        // 65520 is halfway between 65504 (the largest float16) and 65536: ties to even go
+        // up, to infinity.
+        0x7c00
     } else {
-        // Quantum of float16 at a's binade (subnormals share the 2^-24 quantum).
-        let e = ((a.to_bits() >> 52) as i32 - 1023).max(-14);
-        let q = f64::from_bits(((e - 10 + 1023) as u64) << 52);
-        // a / q and the product are exact (powers of two, no underflow); the result is
-        // exactly a float16 value, so the final conversion does not round.
-        half::f16::from_f32(((a / q).round_ties_even() * q) as f32)
+        // a = t * 2^(e - 10) with e its binade (subnormals share e = -14): t < 2048 is
+        // exact; (t + 2^52) - 2^52 rounds it to an integer, ties to even.
+        let e = ((bits >> 52 & 0x7ff) as i32 - 1023).max(-14);
+        let t = a * f64::from_bits(((10 - e + 1023) as u64) << 52);
+        const BIG: f64 = 4_503_599_627_370_496.0;
+        let n = ((t + BIG) - BIG) as u16;
+        if e == -14 {
+            // Subnormal (n < 1024) or the smallest binade: the bits are n itself.
+            n
+        } else {
+            // n in 1024..=2048 (2048 carries into the next exponent, as the bits add up).
+            (((e + 15) as u16) << 10) + (n - 1024)
+        }
     };
-    if v.is_sign_negative() {
-        -h
+    half::f16::from_bits(sign | mag)
+}
+
+/// Exact float16 -> float32 widening, inlined (`half`'s goes through a call per value to
+/// a runtime-detected F16C routine); NaNs come out quiet, as F16C makes them.
+#[inline]
+pub(crate) fn f16_to_f32(h: half::f16) -> f32 {
+    let b = u32::from(h.to_bits());
+    let sign = (b & 0x8000) << 16;
+    let e = (b >> 10) & 0x1f;
+    let m = b & 0x3ff;
+    if e == 0x1f {
+        f32::from_bits(sign | 0x7f80_0000 | if m == 0 { 0 } else { 0x40_0000 | (m << 13) })
+    } else if e != 0 {
+        f32::from_bits(sign | ((e + 112) << 23) | (m << 13))
     } else {
-        h
+        // Zero or subnormal: m * 2^-24, exact.
+        let v = m as f32 * f32::from_bits(0x3380_0000);
+        if sign != 0 {
+            -v
+        } else {
+            v
+        }
     }
 }
 
@@ -318,31 +349,36 @@ pub fn resample<'a, T: Sample>(
             });
         }
     }
-    let mut out = Vec::with_capacity(n_out * channels);
-    for c in 0..channels {
+    // Each channel is resampled in float64 and stored into the output's type as its last
+    // step (`reshaped_final[c] = ...`, L185-188, L191), without a float64 copy of it.
+    let mut out = vec![T::from_f64(0.0); n_out * channels];
+    let mut stack = Vec::new();
+    for (c, dst) in out.chunks_mut(n_out).enumerate() {
         let ch = &data[c * n_in..(c + 1) * n_in];
-        let res = match axis {
-            Some(a) => separate(ch, shape, new_shape, a, r.order, r.order_z),
+        match axis {
+            Some(a) => separate(ch, shape, new_shape, a, r, &mut stack, dst),
             None => {
                 let src: Vec<f64> = ch.par_iter().map(|v| v.to_f64()).collect();
-                resize(&src, shape, new_shape, [true; 3], r.order)
+                resize(&src, shape, new_shape, [true; 3], r.order, dst, T::from_f64);
             }
-        };
-        out.par_extend(res.into_par_iter().map(T::from_f64));
+        }
     }
     Ok(Cow::Owned(out))
 }
 
-/// The separate-axis branch (`default_resampling.py` L154-188), from the input's own type
-/// (each slice widened to float64 as it is taken, as `data.astype(float)` would).
+/// The separate-axis branch (`default_resampling.py` L154-188) into `dst`, from the
+/// input's own type (each slice widened to float64 as it is taken, as `data.astype(float)`
+/// would); `stack` is the float64 in-plane resampled stack, reused across channels.
+#[allow(clippy::too_many_arguments)]
 fn separate<T: Sample>(
     src: &[T],
     shape: [usize; 3],
     new_shape: [usize; 3],
     a: usize,
-    order: usize,
-    order_z: usize,
-) -> Vec<f64> {
+    r: &Resampling,
+    stack: &mut Vec<f64>,
+    dst: &mut [T],
+) {
     let (p, q) = match a {
         0 => (1, 2),
         1 => (0, 2),
@@ -353,37 +389,57 @@ fn separate<T: Sample>(
     let slice_out = [1, new_shape[p], new_shape[q]];
     // Each slice along `a`, resized in plane (L165-170): as a 2D image, i.e. a leading
     // axis of one that is neither padded nor filtered.
-    let resized = |s: usize| {
+    let resize_slice = |s: usize, out: &mut [f64]| {
         let mut img = Vec::with_capacity(shape[p] * shape[q]);
         for i in 0..shape[p] {
             let base = s * strides[a] + i * strides[p];
             img.extend((0..shape[q]).map(|j| src[base + j * strides[q]].to_f64()));
         }
-        resize(&img, slice_in, slice_out, [false, true, true], order)
+        resize(
+            &img,
+            slice_in,
+            slice_out,
+            [false, true, true],
+            r.order,
+            out,
+            |v| v,
+        );
     };
     let mut mid = new_shape;
     mid[a] = shape[a];
     let plane = mid[p] * mid[q];
-    let mut here = vec![0.0; plane * mid[a]];
+    stack.clear();
+    stack.resize(plane * mid[a], 0.0);
     if a == 0 {
         // Slices are contiguous planes of the stack: fill them in place.
-        here.par_chunks_mut(plane)
+        stack
+            .par_chunks_mut(plane)
             .enumerate()
-            .for_each(|(s, out)| out.copy_from_slice(&resized(s)));
+            .for_each(|(s, out)| resize_slice(s, out));
     } else {
-        let slices: Vec<Vec<f64>> = (0..shape[a]).into_par_iter().map(resized).collect();
+        let slices: Vec<Vec<f64>> = (0..shape[a])
+            .into_par_iter()
+            .map(|s| {
+                let mut out = vec![0.0; plane];
+                resize_slice(s, &mut out);
+                out
+            })
+            .collect();
         let ms = [mid[1] * mid[2], mid[2], 1];
         for (s, img) in slices.iter().enumerate() {
             for i in 0..mid[p] {
                 let base = s * ms[a] + i * ms[p];
                 for j in 0..mid[q] {
-                    here[base + j * ms[q]] = img[i * mid[q] + j];
+                    stack[base + j * ms[q]] = img[i * mid[q] + j];
                 }
             }
         }
     }
     if shape[a] == new_shape[a] {
-        return here;
+        dst.par_iter_mut()
+            .zip(stack.par_iter())
+            .for_each(|(d, &v)| *d = T::from_f64(v));
+        return;
     }
     // map_coordinates(reshaped_here, coord_map, order=order_z, mode='nearest') (L185):
     // along `a` at scale * (i + 0.5) - 0.5 with scale = old / new (L176-182); the in-plane
@@ -393,32 +449,31 @@ fn separate<T: Sample>(
         Taps::new(
             (0..new_shape[ax]).map(|i| scale * (i as f64 + 0.5) - 0.5),
             mid[ax],
-            order_z,
+            r.order_z,
         )
     });
-    interpolate(&here, mid, &taps, order_z)
+    interpolate(stack, mid, &taps, r.order_z, dst, T::from_f64);
 }
 
 /// skimage `resize(image, out, order, mode='edge', anti_aliasing=False)` of a 2D image (a
-/// leading axis of one, `real[0] == false`) or a 3D one: `zoom` then the clip.
-fn resize(
+/// leading axis of one, `real[0] == false`) or a 3D one into `dst`: `zoom`, the clip to the
+/// input's range, then `store` (the cast to the output's type).
+fn resize<O: Send>(
     img: &[f64],
     dims: [usize; 3],
     out: [usize; 3],
     real: [bool; 3],
     order: usize,
-) -> Vec<f64> {
-    let mut res = zoom(img, dims, out, real, order);
-    clip_to_input_range(img, &mut res);
-    res
-}
-
-/// scipy `zoom(img, in / out, order, mode='nearest', grid_mode=True)`.
-fn zoom(img: &[f64], dims: [usize; 3], out: [usize; 3], real: [bool; 3], order: usize) -> Vec<f64> {
+    dst: &mut [O],
+    store: impl Fn(f64) -> O + Sync,
+) {
+    let (lo, hi) = nan_aware_range(img);
+    let store = |v: f64| store(np_clip(v, lo, hi));
     // _interpolation.py L845-850: all zooms 1 returns the input (skimage's zoom factors are
     // 1 / (in / out), which is exactly 1 only for in == out at these sizes).
     if dims == out {
-        return img.to_vec();
+        dst.iter_mut().zip(img).for_each(|(d, &v)| *d = store(v));
+        return;
     }
     let (coef, cdims, npad): (Cow<'_, [f64]>, [usize; 3], usize) = if order > 1 {
         let pad = real.map(|r| if r { NPAD } else { 0 });
@@ -428,8 +483,8 @@ fn zoom(img: &[f64], dims: [usize; 3], out: [usize; 3], real: [bool; 3], order: 
     } else {
         (Cow::Borrowed(img), dims, 0)
     };
-    // NI_ZoomShift L780-800: cc = ((k + 0.5) * zoom - 0.5) + nprepad, zoom = in / out
-    // (_interpolation.py L880-890, grid_mode).
+    // zoom: NI_ZoomShift L780-800: cc = ((k + 0.5) * zoom - 0.5) + nprepad, zoom = in /
+    // out (_interpolation.py L880-890, grid_mode).
     let taps: [Taps; 3] = std::array::from_fn(|ax| {
         if !real[ax] {
             return Taps::identity(out[ax]);
@@ -447,7 +502,7 @@ fn zoom(img: &[f64], dims: [usize; 3], out: [usize; 3], real: [bool; 3], order: 
             order,
         )
     });
-    interpolate(&coef, cdims, &taps, order)
+    interpolate(&coef, cdims, &taps, order, dst, store);
 }
 
 /// np.pad(mode='edge') by `pad[a]` on both sides of each axis.
@@ -661,12 +716,101 @@ fn spline_weights(x: f64, order: usize, w: &mut [f64; 4]) {
 /// The footprint sum of `NI_ZoomShift` / `NI_GeometricTransform`: per output voxel,
 /// `t = 0; for each footprint point in C order: t += c * w0 * w1 * w2` (no weights at
 /// order 0).
-fn interpolate(src: &[f64], dims: [usize; 3], taps: &[Taps; 3], order: usize) -> Vec<f64> {
+fn interpolate<O: Send>(
+    src: &[f64],
+    dims: [usize; 3],
+    taps: &[Taps; 3],
+    order: usize,
+    dst: &mut [O],
+    store: impl Fn(f64) -> O + Sync,
+) {
+    let weighted = order > 0;
+    // Footprint sizes fixed at compile time for the cases that occur (2D and 3D at orders
+    // 0, 1, 3), so the footprint loops unroll; the arithmetic is the same in every case.
+    match [taps[0].n, taps[1].n, taps[2].n] {
+        [1, 4, 4] => interp_fixed::<1, 4, 4, _>(src, dims, taps, weighted, dst, &store),
+        [1, 2, 2] => interp_fixed::<1, 2, 2, _>(src, dims, taps, weighted, dst, &store),
+        [1, 1, 1] => interp_fixed::<1, 1, 1, _>(src, dims, taps, weighted, dst, &store),
+        [4, 4, 4] => interp_fixed::<4, 4, 4, _>(src, dims, taps, weighted, dst, &store),
+        [2, 2, 2] => interp_fixed::<2, 2, 2, _>(src, dims, taps, weighted, dst, &store),
+        _ => interp_any(src, dims, taps, weighted, dst, &store),
+    }
+}
+
+/// Per output index of one axis, its `N` footprint indices and weights.
+fn fixed_taps<const N: usize>(t: &Taps) -> Vec<([usize; N], [f64; N])> {
+    t.idx
+        .chunks_exact(N)
+        .zip(t.w.chunks_exact(N))
+        .map(|(i, w)| (std::array::from_fn(|k| i[k]), std::array::from_fn(|k| w[k])))
+        .collect()
+}
+
+fn interp_fixed<const N0: usize, const N1: usize, const N2: usize, O: Send>(
+    src: &[f64],
+    dims: [usize; 3],
+    taps: &[Taps; 3],
+    weighted: bool,
+    dst: &mut [O],
+    store: &(impl Fn(f64) -> O + Sync),
+) {
+    let (t0, t1, t2) = (
+        fixed_taps::<N0>(&taps[0]),
+        fixed_taps::<N1>(&taps[1]),
+        fixed_taps::<N2>(&taps[2]),
+    );
+    let (n1, n2) = (t1.len(), t2.len());
+    if n1 * n2 == 0 {
+        return;
+    }
+    dst.par_chunks_mut(n1 * n2)
+        .zip(t0.par_iter())
+        .for_each(|(plane, (i0s, w0s))| {
+            for (row, (i1s, w1s)) in plane.chunks_mut(n2).zip(&t1) {
+                // The source rows of this output row's footprint.
+                let rows: [[&[f64]; N1]; N0] = std::array::from_fn(|f0| {
+                    std::array::from_fn(|f1| {
+                        let b = (i0s[f0] * dims[1] + i1s[f1]) * dims[2];
+                        &src[b..b + dims[2]]
+                    })
+                });
+                for (v, (i2s, w2s)) in row.iter_mut().zip(&t2) {
+                    let mut t = 0.0;
+                    for f0 in 0..N0 {
+                        for f1 in 0..N1 {
+                            let r = rows[f0][f1];
+                            for f2 in 0..N2 {
+                                let mut c = r[i2s[f2]];
+                                if weighted {
+                                    c *= w0s[f0];
+                                    c *= w1s[f1];
+                                    c *= w2s[f2];
+                                }
+                                t += c;
+                            }
+                        }
+                    }
+                    *v = store(t);
+                }
+            }
+        });
+}
+
+/// [`interp_fixed`] for any footprint sizes.
+fn interp_any<O: Send>(
+    src: &[f64],
+    dims: [usize; 3],
+    taps: &[Taps; 3],
+    weighted: bool,
+    dst: &mut [O],
+    store: &(impl Fn(f64) -> O + Sync),
+) {
     let out = [taps[0].len(), taps[1].len(), taps[2].len()];
     let [n0, n1, n2] = [taps[0].n, taps[1].n, taps[2].n];
-    let weighted = order > 0;
-    let mut res = vec![0.0; out.iter().product()];
-    res.par_chunks_mut(out[1] * out[2])
+    if out[1] * out[2] == 0 {
+        return;
+    }
+    dst.par_chunks_mut(out[1] * out[2])
         .enumerate()
         .for_each(|(o0, plane)| {
             let (i0s, w0s) = (
@@ -698,27 +842,24 @@ fn interpolate(src: &[f64], dims: [usize; 3], taps: &[Taps; 3], order: usize) ->
                             }
                         }
                     }
-                    *v = t;
+                    *v = store(t);
                 }
             }
         });
-    res
 }
 
-/// skimage `_clip_warp_output(clip=True)`: clip to the input's min and max (nanmin /
-/// nanmax when the input holds NaN), with numpy's clip (`_NPY_CLIP`: NaN stays NaN).
-fn clip_to_input_range(input: &[f64], out: &mut [f64]) {
-    let (lo, hi) =
-        input
-            .iter()
-            .filter(|v| !v.is_nan())
-            .fold((f64::NAN, f64::NAN), |(lo, hi), &v| {
-                (
-                    if lo.is_nan() || v < lo { v } else { lo },
-                    if hi.is_nan() || v > hi { v } else { hi },
-                )
-            });
-    out.par_iter_mut().for_each(|v| *v = np_clip(*v, lo, hi));
+/// The bounds of skimage `_clip_warp_output(clip=True)` (`_warps.py` L748-777): the
+/// input's min and max, nanmin / nanmax when it holds NaN (NaN bounds when all NaN).
+fn nan_aware_range(input: &[f64]) -> (f64, f64) {
+    input
+        .iter()
+        .filter(|v| !v.is_nan())
+        .fold((f64::NAN, f64::NAN), |(lo, hi), &v| {
+            (
+                if lo.is_nan() || v < lo { v } else { lo },
+                if hi.is_nan() || v > hi { v } else { hi },
+            )
+        })
 }
 
 /// numpy's `_NPY_CLIP(x, lo, hi) = _NPY_MIN(_NPY_MAX(x, lo), hi)` for floats
@@ -780,6 +921,21 @@ mod tests {
             bad.len(),
             &bad[..bad.len().min(5)]
         );
+    }
+
+    #[test]
+    fn float16_widening_is_exact_for_every_value() {
+        for b in 0..=u16::MAX {
+            let h = half::f16::from_bits(b);
+            let (ours, theirs) = (f16_to_f32(h), h.to_f32());
+            if theirs.is_nan() {
+                assert!(ours.is_nan(), "{b:#06x}");
+            } else {
+                assert_eq!(ours.to_bits(), theirs.to_bits(), "{b:#06x}");
+                // And back: every float16 is its own float64 -> float16 cast.
+                assert_eq!(f16_from_f64(f64::from(ours)).to_bits(), b, "{b:#06x}");
+            }
+        }
     }
 
     #[test]
