@@ -5,8 +5,6 @@
 //! `regions_class_order`), pasted into the bounding box of a zero image, and transposed
 //! back to the input's axis order. Owns the label decision rules.
 
-use std::cmp::Ordering;
-
 use half::f16;
 use rayon::prelude::*;
 
@@ -135,10 +133,11 @@ pub fn labels(
     match &folder.labels {
         Labels::Classes { .. } => {
             seg.par_chunks_mut(CHUNK).enumerate().for_each(|(c, out)| {
-                for (i, s) in out.iter_mut().enumerate() {
-                    let v = c * CHUNK + i;
-                    *s = argmax((0..k).map(|ch| probs[ch * n + v]));
-                }
+                let v0 = c * CHUNK;
+                let chans: Vec<&[f16]> = (0..k)
+                    .map(|ch| &probs[ch * n + v0..ch * n + v0 + out.len()])
+                    .collect();
+                argmax_into(&chans, out);
             });
         }
         Labels::Regions { class_order } => {
@@ -172,29 +171,37 @@ pub fn labels(
     Ok(gather(&full, sb, [0; 3], tb, tb.map(|a| sb[a])))
 }
 
-/// numpy's argmax over channels (`arraytypes.c.src` `HALF_argmax`): the first maximum wins;
-/// a NaN is maximal (the first one).
-fn argmax(vals: impl Iterator<Item = f16>) -> u8 {
-    let mut best = 0usize;
-    let mut m = f32::NAN;
-    for (i, v) in vals.enumerate() {
-        let v = f16_to_f32(v);
-        if i == 0 {
-            m = v;
-            if m.is_nan() {
-                break;
-            }
-        } else if !matches!(v.partial_cmp(&m), Some(Ordering::Less | Ordering::Equal)) {
-            // numpy's `!(v <= m)`: greater, or NaN.
-            m = v;
-            best = i;
-            if m.is_nan() {
-                break;
+/// numpy's argmax over channels (`arraytypes.c.src` `HALF_argmax`: `if !(v <= max)` take
+/// it): the first maximum wins; a NaN is maximal (the first one). `chans[k][i]` is channel
+/// `k` at voxel `i`; compared as integers ordered like the values (both zeros equal).
+fn argmax_into(chans: &[&[f16]], out: &mut [u8]) {
+    // A NaN is maximal and ends numpy's search: its key exceeds every value's, and an
+    // equal key never replaces the maximum, so the first NaN stays.
+    const NAN_KEY: i32 = i32::MAX;
+    let key = |h: f16| -> i32 {
+        let b = h.to_bits();
+        let mag = i32::from(b & 0x7fff);
+        if mag > 0x7c00 {
+            NAN_KEY
+        } else if b & 0x8000 != 0 {
+            -mag
+        } else {
+            mag
+        }
+    };
+    for (i, o) in out.iter_mut().enumerate() {
+        let mut best = 0u8;
+        let mut m = key(chans[0][i]);
+        for (ch, c) in chans.iter().enumerate().skip(1) {
+            let k = key(c[i]);
+            if k > m {
+                m = k;
+                // At most 255 channels (checked by the caller).
+                best = ch as u8;
             }
         }
+        *o = best;
     }
-    // At most 255 channels (checked by the caller).
-    best as u8
 }
 
 /// `torch.sigmoid(logits.float()) > 0.5` (label_handling.py L130-141 and L170-171): in
@@ -212,11 +219,19 @@ mod tests {
 
     #[test]
     fn argmax_takes_the_first_maximum_and_nan_as_largest() {
-        let h = |v: &[f32]| v.iter().map(|&x| f16::from_f32(x)).collect::<Vec<_>>();
-        assert_eq!(argmax(h(&[1.0, 3.0, 3.0]).into_iter()), 1);
-        assert_eq!(argmax(h(&[0.0, -0.0]).into_iter()), 0);
-        assert_eq!(argmax(h(&[1.0, f32::NAN, 5.0, f32::NAN]).into_iter()), 1);
-        assert_eq!(argmax(h(&[f32::NAN, 5.0]).into_iter()), 0);
+        let am = |v: &[f32]| {
+            let h: Vec<f16> = v.iter().map(|&x| f16::from_f32(x)).collect();
+            let chans: Vec<&[f16]> = h.chunks(1).collect();
+            let mut o = [9u8];
+            argmax_into(&chans, &mut o);
+            o[0]
+        };
+        assert_eq!(am(&[1.0, 3.0, 3.0]), 1);
+        assert_eq!(am(&[0.0, -0.0]), 0);
+        assert_eq!(am(&[-1.0, -0.5, f32::NEG_INFINITY]), 1);
+        assert_eq!(am(&[1.0, f32::NAN, 5.0, f32::NAN]), 1);
+        assert_eq!(am(&[f32::NAN, 5.0, f32::INFINITY]), 0);
+        assert_eq!(am(&[f32::INFINITY, f32::NAN]), 1);
     }
 }
 

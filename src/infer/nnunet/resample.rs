@@ -111,27 +111,30 @@ pub enum ResampleError {
 /// An element type nnU-Net resamples: float32 (the image) or float16 (logits). Values go
 /// to float64 and back as numpy's `astype` does.
 pub trait Sample: Copy + Send + Sync {
-    /// Exact widening.
-    fn to_f64(self) -> f64;
     /// numpy's cast from float64 (round to nearest, ties to even, directly from float64).
     fn from_f64(v: f64) -> Self;
+    /// Exact widening of `src` into `dst` (same length).
+    fn widen(src: &[Self], dst: &mut [f64]);
 }
 
 impl Sample for f32 {
-    fn to_f64(self) -> f64 {
-        f64::from(self)
-    }
     fn from_f64(v: f64) -> Self {
         v as f32
+    }
+    fn widen(src: &[Self], dst: &mut [f64]) {
+        dst.iter_mut()
+            .zip(src)
+            .for_each(|(d, &v)| *d = f64::from(v));
     }
 }
 
 impl Sample for half::f16 {
-    fn to_f64(self) -> f64 {
-        f64::from(f16_to_f32(self))
-    }
     fn from_f64(v: f64) -> Self {
         f16_from_f64(v)
+    }
+    fn widen(src: &[Self], dst: &mut [f64]) {
+        // Exact (every float16 is a float64); SIMD where the CPU has F16C.
+        half::slice::HalfFloatSliceExt::convert_to_f64_slice(src, dst);
     }
 }
 
@@ -353,25 +356,31 @@ pub fn resample<'a, T: Sample>(
     // step (`reshaped_final[c] = ...`, L185-188, L191), without a float64 copy of it.
     let mut out = vec![T::from_f64(0.0); n_out * channels];
     let mut stack = Vec::new();
+    let mut src = vec![0.0; n_in];
     for (c, dst) in out.chunks_mut(n_out).enumerate() {
-        let ch = &data[c * n_in..(c + 1) * n_in];
+        // data.astype(float) (L150), in parallel chunks.
+        const CHUNK: usize = 1 << 14;
+        src.par_chunks_mut(CHUNK)
+            .zip(data[c * n_in..(c + 1) * n_in].par_chunks(CHUNK))
+            .for_each(|(d, s)| T::widen(s, d));
         match axis {
-            Some(a) => separate(ch, shape, new_shape, a, r, &mut stack, dst),
-            None => {
-                let src: Vec<f64> = ch.par_iter().map(|v| v.to_f64()).collect();
-                resize(&src, shape, new_shape, [true; 3], r.order, dst, T::from_f64);
-            }
+            Some(a) => separate(&src, shape, new_shape, a, r, &mut stack, dst),
+            None => ZoomPlan::new(shape, new_shape, [true; 3], r.order).resize(
+                &src,
+                dst,
+                T::from_f64,
+                true,
+            ),
         }
     }
     Ok(Cow::Owned(out))
 }
 
-/// The separate-axis branch (`default_resampling.py` L154-188) into `dst`, from the
-/// input's own type (each slice widened to float64 as it is taken, as `data.astype(float)`
-/// would); `stack` is the float64 in-plane resampled stack, reused across channels.
+/// The separate-axis branch (`default_resampling.py` L154-188) of one float64 channel into
+/// `dst`; `stack` is the float64 in-plane resampled stack, reused across channels.
 #[allow(clippy::too_many_arguments)]
 fn separate<T: Sample>(
-    src: &[T],
+    src: &[f64],
     shape: [usize; 3],
     new_shape: [usize; 3],
     a: usize,
@@ -385,29 +394,67 @@ fn separate<T: Sample>(
         _ => (0, 1),
     };
     let strides = [shape[1] * shape[2], shape[2], 1];
-    let slice_in = [1, shape[p], shape[q]];
-    let slice_out = [1, new_shape[p], new_shape[q]];
     // Each slice along `a`, resized in plane (L165-170): as a 2D image, i.e. a leading
     // axis of one that is neither padded nor filtered.
-    let resize_slice = |s: usize, out: &mut [f64]| {
-        let mut img = Vec::with_capacity(shape[p] * shape[q]);
-        for i in 0..shape[p] {
-            let base = s * strides[a] + i * strides[p];
-            img.extend((0..shape[q]).map(|j| src[base + j * strides[q]].to_f64()));
+    let plan = ZoomPlan::new(
+        [1, shape[p], shape[q]],
+        [1, new_shape[p], new_shape[q]],
+        [false, true, true],
+        r.order,
+    );
+    let plane_in = shape[p] * shape[q];
+    let slice = |s: usize| -> Cow<'_, [f64]> {
+        if a == 0 {
+            Cow::Borrowed(&src[s * plane_in..(s + 1) * plane_in])
+        } else {
+            let mut img = Vec::with_capacity(plane_in);
+            for i in 0..shape[p] {
+                let base = s * strides[a] + i * strides[p];
+                img.extend((0..shape[q]).map(|j| src[base + j * strides[q]]));
+            }
+            Cow::Owned(img)
         }
-        resize(
-            &img,
-            slice_in,
-            slice_out,
-            [false, true, true],
-            r.order,
-            out,
-            |v| v,
-        );
     };
+    let resize_slice = |s: usize, out: &mut [f64]| plan.resize(&slice(s), out, |v| v, false);
     let mut mid = new_shape;
     mid[a] = shape[a];
     let plane = mid[p] * mid[q];
+    // map_coordinates(reshaped_here, coord_map, order=order_z, mode='nearest') (L185):
+    // along `a` at scale * (i + 0.5) - 0.5 with scale = old / new (L176-182); the in-plane
+    // coordinates are exactly the output indices (scale 1).
+    let taps: [Taps; 3] = std::array::from_fn(|ax| {
+        let scale = mid[ax] as f64 / new_shape[ax] as f64;
+        Taps::new(
+            (0..new_shape[ax]).map(|i| scale * (i as f64 + 0.5) - 0.5),
+            mid[ax],
+            r.order_z,
+        )
+    });
+    if a == 0 && (r.order_z == 0 || shape[0] == new_shape[0]) {
+        // Each output plane is one resized slice: resize each slice once, straight into
+        // the planes that take it (none, when z shrinks and it is skipped). Nearest along
+        // z returns `t = 0.0 + c` (NI_GeometricTransform L585-597), which turns -0.0 into
+        // +0.0; equal z stores the stack as it is (L187-188).
+        let same = shape[0] == new_shape[0];
+        let mut takers: Vec<Vec<&mut [T]>> = (0..shape[0]).map(|_| Vec::new()).collect();
+        for (o, out) in dst.chunks_mut(plane).enumerate() {
+            let s = if same { o } else { taps[0].t[o].0[0] };
+            takers[s].push(out);
+        }
+        takers
+            .into_par_iter()
+            .enumerate()
+            .filter(|(_, outs)| !outs.is_empty())
+            .for_each(|(s, mut outs)| {
+                let (first, rest) = outs.split_at_mut(1);
+                let store = |v: f64| T::from_f64(if same { v } else { 0.0 + v });
+                plan.resize(&slice(s), first[0], store, false);
+                for out in rest {
+                    out.copy_from_slice(first[0]);
+                }
+            });
+        return;
+    }
     stack.clear();
     stack.resize(plane * mid[a], 0.0);
     if a == 0 {
@@ -441,99 +488,128 @@ fn separate<T: Sample>(
             .for_each(|(d, &v)| *d = T::from_f64(v));
         return;
     }
-    // map_coordinates(reshaped_here, coord_map, order=order_z, mode='nearest') (L185):
-    // along `a` at scale * (i + 0.5) - 0.5 with scale = old / new (L176-182); the in-plane
-    // coordinates are exactly the output indices (scale 1).
-    let taps: [Taps; 3] = std::array::from_fn(|ax| {
-        let scale = mid[ax] as f64 / new_shape[ax] as f64;
-        Taps::new(
-            (0..new_shape[ax]).map(|i| scale * (i as f64 + 0.5) - 0.5),
-            mid[ax],
-            r.order_z,
-        )
-    });
     interpolate(stack, mid, &taps, r.order_z, dst, T::from_f64);
 }
 
-/// skimage `resize(image, out, order, mode='edge', anti_aliasing=False)` of a 2D image (a
-/// leading axis of one, `real[0] == false`) or a 3D one into `dst`: `zoom`, the clip to the
-/// input's range, then `store` (the cast to the output's type).
-fn resize<O: Send>(
-    img: &[f64],
+/// scipy `zoom(image, in / out, order, mode='nearest', grid_mode=True)` for one geometry:
+/// the footprints of every output index, computed once and reused for every slice (and
+/// channel) of that geometry.
+struct ZoomPlan {
     dims: [usize; 3],
     out: [usize; 3],
+    /// Axes that are the image's (`false`: the leading axis of one of a 2D image, neither
+    /// padded nor filtered).
     real: [bool; 3],
     order: usize,
-    dst: &mut [O],
-    store: impl Fn(f64) -> O + Sync,
-) {
-    let (lo, hi) = nan_aware_range(img);
-    let store = |v: f64| store(np_clip(v, lo, hi));
-    // _interpolation.py L845-850: all zooms 1 returns the input (skimage's zoom factors are
-    // 1 / (in / out), which is exactly 1 only for in == out at these sizes).
-    if dims == out {
-        dst.iter_mut().zip(img).for_each(|(d, &v)| *d = store(v));
-        return;
-    }
-    let (coef, cdims, npad): (Cow<'_, [f64]>, [usize; 3], usize) = if order > 1 {
-        let pad = real.map(|r| if r { NPAD } else { 0 });
-        let (mut p, pdims) = pad_edge(img, dims, pad);
-        spline_filter(&mut p, pdims);
-        (Cow::Owned(p), pdims, NPAD)
-    } else {
-        (Cow::Borrowed(img), dims, 0)
-    };
-    // zoom: NI_ZoomShift L780-800: cc = ((k + 0.5) * zoom - 0.5) + nprepad, zoom = in /
-    // out (_interpolation.py L880-890, grid_mode).
-    let taps: [Taps; 3] = std::array::from_fn(|ax| {
-        if !real[ax] {
-            return Taps::identity(out[ax]);
-        }
-        let z = dims[ax] as f64 / out[ax] as f64;
-        Taps::new(
-            (0..out[ax]).map(|k| {
-                let mut cc = k as f64;
-                cc += 0.5;
-                cc *= z;
-                cc -= 0.5;
-                cc + npad as f64
-            }),
-            cdims[ax],
-            order,
-        )
-    });
-    interpolate(&coef, cdims, &taps, order, dst, store);
+    /// Edge voxels pre-padded per side (order > 1).
+    npad: usize,
+    taps: [Taps; 3],
 }
 
-/// np.pad(mode='edge') by `pad[a]` on both sides of each axis.
-fn pad_edge(img: &[f64], dims: [usize; 3], pad: [usize; 3]) -> (Vec<f64>, [usize; 3]) {
-    let pd: [usize; 3] = std::array::from_fn(|a| dims[a] + 2 * pad[a]);
-    let src = |a: usize, i: usize| i.saturating_sub(pad[a]).min(dims[a] - 1);
-    let mut out = vec![0.0; pd.iter().product()];
-    out.par_chunks_mut(pd[1] * pd[2])
-        .enumerate()
-        .for_each(|(i0, plane)| {
-            let s0 = src(0, i0);
-            for (i1, row) in plane.chunks_mut(pd[2]).enumerate() {
-                let base = (s0 * dims[1] + src(1, i1)) * dims[2];
-                for (i2, v) in row.iter_mut().enumerate() {
-                    *v = img[base + src(2, i2)];
-                }
+impl ZoomPlan {
+    fn new(dims: [usize; 3], out: [usize; 3], real: [bool; 3], order: usize) -> Self {
+        let npad = if order > 1 { NPAD } else { 0 };
+        // NI_ZoomShift L780-800: cc = ((k + 0.5) * zoom - 0.5) + nprepad, zoom = in / out
+        // (_interpolation.py L880-890, grid_mode).
+        let taps = std::array::from_fn(|ax| {
+            if !real[ax] {
+                return Taps::identity(out[ax]);
             }
+            let z = dims[ax] as f64 / out[ax] as f64;
+            Taps::new(
+                (0..out[ax]).map(|k| {
+                    let mut cc = k as f64;
+                    cc += 0.5;
+                    cc *= z;
+                    cc -= 0.5;
+                    cc + npad as f64
+                }),
+                dims[ax] + 2 * npad,
+                order,
+            )
         });
-    (out, pd)
+        ZoomPlan {
+            dims,
+            out,
+            real,
+            order,
+            npad,
+            taps,
+        }
+    }
+
+    /// skimage `resize(image, out, order, mode='edge', anti_aliasing=False)` of `img` into
+    /// `dst`: `zoom`, the clip to the input's range, then `store` (the cast to the output's
+    /// type). `parallel` spreads the work of one image over threads (off when images are
+    /// already processed in parallel).
+    fn resize<O: Send>(
+        &self,
+        img: &[f64],
+        dst: &mut [O],
+        store: impl Fn(f64) -> O + Sync,
+        parallel: bool,
+    ) {
+        let (lo, hi) = nan_aware_range(img);
+        // np.clip with NaN bounds (an all-NaN input) gives NaN everywhere.
+        let store = |v: f64| store(if lo.is_nan() { lo } else { np_clip(v, lo, hi) });
+        // _interpolation.py L845-850: all zooms 1 returns the input (skimage's zoom factors
+        // are 1 / (in / out), which is exactly 1 only for in == out at these sizes).
+        if self.dims == self.out {
+            dst.iter_mut().zip(img).for_each(|(d, &v)| *d = store(v));
+            return;
+        }
+        let pdims: [usize; 3] =
+            std::array::from_fn(|a| self.dims[a] + if self.real[a] { 2 * self.npad } else { 0 });
+        let coef: Cow<'_, [f64]> = if self.order > 1 {
+            let pad = self.real.map(|r| if r { self.npad } else { 0 });
+            let mut p = pad_edge(img, self.dims, pad, pdims);
+            spline_filter(&mut p, pdims, parallel);
+            Cow::Owned(p)
+        } else {
+            Cow::Borrowed(img)
+        };
+        interpolate(&coef, pdims, &self.taps, self.order, dst, store);
+    }
+}
+
+/// np.pad(mode='edge') by `pad[a]` on both sides of each axis, to `pd`.
+fn pad_edge(img: &[f64], dims: [usize; 3], pad: [usize; 3], pd: [usize; 3]) -> Vec<f64> {
+    let src = |a: usize, i: usize| i.saturating_sub(pad[a]).min(dims[a] - 1);
+    let mut out = Vec::with_capacity(pd.iter().product());
+    for i0 in 0..pd[0] {
+        let s0 = src(0, i0);
+        for i1 in 0..pd[1] {
+            let base = (s0 * dims[1] + src(1, i1)) * dims[2];
+            let row = &img[base..base + dims[2]];
+            out.extend(std::iter::repeat_n(row[0], pad[2]));
+            out.extend_from_slice(row);
+            out.extend(std::iter::repeat_n(row[dims[2] - 1], pad[2]));
+        }
+    }
+    out
 }
 
 /// `spline_filter(order=3, mode='nearest')`: `spline_filter1d` along each axis in turn
 /// (_interpolation.py L193-197; axes of length 1 are left alone, `NI_SplineFilter1D`
 /// L186-189).
-fn spline_filter(data: &mut [f64], dims: [usize; 3]) {
+fn spline_filter(data: &mut [f64], dims: [usize; 3], parallel: bool) {
     for ax in 0..3 {
         let n = dims[ax];
         if n <= 1 {
             continue;
         }
         let inner: usize = dims[ax + 1..].iter().product();
+        if !parallel {
+            for block in data.chunks_mut(n * inner) {
+                if inner == 1 {
+                    filter_line(block, POLE_3);
+                } else {
+                    let mut rows: Vec<&mut [f64]> = block.chunks_mut(inner).collect();
+                    filter_lines(&mut rows, POLE_3);
+                }
+            }
+            continue;
+        }
         if inner == 1 {
             data.par_chunks_mut(n)
                 .with_min_len(64)
@@ -645,58 +721,66 @@ fn filter_lines(rows: &mut [&mut [f64]], z: f64) {
 }
 
 /// Per output index along one axis: the input indices of the spline footprint (clamped,
-/// as mode 'nearest' maps them) and their weights.
+/// as mode 'nearest' maps them) and their weights; the first `n` of each are used.
 struct Taps {
     /// Footprint length (order + 1, or 1 for an axis that is only carried along).
     n: usize,
-    idx: Vec<usize>,
-    w: Vec<f64>,
+    t: Vec<([usize; 4], [f64; 4])>,
 }
 
 impl Taps {
     /// From coordinates `cc` into an axis of `len` (`NI_ZoomShift` L802-846).
     fn new(coords: impl Iterator<Item = f64>, len: usize, order: usize) -> Self {
         let n = order + 1;
-        let mut idx = Vec::new();
-        let mut w = Vec::new();
-        let mut ws = [0.0; 4];
-        for cc in coords {
-            let start = if order & 1 == 1 {
-                cc.floor() as i64 - (order / 2) as i64
-            } else {
-                (cc + 0.5).floor() as i64 - (order / 2) as i64
-            };
-            for l in 0..n as i64 {
-                idx.push((start + l).clamp(0, len as i64 - 1) as usize);
-            }
-            if order > 0 {
-                spline_weights(cc, order, &mut ws);
-                w.extend_from_slice(&ws[..n]);
-            } else {
-                w.push(1.0);
-            }
-        }
-        Taps { n, idx, w }
+        let t = coords
+            .map(|cc| {
+                let start = if order & 1 == 1 {
+                    floor(cc) as i64 - (order / 2) as i64
+                } else {
+                    floor(cc + 0.5) as i64 - (order / 2) as i64
+                };
+                let idx = std::array::from_fn(|l| {
+                    (start + l.min(order) as i64).clamp(0, len as i64 - 1) as usize
+                });
+                let mut w = [1.0, 0.0, 0.0, 0.0];
+                if order > 0 {
+                    spline_weights(cc, order, &mut w);
+                }
+                (idx, w)
+            })
+            .collect();
+        Taps { n, t }
     }
 
     /// An axis of length one carried through unchanged (the leading axis of a 2D image).
     fn identity(len: usize) -> Self {
         Taps {
             n: 1,
-            idx: vec![0; len],
-            w: vec![1.0; len],
+            t: vec![([0; 4], [1.0, 0.0, 0.0, 0.0]); len],
         }
     }
 
     fn len(&self) -> usize {
-        self.idx.len() / self.n
+        self.t.len()
+    }
+}
+
+/// C's `floor` for the coordinates here (finite, far inside the i64 range), inline: without
+/// SSE4.1 `f64::floor` is a libm call.
+#[inline]
+fn floor(x: f64) -> f64 {
+    let t = x as i64 as f64;
+    if t > x {
+        t - 1.0
+    } else {
+        t
     }
 }
 
 /// `ni_splines.c` `get_spline_interpolation_weights` for orders 1 and 3, operation for
 /// operation.
 fn spline_weights(x: f64, order: usize, w: &mut [f64; 4]) {
-    let x = x - (if order & 1 == 1 { x } else { x + 0.5 }).floor();
+    let x = x - floor(if order & 1 == 1 { x } else { x + 0.5 });
     match order {
         1 => w[0] = 1.0 - x,
         _ => {
@@ -737,15 +821,6 @@ fn interpolate<O: Send>(
     }
 }
 
-/// Per output index of one axis, its `N` footprint indices and weights.
-fn fixed_taps<const N: usize>(t: &Taps) -> Vec<([usize; N], [f64; N])> {
-    t.idx
-        .chunks_exact(N)
-        .zip(t.w.chunks_exact(N))
-        .map(|(i, w)| (std::array::from_fn(|k| i[k]), std::array::from_fn(|k| w[k])))
-        .collect()
-}
-
 fn interp_fixed<const N0: usize, const N1: usize, const N2: usize, O: Send>(
     src: &[f64],
     dims: [usize; 3],
@@ -754,33 +829,82 @@ fn interp_fixed<const N0: usize, const N1: usize, const N2: usize, O: Send>(
     dst: &mut [O],
     store: &(impl Fn(f64) -> O + Sync),
 ) {
-    let (t0, t1, t2) = (
-        fixed_taps::<N0>(&taps[0]),
-        fixed_taps::<N1>(&taps[1]),
-        fixed_taps::<N2>(&taps[2]),
-    );
+    let (t1, t2) = (&taps[1].t, &taps[2].t);
     let (n1, n2) = (t1.len(), t2.len());
     if n1 * n2 == 0 {
         return;
     }
+    let plane = |(out, (i0s, w0s)): (&mut [O], &([usize; 4], [f64; 4]))| {
+        for (row, (i1s, w1s)) in out.chunks_mut(n2).zip(t1) {
+            // The source rows of this output row's footprint.
+            let rows: [[&[f64]; N1]; N0] = std::array::from_fn(|f0| {
+                std::array::from_fn(|f1| {
+                    let b = (i0s[f0] * dims[1] + i1s[f1]) * dims[2];
+                    &src[b..b + dims[2]]
+                })
+            });
+            for (v, (i2s, w2s)) in row.iter_mut().zip(t2) {
+                let mut t = 0.0;
+                for f0 in 0..N0 {
+                    for f1 in 0..N1 {
+                        let r = rows[f0][f1];
+                        for f2 in 0..N2 {
+                            let mut c = r[i2s[f2]];
+                            if weighted {
+                                // An axis with one tap has weight exactly 1 (it is only
+                                // carried along): multiplying by it changes nothing.
+                                if N0 > 1 {
+                                    c *= w0s[f0];
+                                }
+                                if N1 > 1 {
+                                    c *= w1s[f1];
+                                }
+                                if N2 > 1 {
+                                    c *= w2s[f2];
+                                }
+                            }
+                            t += c;
+                        }
+                    }
+                }
+                *v = store(t);
+            }
+        }
+    };
+    if taps[0].len() == 1 {
+        plane((dst, &taps[0].t[0]));
+    } else {
+        dst.par_chunks_mut(n1 * n2)
+            .zip(taps[0].t.par_iter())
+            .for_each(plane);
+    }
+}
+
+/// [`interp_fixed`] for any footprint sizes.
+fn interp_any<O: Send>(
+    src: &[f64],
+    dims: [usize; 3],
+    taps: &[Taps; 3],
+    weighted: bool,
+    dst: &mut [O],
+    store: &(impl Fn(f64) -> O + Sync),
+) {
+    let (n1, n2) = (taps[1].len(), taps[2].len());
+    let [k0, k1, k2] = [taps[0].n, taps[1].n, taps[2].n];
+    if n1 * n2 == 0 {
+        return;
+    }
     dst.par_chunks_mut(n1 * n2)
-        .zip(t0.par_iter())
+        .zip(taps[0].t.par_iter())
         .for_each(|(plane, (i0s, w0s))| {
-            for (row, (i1s, w1s)) in plane.chunks_mut(n2).zip(&t1) {
-                // The source rows of this output row's footprint.
-                let rows: [[&[f64]; N1]; N0] = std::array::from_fn(|f0| {
-                    std::array::from_fn(|f1| {
-                        let b = (i0s[f0] * dims[1] + i1s[f1]) * dims[2];
-                        &src[b..b + dims[2]]
-                    })
-                });
-                for (v, (i2s, w2s)) in row.iter_mut().zip(&t2) {
+            for (row, (i1s, w1s)) in plane.chunks_mut(n2).zip(&taps[1].t) {
+                for (v, (i2s, w2s)) in row.iter_mut().zip(&taps[2].t) {
                     let mut t = 0.0;
-                    for f0 in 0..N0 {
-                        for f1 in 0..N1 {
-                            let r = rows[f0][f1];
-                            for f2 in 0..N2 {
-                                let mut c = r[i2s[f2]];
+                    for f0 in 0..k0 {
+                        for f1 in 0..k1 {
+                            let base = (i0s[f0] * dims[1] + i1s[f1]) * dims[2];
+                            for f2 in 0..k2 {
+                                let mut c = src[base + i2s[f2]];
                                 if weighted {
                                     c *= w0s[f0];
                                     c *= w1s[f1];
@@ -796,96 +920,47 @@ fn interp_fixed<const N0: usize, const N1: usize, const N2: usize, O: Send>(
         });
 }
 
-/// [`interp_fixed`] for any footprint sizes.
-fn interp_any<O: Send>(
-    src: &[f64],
-    dims: [usize; 3],
-    taps: &[Taps; 3],
-    weighted: bool,
-    dst: &mut [O],
-    store: &(impl Fn(f64) -> O + Sync),
-) {
-    let out = [taps[0].len(), taps[1].len(), taps[2].len()];
-    let [n0, n1, n2] = [taps[0].n, taps[1].n, taps[2].n];
-    if out[1] * out[2] == 0 {
-        return;
-    }
-    dst.par_chunks_mut(out[1] * out[2])
-        .enumerate()
-        .for_each(|(o0, plane)| {
-            let (i0s, w0s) = (
-                &taps[0].idx[o0 * n0..(o0 + 1) * n0],
-                &taps[0].w[o0 * n0..(o0 + 1) * n0],
-            );
-            for (o1, row) in plane.chunks_mut(out[2]).enumerate() {
-                let (i1s, w1s) = (
-                    &taps[1].idx[o1 * n1..(o1 + 1) * n1],
-                    &taps[1].w[o1 * n1..(o1 + 1) * n1],
-                );
-                for (o2, v) in row.iter_mut().enumerate() {
-                    let (i2s, w2s) = (
-                        &taps[2].idx[o2 * n2..(o2 + 1) * n2],
-                        &taps[2].w[o2 * n2..(o2 + 1) * n2],
-                    );
-                    let mut t = 0.0;
-                    for (&i0, &w0) in i0s.iter().zip(w0s) {
-                        for (&i1, &w1) in i1s.iter().zip(w1s) {
-                            let base = (i0 * dims[1] + i1) * dims[2];
-                            for (&i2, &w2) in i2s.iter().zip(w2s) {
-                                let mut c = src[base + i2];
-                                if weighted {
-                                    c *= w0;
-                                    c *= w1;
-                                    c *= w2;
-                                }
-                                t += c;
-                            }
-                        }
-                    }
-                    *v = store(t);
-                }
-            }
-        });
-}
-
 /// The bounds of skimage `_clip_warp_output(clip=True)` (`_warps.py` L748-777): the
 /// input's min and max, nanmin / nanmax when it holds NaN (NaN bounds when all NaN).
 fn nan_aware_range(input: &[f64]) -> (f64, f64) {
-    input
-        .iter()
-        .filter(|v| !v.is_nan())
-        .fold((f64::NAN, f64::NAN), |(lo, hi), &v| {
-            (
-                if lo.is_nan() || v < lo { v } else { lo },
-                if hi.is_nan() || v > hi { v } else { hi },
-            )
-        })
-}
-
-/// numpy's `_NPY_CLIP(x, lo, hi) = _NPY_MIN(_NPY_MAX(x, lo), hi)` for floats
-/// (`_NPY_MAX(a, b) = isnan(a) ? a : (a > b ? a : b)`).
-pub(crate) fn np_clip<F: PartialOrd + Copy + NanCheck>(x: F, lo: F, hi: F) -> F {
-    let m = if x.nan() || x > lo { x } else { lo };
-    if m.nan() || m < hi {
-        m
+    // Comparisons with NaN are false, so NaNs are skipped, as nanmin / nanmax skip them;
+    // four running bounds let the loop vectorise (min and max do not depend on order).
+    let mut lo = [f64::INFINITY; 4];
+    let mut hi = [f64::NEG_INFINITY; 4];
+    let mut chunks = input.chunks_exact(4);
+    for c in &mut chunks {
+        for k in 0..4 {
+            lo[k] = if c[k] < lo[k] { c[k] } else { lo[k] };
+            hi[k] = if c[k] > hi[k] { c[k] } else { hi[k] };
+        }
+    }
+    for &v in chunks.remainder() {
+        lo[0] = if v < lo[0] { v } else { lo[0] };
+        hi[0] = if v > hi[0] { v } else { hi[0] };
+    }
+    let lo = lo
+        .into_iter()
+        .fold(f64::INFINITY, |a, b| if b < a { b } else { a });
+    let hi = hi
+        .into_iter()
+        .fold(f64::NEG_INFINITY, |a, b| if b > a { b } else { a });
+    if lo > hi {
+        (f64::NAN, f64::NAN)
     } else {
-        hi
+        (lo, hi)
     }
 }
 
-/// `is_nan` for the float types [`np_clip`] is used with.
-pub(crate) trait NanCheck {
-    /// Whether the value is NaN.
-    fn nan(self) -> bool;
-}
-impl NanCheck for f32 {
-    fn nan(self) -> bool {
-        self.is_nan()
-    }
-}
-impl NanCheck for f64 {
-    fn nan(self) -> bool {
-        self.is_nan()
+/// numpy's `clip` for floats (`clip.cpp`: `_NPY_MIN(_NPY_MAX(x, lo), hi)` with
+/// `_NPY_MAX(a, b) = isnan(a) ? a : (a > b ? a : b)`, `_NPY_MIN` likewise with `<`), for
+/// bounds that are not NaN: a NaN `x` stays NaN, equal values give the bound.
+#[inline]
+pub(crate) fn np_clip<F: PartialOrd + Copy>(x: F, lo: F, hi: F) -> F {
+    let m = if x <= lo { lo } else { x };
+    if m >= hi {
+        hi
+    } else {
+        m
     }
 }
 
