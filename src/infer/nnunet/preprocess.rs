@@ -557,18 +557,25 @@ pub(crate) mod fixtures {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         v.sort();
-        assert!(v.len() >= 9, "{v:?}");
+        assert!(v.len() >= 12, "{v:?}");
         v
     }
 
     /// A case's plans and dataset as a model folder (with an empty checkpoint, which
     /// nothing here reads).
     pub(crate) fn case_folder(name: &str) -> (tempfile::TempDir, ModelFolder) {
+        let models = dir().join("cases").join(name).join("model");
+        let folder = std::fs::read_dir(&models)
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .file_name();
         let t = tempfile::tempdir().unwrap();
-        let d = t.path().join(FOLDER);
+        let d = t.path().join(&folder);
         std::fs::create_dir_all(d.join("fold_0")).unwrap();
         std::fs::write(d.join("fold_0").join(CHECKPOINT), b"").unwrap();
-        let src = dir().join("cases").join(name).join("model").join(FOLDER);
+        let src = models.join(&folder);
         for f in ["plans.json", "dataset.json"] {
             std::fs::copy(src.join(f), d.join(f)).unwrap();
         }

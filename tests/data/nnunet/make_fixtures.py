@@ -51,7 +51,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = os.path.join(HERE, "tinyct", "model", "nnUNetTrainer__nnUNetPlansTiny__3d_fullres")
 CASES = os.path.join(HERE, "cases")
 TABLES = os.path.join(HERE, "tables")
-FOLDER = "nnUNetTrainer__nnUNetPlansTiny__3d_fullres"
+FOLDER = "nnUNetTrainer__nnUNetPlansTiny__{}"
 
 
 def save_npy_gz(path, arr):
@@ -120,12 +120,12 @@ def tiny_dataset():
 
 def make_case(name, shape, spacing_zyx, direction, target, transpose=(0, 1, 2), norm="CTNormalization",
               mask=False, data_kw=None, prob_kw=None, regions=None, border=((0, 0),) * 3, holes=True,
-              zero=False, seed=0):
+              zero=False, seed=0, config="3d_fullres"):
     rng = np.random.default_rng(seed)
     d = os.path.join(CASES, name)
     if os.path.isdir(d):
         shutil.rmtree(d)
-    mdir = os.path.join(d, "model", FOLDER)
+    mdir = os.path.join(d, "model", FOLDER.format(config))
     os.makedirs(mdir)
 
     img = np.zeros(shape, np.int16) if zero else body(shape, rng, border, holes)
@@ -139,7 +139,7 @@ def make_case(name, shape, spacing_zyx, direction, target, transpose=(0, 1, 2), 
     plans = tiny_plans()
     plans["transpose_forward"] = list(transpose)
     plans["transpose_backward"] = [int(i) for i in np.argsort(transpose)]
-    c = plans["configurations"]["3d_fullres"]
+    c = plans["configurations"][config]
     c["spacing"] = list(target)
     c["normalization_schemes"] = [norm]
     c["use_mask_for_norm"] = [mask]
@@ -147,7 +147,8 @@ def make_case(name, shape, spacing_zyx, direction, target, transpose=(0, 1, 2), 
         c["resampling_fn_data_kwargs"].update(data_kw)
     if prob_kw:
         c["resampling_fn_probabilities_kwargs"].update(prob_kw)
-    del plans["configurations"]["2d"]
+    for other in [k for k in plans["configurations"] if k != config]:
+        del plans["configurations"][other]
     ds = tiny_dataset()
     if regions is not None:
         labels, order = regions
@@ -159,7 +160,7 @@ def make_case(name, shape, spacing_zyx, direction, target, transpose=(0, 1, 2), 
         json.dump(ds, f, indent=1)
 
     pm = PlansManager(plans)
-    cm = pm.get_configuration("3d_fullres")
+    cm = pm.get_configuration(config)
     lm = pm.get_label_manager(ds)
     data, props = SimpleITKIO().read_images([path])
     pre = DefaultPreprocessor(verbose=False)
@@ -271,6 +272,13 @@ def main():
     make_case("forced_no_sep", (8, 14, 13), (3.5, 0.9, 0.9), eye, (2.5, 1.0, 0.8),
               data_kw={"force_separate_z": False}, prob_kw={"force_separate_z": False},
               norm="ZScoreNormalization", seed=8)
+    # Separate z with the z spacing kept: only the in-plane resampling happens.
+    make_case("same_z", (6, 16, 15), (3.0, 0.8, 0.8), flip, (3.0, 1.0, 0.7), seed=10)
+    # The low-resolution axis in the middle, not transposed: separate axis 1.
+    make_case("sep_axis1", (14, 6, 16), (0.8, 3.5, 0.7), eye, (0.75, 3.0, 0.75),
+              border=((1, 0), (0, 1), (2, 0)), seed=11)
+    # A 2d configuration: the target spacing has two entries; z keeps the image's.
+    make_case("config_2d", (7, 18, 16), (2.5, 0.7, 0.9), eye, (0.8229, 0.8180), config="2d", seed=12)
     # All zero: the mask is empty (bbox = whole image, masked mean and std NaN).
     make_case("all_zero", (4, 6, 5), (1.0, 1.0, 1.0), eye, (0.8, 1.2, 1.0), norm="ZScoreNormalization",
               mask=True, zero=True, seed=9)
