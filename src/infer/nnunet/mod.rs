@@ -8,14 +8,21 @@
 //!   trainer, configuration, mirroring axes and float32 weights;
 //! - [`network`]: PlainConvUNet and ResidualEncoderUNet in libtorch, from the plans'
 //!   architecture and those weights (every name checked);
+//! - [`preprocess`]: a case as the network gets it (transpose, crop, normalise, resample)
+//!   and the properties export needs;
+//! - [`resample`]: nnU-Net's resampling, numerically as scipy and scikit-image do it;
 //! - [`predict`]: nnU-Net's sliding window, mirroring, fp16 accumulation and fold
 //!   ensemble over those networks: a preprocessed case's logits, nnU-Net's bit for bit;
+//! - [`export`]: logits back to labels on the input grid;
 //! - `npy` (tests only): NumPy arrays nnU-Net wrote, the references of the parity tests.
 
 pub mod checkpoint;
+pub mod export;
 pub mod network;
 #[cfg(test)]
 pub(crate) mod npy;
 pub mod pickle;
 pub mod plans;
 pub mod predict;
+pub mod preprocess;
+pub mod resample;
