@@ -131,7 +131,8 @@ pub struct ScoreArgs {
 /// `evald run`.
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
-    /// Submission folder: `model.pt` and optionally `submission.toml`.
+    /// Submission folder: the model (an nnU-Net folder, `model.pt`, ...) and optionally
+    /// `submission.toml`.
     pub submission: PathBuf,
     /// Configuration file.
     #[arg(long, default_value = config::DEFAULT_CONFIG)]
@@ -146,6 +147,10 @@ pub struct RunArgs {
     /// Run the model inside this process instead of the sandboxed worker pool.
     #[arg(long)]
     pub in_process: bool,
+    /// Write each case's predicted label map here as `<case>.nii.gz` (on the case's grid),
+    /// to open in a viewer.
+    #[arg(long, value_name = "DIR")]
+    pub save_predictions: Option<PathBuf>,
 }
 
 /// `evald demo`.
@@ -382,6 +387,8 @@ pub fn run_submission(a: RunArgs) -> Result<Evaluation> {
     let settings = config::load(&a.config)?;
     let task = resolve_task(&settings, &a.submission, a.task.as_deref())?;
     let sub = submission::prepare(&a.submission, task)?;
+    let mut ctx = submission::RunContext::of(&settings);
+    ctx.save_predictions = a.save_predictions.clone();
     let eval = if a.in_process {
         let device = a.device.clone().unwrap_or_else(|| "cpu".into());
         // The bytes that were hashed for the report are the bytes loaded.
@@ -397,7 +404,7 @@ pub fn run_submission(a: RunArgs) -> Result<Evaluation> {
             &sub,
             task,
             &backend,
-            &submission::RunContext::of(&settings),
+            &ctx,
             &progress_reporter("evaluating"),
             &AtomicBool::new(false),
         )?
@@ -407,9 +414,13 @@ pub fn run_submission(a: RunArgs) -> Result<Evaluation> {
             &sub,
             task,
             a.device.as_deref(),
+            &ctx,
             &progress_reporter("evaluating"),
         )?
     };
+    if let Some(d) = &a.save_predictions {
+        println!("predictions: {}", d.display());
+    }
     let (summary, report) = submission::write_outputs(&eval, &a.submission)?;
     print_headline(&eval);
     println!("summary: {}", summary.display());
@@ -429,6 +440,7 @@ fn evaluate_with_backend(
     sub: &submission::Prepared,
     task: &TaskSettings,
     device: Option<&str>,
+    ctx: &submission::RunContext,
     on_progress: &(dyn Fn(Progress) + Sync),
 ) -> Result<Evaluation> {
     let mut settings = settings.clone();
@@ -449,7 +461,7 @@ fn evaluate_with_backend(
         sub,
         task,
         backend.as_ref(),
-        &submission::RunContext::of(&settings),
+        ctx,
         on_progress,
         &AtomicBool::new(false),
     )?;

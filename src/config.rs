@@ -266,6 +266,10 @@ pub struct RawTask {
     /// Wait for a `READY` file instead of the settle time.
     #[serde(default)]
     pub require_ready_marker: bool,
+    /// Keep each case's predicted label map (NIfTI, on the case's grid) under the state
+    /// folder's `predictions/<task>/<vendor>/<name>/`.
+    #[serde(default)]
+    pub save_predictions: bool,
 }
 
 fn default_window() -> RawWindow {
@@ -442,6 +446,8 @@ pub struct TaskSettings {
     pub recipients: Vec<String>,
     /// Wait for `READY`.
     pub require_ready_marker: bool,
+    /// Keep every case's predicted label map (see the state folder's `predictions/`).
+    pub save_predictions: bool,
 }
 
 /// Validated configuration.
@@ -920,6 +926,7 @@ fn validate_task(name: &str, t: &RawTask, p: &mut Vec<Problem>) -> Option<TaskSe
         overlap,
         recipients: t.recipients.clone(),
         require_ready_marker: t.require_ready_marker,
+        save_predictions: t.save_predictions,
     })
 }
 

@@ -18,9 +18,10 @@ pub const MAX_MANIFEST_BYTES: u64 = 64 * 1024;
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Manifest {
-    /// Model format (default `torchscript`).
+    /// Model format (`nnunet`, `onnx`, `torchscript`; default: found from the folder's content).
     pub format: Option<String>,
-    /// Model file inside the submission folder (default: the format's, `model.pt`).
+    /// Model file or folder inside the submission folder (default: the format's file, e.g.
+    /// `model.onnx`, or the one nnU-Net trained-model folder).
     pub model: Option<String>,
     /// `slices2d` | `volume3d`.
     pub input: Option<String>,
@@ -94,41 +95,45 @@ pub fn read(dir: &Path) -> Result<Manifest, ManifestError> {
 }
 
 impl Manifest {
-    /// The model's format: `format` as written, or TorchScript.
+    /// The model's format as written (`None`: found from the folder's content).
     ///
     /// # Errors
     /// [`ManifestError::Value`] naming the formats evald runs.
-    pub fn format(&self, dir: &Path) -> Result<ModelFormat, ManifestError> {
+    pub fn format(&self, dir: &Path) -> Result<Option<ModelFormat>, ManifestError> {
         let Some(f) = self.format.as_deref() else {
-            return Ok(ModelFormat::TorchScript);
+            return Ok(None);
         };
-        ModelFormat::parse(f).ok_or_else(|| ManifestError::Value {
-            path: dir.join(MANIFEST),
-            key: "format",
-            message: format!(
-                "'{f}' is not a model format evald runs; use one of: {}",
-                ModelFormat::ALL.map(ModelFormat::key).join(", ")
-            ),
-        })
+        ModelFormat::parse(f)
+            .map(Some)
+            .ok_or_else(|| ManifestError::Value {
+                path: dir.join(MANIFEST),
+                key: "format",
+                message: format!(
+                    "'{f}' is not a model format evald runs; use one of: {}",
+                    ModelFormat::ALL.map(ModelFormat::key).join(", ")
+                ),
+            })
     }
 
-    /// The model file this manifest names, inside `dir` (no path separators allowed), or
-    /// the format's default file name.
+    /// The model file (or folder) this manifest names, inside `dir` (no path separators
+    /// allowed); `None` when it names none.
     ///
     /// # Errors
-    /// [`ManifestError::Value`] when `model` is not a plain file name or `format` is
-    /// unknown.
-    pub fn model_path(&self, dir: &Path) -> Result<PathBuf, ManifestError> {
-        let default = self.format(dir)?.default_file();
-        let name = self.model.as_deref().unwrap_or(default);
+    /// [`ManifestError::Value`] when `model` is not a plain name.
+    pub fn model_path(&self, dir: &Path) -> Result<Option<PathBuf>, ManifestError> {
+        let Some(name) = self.model.as_deref() else {
+            return Ok(None);
+        };
         if name.is_empty() || name.contains('/') || name == "." || name == ".." {
             return Err(ManifestError::Value {
                 path: dir.join(MANIFEST),
                 key: "model",
-                message: format!("'{name}' must be a file name inside the submission folder"),
+                message: format!(
+                    "'{name}' must be a file or folder name inside the submission folder"
+                ),
             });
         }
-        Ok(dir.join(name))
+        Ok(Some(dir.join(name)))
     }
 
     /// Merge with the task's defaults into an [`InferSpec`].

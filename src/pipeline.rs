@@ -11,6 +11,7 @@
 //! `concurrency + QUEUE + scorers` predictions exist at any time. Failures of one case (a
 //! model error, a bad reference file, a timeout) are recorded and the rest goes on.
 
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Instant;
@@ -73,16 +74,33 @@ impl StageTimes {
     }
 }
 
+/// Write one case's prediction into `dir` (created if needed) as `<case>.nii.gz`.
+fn save_prediction(dir: &Path, case: &str, labels: &crate::volume::LabelVolume) {
+    let path = dir.join(format!("{case}.nii.gz"));
+    let written = std::fs::create_dir_all(dir)
+        .map_err(|e| e.to_string())
+        .and_then(|()| volume::write_volume(&path, labels).map_err(|e| e.to_string()));
+    if let Err(e) = written {
+        tracing::warn!(
+            case,
+            "cannot save the prediction as {}: {e}",
+            path.display()
+        );
+    }
+}
+
 /// Predictions waiting to be scored, at most.
 const QUEUE: usize = 2;
 
 /// Predict and score every case of `data`. Returns scored cases, failures (including the
 /// dataset's missing cases) and stage timings. Setting `cancel` stops taking new cases;
-/// cases in flight finish.
+/// cases in flight finish. With `save`, each prediction is also written there as
+/// `<case>.nii.gz` on the case's grid (a write that fails is logged; the case is scored).
 pub fn evaluate(
     data: &Dataset,
     spec: &EvalSpec,
     backend: &dyn Backend,
+    save: Option<&Path>,
     on_progress: &(dyn Fn(Progress) + Sync),
     cancel: &AtomicBool,
 ) -> (Vec<CaseMetrics>, Vec<Failure>, StageTimes) {
@@ -139,6 +157,9 @@ pub fn evaluate(
                 let msg = rx.lock().expect("queue lock").recv();
                 let Ok((case, p)) = msg else { break };
                 let t = Instant::now();
+                if let Some(dir) = save {
+                    save_prediction(dir, &case.id, &p.labels);
+                }
                 let pred_file = p.file.clone().unwrap_or_else(|| case.input.clone());
                 // The reference must be on the prediction's grid (up to a reorientation,
                 // which keeps the voxel count), so a header claiming more voxels is refused
@@ -325,5 +346,12 @@ pub fn score_folder(
             })
         }
     }
-    evaluate(data, spec, &Files, on_progress, &AtomicBool::new(false))
+    evaluate(
+        data,
+        spec,
+        &Files,
+        None,
+        on_progress,
+        &AtomicBool::new(false),
+    )
 }

@@ -11,7 +11,7 @@ use crate::config::TaskSettings;
 use crate::dataset::{self, Dataset};
 use crate::evaluation::{Evaluation, RunMeta};
 use crate::exec::{Backend, Job};
-use crate::infer::{InferSpec, ModelFormat};
+use crate::infer::{artifact, InferSpec, ModelFormat};
 use crate::manifest::{self, Manifest};
 use crate::pipeline::{self, Progress};
 
@@ -30,6 +30,17 @@ pub enum SubmissionError {
         path: PathBuf,
         /// What is wrong and what to do.
         reason: String,
+    },
+    /// A model of a kind evald recognises but does not run (an ExportedProgram, a bare
+    /// checkpoint, an nnU-Net folder that is not stock).
+    #[error("{path}: {reason}")]
+    Unsupported {
+        /// The file or folder.
+        path: PathBuf,
+        /// What it is and why it is not run.
+        reason: String,
+        /// What the vendor should send instead.
+        fix: String,
     },
     /// The task's test set cannot be listed.
     #[error(transparent)]
@@ -70,18 +81,15 @@ pub struct Snapshot {
 }
 
 impl Prepared {
-    /// Copy the model into a new folder under `root` (hashing the bytes as they are
-    /// copied, through the descriptor that was checked to be a regular file) and check
-    /// the copy against [`Prepared::model_sha256`].
+    /// Copy the model (file or folder) into a new folder under `root` (hashing the bytes
+    /// as they are copied, through the descriptors that were checked to be regular files)
+    /// and check the copy against [`Prepared::model_sha256`].
     ///
     /// # Errors
     /// [`SubmissionError::Changed`] when the bytes differ from those recorded,
     /// [`SubmissionError::Model`] when the file is no longer usable,
     /// [`SubmissionError::Snapshot`] for evald's own disk.
     pub fn snapshot(&self, root: &Path) -> Result<Snapshot, SubmissionError> {
-        use sha2::Digest;
-        use std::io::{Read, Write};
-        use std::os::unix::fs::PermissionsExt;
         let snap_err = |source| SubmissionError::Snapshot {
             dir: root.to_path_buf(),
             source,
@@ -91,45 +99,28 @@ impl Prepared {
             .prefix("model-")
             .tempdir_in(root)
             .map_err(snap_err)?;
-        let mut src =
-            crate::files::open_regular(&self.model_path).map_err(|e| SubmissionError::Model {
-                path: self.model_path.clone(),
-                reason: e.to_string(),
-            })?;
-        let path = dir.path().join(
-            self.model_path
-                .file_name()
-                .unwrap_or(std::ffi::OsStr::new(self.format.default_file())),
-        );
-        let mut dst = std::fs::File::create(&path).map_err(snap_err)?;
-        let mut h = sha2::Sha256::new();
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = src.read(&mut buf).map_err(|e| SubmissionError::Model {
-                path: self.model_path.clone(),
-                reason: format!("unreadable: {e}"),
-            })?;
-            if n == 0 {
-                break;
-            }
-            h.update(&buf[..n]);
-            dst.write_all(&buf[..n]).map_err(snap_err)?;
-        }
-        dst.sync_all().map_err(snap_err)?;
-        drop(dst);
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o400))
-            .map_err(snap_err)?;
-        let found = hex::encode(h.finalize());
-        if found != self.model_sha256 {
-            return Err(SubmissionError::Changed {
-                path: self.model_path.clone(),
-                expected: self.model_sha256.clone(),
+        let path = artifact::copy_verified(
+            self.format,
+            &self.model_path,
+            dir.path(),
+            &self.model_sha256,
+        )
+        .map_err(|e| match e {
+            artifact::ArtifactError::Changed {
+                path,
+                expected,
                 found,
-            });
-        }
+            } => SubmissionError::Changed {
+                path,
+                expected,
+                found,
+            },
+            artifact::ArtifactError::Copy { source, .. } => snap_err(source),
+            other => model_error(self.format, &self.model_path, other),
+        })?;
         Ok(Snapshot {
             path,
-            sha256: found,
+            sha256: self.model_sha256.clone(),
             _dir: dir,
         })
     }
@@ -161,10 +152,12 @@ pub struct Prepared {
     pub manifest: Manifest,
     /// The model's format (what runs it).
     pub format: ModelFormat,
-    /// The model file.
+    /// The model file (or folder).
     pub model_path: PathBuf,
-    /// sha256 of the model, hex.
+    /// The model's digest, hex ([`artifact`]: a file's sha256, or a folder's).
     pub model_sha256: String,
+    /// The model's size in bytes (all its files).
+    pub model_bytes: u64,
     /// Task defaults merged with the manifest.
     pub infer: InferSpec,
     /// Vendor (parent folder name).
@@ -180,45 +173,12 @@ pub struct Prepared {
 /// [`SubmissionError`] with a message meant for the vendor.
 pub fn prepare(dir: &Path, task: &TaskSettings) -> Result<Prepared, SubmissionError> {
     let manifest = manifest::read(dir)?;
-    let format = manifest.format(dir)?;
-    let model_path = manifest.model_path(dir)?;
-    let model_err = |reason: String| SubmissionError::Model {
-        path: model_path.clone(),
-        reason,
-    };
-    // Checked and hashed through one descriptor: a FIFO never blocks, and the bytes hashed
-    // are those of the file that was checked.
-    let file = crate::files::open_regular(&model_path).map_err(|e| {
-        model_err(match &e {
-            e if e.is_not_found() => format!(
-                "missing: copy your {} file there as {} (or name it in submission.toml)",
-                format.name(),
-                format.default_file()
-            ),
-            crate::files::FileError::NotRegular { kind, .. } => {
-                format!("is a {kind}, not a regular file: copy the model file itself")
-            }
-            crate::files::FileError::Io { source, .. } => format!("unreadable: {source}"),
-            other => other.to_string(),
-        })
-    })?;
-    let meta = file
-        .metadata()
-        .map_err(|e| model_err(format!("unreadable: {e}")))?;
-    // Like a symbolic link out of the drop folder, a hard link can give a vendor's folder
-    // a file that is not theirs (another vendor's model, anything on the same disk).
-    let names = std::os::unix::fs::MetadataExt::nlink(&meta);
-    if names > 1 {
-        return Err(model_err(format!(
-            "is a hard link ({names} names for one file): copy the file itself into this folder"
-        )));
-    }
-    let len = meta.len();
-    if len == 0 {
-        return Err(model_err("is empty (was the copy interrupted?)".into()));
-    }
+    let (format, model_path) = find_model(dir, &manifest)?;
+    // Checked and hashed through one descriptor per file: a FIFO never blocks, and the
+    // bytes hashed are those of the file that was checked.
     let model_sha256 =
-        crate::files::sha256_hex(file).map_err(|e| model_err(format!("unreadable: {e}")))?;
+        artifact::digest(format, &model_path).map_err(|e| model_error(format, &model_path, e))?;
+    let model_bytes = artifact::size(format, &model_path);
     let infer = manifest.infer_spec(dir, task)?;
     let crate::layout::Named { vendor, name, .. } = crate::layout::named(dir);
     Ok(Prepared {
@@ -227,10 +187,124 @@ pub fn prepare(dir: &Path, task: &TaskSettings) -> Result<Prepared, SubmissionEr
         manifest,
         model_path,
         model_sha256,
+        model_bytes,
         infer,
         vendor,
         name,
     })
+}
+
+/// The model's format and path: as the manifest says, else found by content.
+fn find_model(dir: &Path, manifest: &Manifest) -> Result<(ModelFormat, PathBuf), SubmissionError> {
+    let named = manifest.model_path(dir)?;
+    let missing = |path: PathBuf, format: Option<ModelFormat>| SubmissionError::Model {
+        path,
+        reason: match format {
+            Some(f) if f.is_folder() => format!(
+                "missing: copy your {} folder here ({})",
+                f.name(),
+                f.export_hint()
+            ),
+            Some(f) => format!(
+                "missing: copy your {} file there as {} (or name it in submission.toml)",
+                f.name(),
+                f.default_file()
+            ),
+            None => format!("missing: {}", EXPECTED),
+        },
+    };
+    match (manifest.format(dir)?, named) {
+        (Some(f), Some(p)) => Ok((f, p)),
+        (Some(f), None) if f.is_folder() => artifact::nnunet_folder(dir)
+            .map(|p| (f, p))
+            .ok_or_else(|| missing(dir.join(f.default_file()), Some(f))),
+        (Some(f), None) => Ok((f, dir.join(f.default_file()))),
+        // A named model of unnamed format: a folder is nnU-Net's, a file is read by its
+        // extension (TorchScript, the legacy default, for anything else).
+        (None, Some(p)) => {
+            let ext = p.extension().map(|e| e.to_string_lossy().to_lowercase());
+            let by_ext = ModelFormat::ALL
+                .into_iter()
+                .find(|f| !f.is_folder() && ext.as_deref() == Path::new(f.default_file()).extension().and_then(|e| e.to_str()));
+            if p.is_dir() {
+                Ok((ModelFormat::NnUnet, p))
+            } else if let Some(f) = by_ext {
+                Ok((f, p))
+            } else if let artifact::Found::Refused(r, _) = artifact::detect_file(&p) {
+                Err(refused(r, p))
+            } else {
+                Ok((ModelFormat::TorchScript, p))
+            }
+        }
+        (None, None) => match artifact::detect(dir) {
+            artifact::Found::Model(f, p) => Ok((f, p)),
+            artifact::Found::Refused(r, p) => Err(refused(r, p)),
+            artifact::Found::Nothing => Err(missing(dir.join(ModelFormat::TorchScript.default_file()), None)),
+            artifact::Found::Ambiguous(ps) => Err(SubmissionError::Model {
+                path: dir.to_path_buf(),
+                reason: format!(
+                    "holds more than one model ({}): keep one, or say which in submission.toml (format = \"...\", model = \"...\")",
+                    ps.iter()
+                        .map(|p| p.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned()))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            }),
+        },
+    }
+}
+
+/// What a submission folder may hold, for messages.
+pub const EXPECTED: &str = "copy one model into this folder: an nnU-Net v2 trained-model folder \
+    (<trainer>__<plans>__<configuration>/ with plans.json, dataset.json, fold_N/checkpoint_final.pth), \
+    model.onnx (ONNX), or model.pt (TorchScript, legacy); see the vendor guide";
+
+fn refused(r: artifact::Refusal, path: PathBuf) -> SubmissionError {
+    SubmissionError::Unsupported {
+        path,
+        reason: r.reason().to_string(),
+        fix: r.fix().to_string(),
+    }
+}
+
+/// A model's files' problem as the vendor's message.
+fn model_error(format: ModelFormat, model: &Path, e: artifact::ArtifactError) -> SubmissionError {
+    use crate::files::FileError;
+    let (path, reason) = match e {
+        artifact::ArtifactError::File(ref f) => {
+            let path = match f {
+                FileError::Io { path, .. } | FileError::NotRegular { path, .. } | FileError::TooLarge { path, .. } => path.clone(),
+            };
+            let reason = match f {
+                f if f.is_not_found() && path == model => format!(
+                    "missing: copy your {} file there as {} (or name it in submission.toml)",
+                    format.name(),
+                    format.default_file()
+                ),
+                f if f.is_not_found() => "missing".to_string(),
+                FileError::NotRegular { kind, .. } => {
+                    format!("is a {kind}, not a regular file: copy the model file itself")
+                }
+                FileError::Io { source, .. } => format!("unreadable: {source}"),
+                other => other.to_string(),
+            };
+            (path, reason)
+        }
+        artifact::ArtifactError::HardLink { path, names } => (
+            path,
+            format!("is a hard link ({names} names for one file): copy the file itself into this folder"),
+        ),
+        artifact::ArtifactError::Empty { path } => (path, "is empty (was the copy interrupted?)".into()),
+        artifact::ArtifactError::Folder(p) => {
+            return SubmissionError::Unsupported {
+                path: model.to_path_buf(),
+                reason: p.to_string(),
+                fix: format!("Send a stock nnU-Net v2 folder ({}).", ModelFormat::NnUnet.export_hint()),
+            }
+        }
+        other => (model.to_path_buf(), other.to_string()),
+    };
+    SubmissionError::Model { path, reason }
 }
 
 /// Evaluate a prepared submission on the task's test set with `backend`.
@@ -251,8 +325,14 @@ pub fn evaluate(
         tracing::warn!(task = task.name, "{p}");
     }
     let started = crate::evaluation::timestamp_now();
-    let (cases, failures, times) =
-        pipeline::evaluate(&data, &task.eval, backend, on_progress, cancel);
+    let (cases, failures, times) = pipeline::evaluate(
+        &data,
+        &task.eval,
+        backend,
+        ctx.save_predictions.as_deref(),
+        on_progress,
+        cancel,
+    );
     let meta = RunMeta {
         task: task.name.clone(),
         vendor: sub.vendor.clone(),
@@ -287,6 +367,8 @@ pub struct RunContext {
     /// The test-set digest cache (in the state folder), so an unchanged test set is not
     /// read again to hash it; `None`: every file is read.
     pub digest_cache: Option<PathBuf>,
+    /// Where to write each case's predicted label map (`<case>.nii.gz`); `None`: nowhere.
+    pub save_predictions: Option<PathBuf>,
 }
 
 impl RunContext {
@@ -299,7 +381,31 @@ impl RunContext {
             digest_cache: state
                 .is_dir()
                 .then(|| state.join(dataset::DIGEST_CACHE_FILE)),
+            save_predictions: None,
         }
+    }
+
+    /// Save predictions into the state folder's `predictions/<task>/<vendor>/<name>/`
+    /// when the task asks for it (`save_predictions = true`).
+    pub fn with_task_predictions(
+        mut self,
+        settings: &crate::config::Settings,
+        task: &TaskSettings,
+        sub: &Prepared,
+    ) -> Self {
+        if task.save_predictions {
+            let part = |p: &Option<String>| p.clone().unwrap_or_else(|| "-".into());
+            self.save_predictions = Some(
+                settings
+                    .daemon
+                    .state_dir
+                    .join("predictions")
+                    .join(&task.name)
+                    .join(part(&sub.vendor))
+                    .join(part(&sub.name)),
+            );
+        }
+        self
     }
 }
 

@@ -305,7 +305,8 @@ fn predict_case(
             InferError::Forward { .. }
             | InferError::Load { .. }
             | InferError::Changed { .. }
-            | InferError::File(_) => CaseErrorKind::Model,
+            | InferError::File(_)
+            | InferError::Input(_) => CaseErrorKind::Model,
             InferError::BadOutput(_) => CaseErrorKind::BadOutput,
             InferError::OutOfMemory { .. } => CaseErrorKind::OutOfMemory,
             InferError::Device(_)

@@ -27,7 +27,8 @@ pub(crate) struct Rejection {
 }
 
 /// Why a submission was refused, as stored in `reject_code` and counted by `evald status`.
-/// The spellings are stable: existing databases hold them.
+/// The spellings are stable: existing databases hold them (rows written before evald ran
+/// other formats than TorchScript say `not-torchscript` for [`RejectCode::NotLoadable`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum RejectCode {
     /// The folder is not under a configured task.
@@ -44,6 +45,9 @@ pub(crate) enum RejectCode {
     Model,
     /// The model file could not be loaded by the runtime of its format.
     NotLoadable,
+    /// A model of a kind evald recognises but does not run (an ExportedProgram, a bare
+    /// checkpoint, an nnU-Net folder that is not stock).
+    UnsupportedFormat,
     /// The same model was already submitted elsewhere.
     Duplicate,
 }
@@ -58,7 +62,8 @@ impl RejectCode {
             RejectCode::TestSet => "test-set",
             RejectCode::Manifest => "manifest",
             RejectCode::Model => "model",
-            RejectCode::NotLoadable => "not-torchscript",
+            RejectCode::NotLoadable => "not-loadable",
+            RejectCode::UnsupportedFormat => "unsupported-format",
             RejectCode::Duplicate => "duplicate",
         }
     }
@@ -69,6 +74,13 @@ impl std::fmt::Display for RejectCode {
         f.write_str(self.as_str())
     }
 }
+
+/// What a vendor whose model cannot be found or read should do.
+pub(crate) const MODEL_FIX: &str = "Copy one model into this folder: an nnU-Net v2 trained-model \
+    folder as nnU-Net wrote it (<trainer>__<plans>__<configuration>/ with plans.json, dataset.json and \
+    fold_N/checkpoint_final.pth), model.onnx (ONNX: torch.onnx.export(model, x, \"model.onnx\", \
+    dynamo=True)), or model.pt (TorchScript, legacy: exported with torch.jit.trace or \
+    torch.jit.script and saved with .save()); or name it in submission.toml: model = \"name\".";
 
 impl Rejection {
     pub(crate) fn new(code: RejectCode, problem: String, fix: impl Into<String>) -> Self {
@@ -92,12 +104,13 @@ impl Rejection {
                  overlap, pad_multiple, window, description; see the vendor guide), or remove \
                  it to use the task's defaults.",
             )),
-            SubmissionError::Model { .. } => Some(Rejection::new(
-                RejectCode::Model,
+            SubmissionError::Model { .. } => {
+                Some(Rejection::new(RejectCode::Model, e.to_string(), MODEL_FIX))
+            }
+            SubmissionError::Unsupported { fix, .. } => Some(Rejection::new(
+                RejectCode::UnsupportedFormat,
                 e.to_string(),
-                "Copy your TorchScript model into this folder as model.pt (exported with \
-                 torch.jit.trace or torch.jit.script and saved with .save()), or name the file \
-                 in submission.toml: model = \"name.pt\".",
+                fix.clone(),
             )),
             SubmissionError::Dataset(_)
             | SubmissionError::Changed { .. }
@@ -241,10 +254,10 @@ pub(crate) fn ingest(
         }
     }
     let verdict = examine(r, settings);
-    let model = verdict.as_ref().ok().map(|p| {
-        let bytes = std::fs::metadata(&p.model_path).map_or(0, |m| m.len());
-        (p.model_sha256.clone(), bytes)
-    });
+    let model = verdict
+        .as_ref()
+        .ok()
+        .map(|p| (p.model_sha256.clone(), p.model_bytes));
     if let (Some(l), Some((sha, _))) = (&latest, &model) {
         if l.model_sha256.as_ref() == Some(sha) && State::EVALUATED.contains(&l.state) {
             let (id, fp) = (l.id, r.fingerprint.digest.clone());

@@ -300,7 +300,7 @@ fn evaluate(
         &prepared,
         task,
         backend.as_ref(),
-        &submission::RunContext::of(settings),
+        &submission::RunContext::of(settings).with_task_predictions(settings, task, &prepared),
         &on_progress,
         cancel,
     ) {

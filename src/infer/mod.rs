@@ -20,6 +20,7 @@
 //! never a panic. CUDA out-of-memory halves the batch before giving up
 //! ([`halve_on_oom`], the one place that rule lives).
 
+pub mod artifact;
 pub mod device;
 pub mod nnunet;
 pub mod onnx;
@@ -283,6 +284,10 @@ pub enum InferError {
     /// The output has the wrong shape, type or values.
     #[error("model output unusable: {0}")]
     BadOutput(String),
+    /// The model's own pipeline cannot take this image (nnU-Net's preprocessing: a grid
+    /// that resamples to nothing or to more than evald allocates).
+    #[error("the model's preprocessing cannot take this image: {0}")]
+    Input(String),
     /// The device is unusable.
     #[error(transparent)]
     Device(#[from] device::DeviceError),
@@ -337,28 +342,44 @@ pub struct PredictStats {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ModelFormat {
-    /// A `torch.jit` module saved with `.save()`, run by libtorch.
+    /// A `torch.jit` module saved with `.save()`, run by libtorch (legacy: deprecated by
+    /// PyTorch since 2.11).
     TorchScript,
+    /// An nnU-Net v2 trained-model folder, run by evald's own reproduction of nnU-Net's
+    /// inference over libtorch ([`nnunet`]).
+    #[serde(rename = "nnunet")]
+    NnUnet,
     /// An ONNX graph (`torch.onnx.export`), run by ONNX Runtime.
     Onnx,
 }
 
 impl ModelFormat {
     /// Every format evald runs.
-    pub const ALL: [ModelFormat; 2] = [ModelFormat::TorchScript, ModelFormat::Onnx];
+    pub const ALL: [ModelFormat; 3] = [
+        ModelFormat::NnUnet,
+        ModelFormat::Onnx,
+        ModelFormat::TorchScript,
+    ];
 
     /// Its name in messages.
     pub fn name(self) -> &'static str {
         match self {
             ModelFormat::TorchScript => "TorchScript",
+            ModelFormat::NnUnet => "nnU-Net v2",
             ModelFormat::Onnx => "ONNX",
         }
+    }
+
+    /// Whether a model of this format is a folder (else one file).
+    pub fn is_folder(self) -> bool {
+        matches!(self, ModelFormat::NnUnet)
     }
 
     /// Its spelling in `submission.toml` (`format = "torchscript"`).
     pub fn key(self) -> &'static str {
         match self {
             ModelFormat::TorchScript => "torchscript",
+            ModelFormat::NnUnet => "nnunet",
             ModelFormat::Onnx => "onnx",
         }
     }
@@ -368,6 +389,7 @@ impl ModelFormat {
         match self {
             ModelFormat::TorchScript => "libtorch",
             ModelFormat::Onnx => "ONNX Runtime",
+            ModelFormat::NnUnet => nnunet::RUNTIME_NAME,
         }
     }
 
@@ -376,10 +398,12 @@ impl ModelFormat {
         Self::ALL.into_iter().find(|f| f.key() == s)
     }
 
-    /// The file a submission holds when its manifest names none.
+    /// The file a submission holds when its manifest names none (for a folder format, an
+    /// example of its name: the folder is found by its content).
     pub fn default_file(self) -> &'static str {
         match self {
             ModelFormat::TorchScript => "model.pt",
+            ModelFormat::NnUnet => "nnUNetTrainer__nnUNetPlans__3d_fullres",
             ModelFormat::Onnx => "model.onnx",
         }
     }
@@ -389,6 +413,11 @@ impl ModelFormat {
         match self {
             ModelFormat::TorchScript => {
                 "export it with torch.jit.trace or torch.jit.script and save with .save()"
+            }
+            ModelFormat::NnUnet => {
+                "copy the trained-model folder as nnU-Net wrote it (<trainer>__<plans>__<configuration> with \
+                 plans.json, dataset.json and fold_N/checkpoint_final.pth), e.g. unpacked from \
+                 nnUNetv2_export_model_to_zip"
             }
             ModelFormat::Onnx => {
                 "export it with torch.onnx.export(model, x, \"model.onnx\", dynamo=True, dynamic_shapes=...) \
@@ -406,6 +435,11 @@ impl ModelFormat {
                  .save(\"model.pt\") using PyTorch 2.x, and check that torch.jit.load(\"model.pt\") \
                  works on a machine without your training code."
             }
+            ModelFormat::NnUnet => {
+                "Copy the trained-model folder exactly as nnU-Net wrote it (plans.json, dataset.json, \
+                 fold_N/checkpoint_final.pth, e.g. unpacked from nnUNetv2_export_model_to_zip), and \
+                 check that nnUNetv2_predict_from_modelfolder runs it with stock nnunetv2."
+            }
             ModelFormat::Onnx => {
                 "Export the model with torch.onnx.export(model, x, \"model.onnx\", dynamo=True, \
                  dynamic_shapes=...) (one float32 input [B, 1, ...], one output, dynamic batch and \
@@ -418,6 +452,7 @@ impl ModelFormat {
     pub fn runtime_version(self) -> String {
         match self {
             ModelFormat::TorchScript => torchscript::libtorch_version(),
+            ModelFormat::NnUnet => torchscript::libtorch_version(),
             ModelFormat::Onnx => onnx::version(),
         }
     }
@@ -430,7 +465,7 @@ impl ModelFormat {
     /// [`device::DeviceError`] for a malformed name or a device this runtime cannot use.
     pub fn check_device(self, device: &str) -> Result<(), device::DeviceError> {
         match self {
-            ModelFormat::TorchScript => device::parse(device).map(drop),
+            ModelFormat::TorchScript | ModelFormat::NnUnet => device::parse(device).map(drop),
             ModelFormat::Onnx => onnx::check_device(device).map(drop),
         }
     }
@@ -440,7 +475,7 @@ impl ModelFormat {
     /// other down.
     pub fn set_threads(self, threads: usize) {
         match self {
-            ModelFormat::TorchScript => tch::set_num_threads(threads as i32),
+            ModelFormat::TorchScript | ModelFormat::NnUnet => tch::set_num_threads(threads as i32),
             ModelFormat::Onnx => onnx::set_intra_threads(threads),
         }
     }
@@ -449,7 +484,8 @@ impl ModelFormat {
     /// images and its scratch folder.
     pub fn sandbox_needs(self, gpu: bool) -> SandboxNeeds {
         match self {
-            ModelFormat::TorchScript => torchscript::sandbox_needs(gpu),
+            // nnU-Net's networks run on libtorch too.
+            ModelFormat::TorchScript | ModelFormat::NnUnet => torchscript::sandbox_needs(gpu),
             ModelFormat::Onnx => onnx::sandbox_needs(gpu),
         }
     }
@@ -500,25 +536,17 @@ impl Model {
     /// Load `path` as `format` onto `device`.
     ///
     /// # Errors
-    /// As [`Model::load`].
+    /// As [`Model::load`], and [`InferError::File`] for an unreadable model.
     pub fn load_as(
         format: ModelFormat,
         path: &Path,
         device: &str,
         spec: InferSpec,
     ) -> Result<Self, InferError> {
-        let runtime: Box<dyn Runtime> = match format {
-            ModelFormat::TorchScript => {
-                Box::new(torchscript::TorchScript::load(path, device, spec.clone())?)
-            }
-            ModelFormat::Onnx => Box::new(onnx::Onnx::load(path, device, spec.clone())?),
-        };
-        Ok(Model {
-            format,
-            path: path.to_path_buf(),
-            spec,
-            runtime,
-        })
+        format.check_device(device)?;
+        let read =
+            artifact::read(format, path).map_err(|e| artifact_error(format, path, device, e))?;
+        Self::from_read(format, read, device, spec)
     }
 
     /// Load `path` only if its bytes hash to `sha256` (hex): the bytes are read once,
@@ -537,7 +565,8 @@ impl Model {
         Self::load_verified_as(ModelFormat::TorchScript, path, sha256, device, spec)
     }
 
-    /// [`Model::load_verified`] for a file of `format`.
+    /// [`Model::load_verified`] for a model of `format` (a folder's digest is over its
+    /// members, see [`artifact`]).
     ///
     /// # Errors
     /// As [`Model::load_verified`].
@@ -550,34 +579,44 @@ impl Model {
     ) -> Result<Self, InferError> {
         // The device first: a missing GPU is the admin's problem whatever the file holds.
         format.check_device(device)?;
-        let bytes = crate::files::read_bounded(path, MAX_MODEL_BYTES)?;
-        let found = crate::files::sha256_hex(&bytes[..]).map_err(|e| {
-            InferError::File(crate::files::FileError::Io {
-                path: path.to_path_buf(),
-                source: e,
-            })
-        })?;
-        if found != sha256 {
-            return Err(InferError::Changed {
-                path: path.to_path_buf(),
-                expected: sha256.to_string(),
-                found,
-            });
-        }
+        let read = artifact::read_verified(format, path, sha256)
+            .map_err(|e| artifact_error(format, path, device, e))?;
+        Self::from_read(format, read, device, spec)
+    }
+
+    fn from_read(
+        format: ModelFormat,
+        read: artifact::Read,
+        device: &str,
+        spec: InferSpec,
+    ) -> Result<Self, InferError> {
+        let path = read.path.clone();
         let runtime: Box<dyn Runtime> = match format {
-            ModelFormat::TorchScript => Box::new(torchscript::TorchScript::load_bytes(
-                bytes,
-                path,
-                device,
-                spec.clone(),
-            )?),
-            ModelFormat::Onnx => {
-                Box::new(onnx::Onnx::load_bytes(&bytes, path, device, spec.clone())?)
+            ModelFormat::NnUnet => Box::new(nnunet::NnUnet::load(&read, device)?),
+            // A one-file format: its one member's bytes.
+            ModelFormat::TorchScript | ModelFormat::Onnx => {
+                let bytes = read
+                    .files
+                    .into_iter()
+                    .next()
+                    .map(|f| f.1)
+                    .unwrap_or_default();
+                match format {
+                    ModelFormat::Onnx => {
+                        Box::new(onnx::Onnx::load_bytes(&bytes, &path, device, spec.clone())?)
+                    }
+                    _ => Box::new(torchscript::TorchScript::load_bytes(
+                        bytes,
+                        &path,
+                        device,
+                        spec.clone(),
+                    )?),
+                }
             }
         };
         Ok(Model {
             format,
-            path: path.to_path_buf(),
+            path,
             spec,
             runtime,
         })
@@ -604,6 +643,35 @@ impl Model {
     /// As [`Runtime::predict`].
     pub fn predict(&self, image: &ImageVolume) -> Result<(LabelVolume, PredictStats), InferError> {
         self.runtime.predict(image)
+    }
+}
+
+/// A model's files as an [`InferError`]: a changed or unreadable file keeps its own
+/// variant (the worker treats those as the model's problem, not the case's); a folder
+/// that is not of its format, an empty or hard-linked file, cannot be loaded.
+fn artifact_error(
+    format: ModelFormat,
+    path: &Path,
+    device: &str,
+    e: artifact::ArtifactError,
+) -> InferError {
+    match e {
+        artifact::ArtifactError::File(f) => InferError::File(f),
+        artifact::ArtifactError::Changed {
+            path,
+            expected,
+            found,
+        } => InferError::Changed {
+            path,
+            expected,
+            found,
+        },
+        other => InferError::Load {
+            path: path.to_path_buf(),
+            format,
+            device: device.to_string(),
+            message: other.to_string(),
+        },
     }
 }
 

@@ -68,22 +68,11 @@ pub struct TorchScript {
 }
 
 impl TorchScript {
-    /// Load `path` onto `device` (`cpu`, `cuda:N`) in eval mode.
-    ///
-    /// # Errors
-    /// [`InferError::Device`] for an unusable device, [`InferError::Load`] for a file that
-    /// is not TorchScript.
-    pub fn load(path: &Path, device_name: &str, spec: InferSpec) -> Result<Self, InferError> {
-        let device = device::parse(device_name)?;
-        let module = tch::CModule::load_on_device(path, device)
-            .map_err(|e| load_error(path, device_name, &e))?;
-        Self::ready(module, device, spec, path, device_name)
-    }
-
     /// Load these bytes (read, and hash-checked, by the caller from `path`) onto `device`.
     ///
     /// # Errors
-    /// As [`TorchScript::load`].
+    /// [`InferError::Device`] for an unusable device, [`InferError::Load`] for bytes that
+    /// are not a TorchScript module.
     pub fn load_bytes(
         bytes: Vec<u8>,
         path: &Path,

@@ -789,7 +789,7 @@ fn every_rejection_writes_its_rejected_txt_and_the_service_keeps_serving() {
         ("symlink", env.sub("t/acme/link"), "outside the drop folder"),
         ("symlink", env.sub("t/acme/linkdir"), "is a symbolic link"),
         (
-            "not-torchscript",
+            "not-loadable",
             env.sub("t/acme/garbage"),
             "cannot load as TorchScript",
         ),
@@ -798,6 +798,23 @@ fn every_rejection_writes_its_rejected_txt_and_the_service_keeps_serving() {
             env.sub("t/other/copy"),
             "already submitted for this task",
         ),
+        (
+            "unsupported-format",
+            env.sub("t/acme/exported"),
+            "torch.export ExportedProgram",
+        ),
+        ("unsupported-format", env.sub("t/acme/aoti"), "AOTInductor"),
+        (
+            "unsupported-format",
+            env.sub("t/acme/checkpoint"),
+            "bare PyTorch checkpoint",
+        ),
+        (
+            "unsupported-format",
+            env.sub("t/acme/customtrainer"),
+            "trainer \"MyTrainer\" is not supported",
+        ),
+        ("model", env.sub("t/acme/two"), "more than one model"),
     ];
     write_files(&cases[0].1, &[("model.pt", &model)]);
     write_files(&cases[1].1, &[("submission.toml", ONE_SLICE)]);
@@ -834,6 +851,29 @@ fn every_rejection_writes_its_rejected_txt_and_the_service_keeps_serving() {
         &[("model.pt", b"this is not a TorchScript archive")],
     );
     write_files(&cases[10].1, &[("model.pt", &model)]);
+    // A torch.export archive, and an AOTInductor package (its zip names aotinductor/ files).
+    write_files(
+        &cases[11].1,
+        &[("model.pt2", b"PK\x03\x04model/archive_format pt2")],
+    );
+    write_files(
+        &cases[12].1,
+        &[("model.pt2", b"PK\x03\x04model/data/aotinductor/model/x.so")],
+    );
+    write_files(&cases[13].1, &[("best.pth", b"\x80\x02}q\x00.")]);
+    let nnunet = |dir: &Path, trainer: &str| {
+        let from = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/data/nnunet/tinyct/model/nnUNetTrainer__nnUNetPlansTiny__3d_fullres");
+        let to = dir.join(format!("{trainer}__nnUNetPlansTiny__3d_fullres"));
+        std::fs::create_dir_all(to.join("fold_0")).unwrap();
+        for f in ["plans.json", "dataset.json"] {
+            std::fs::copy(from.join(f), to.join(f)).unwrap();
+        }
+        std::fs::write(to.join("fold_0/checkpoint_final.pth"), b"weights").unwrap();
+    };
+    nnunet(&cases[14].1, "MyTrainer");
+    nnunet(&cases[15].1, "nnUNetTrainer");
+    write_files(&cases[15].1, &[("model.pt", &slow_model(5))]);
 
     for (code, dir, says) in &cases {
         let s = wait_state(

@@ -9,6 +9,7 @@ mod infer;
 mod infer_peer;
 mod lesion;
 mod mail;
+mod nnunet;
 mod onnx_e2e;
 mod onnx_peer;
 mod pool;

@@ -101,8 +101,14 @@ fn start(s: &PoolSettings, j: &Job) -> PoolPredictor {
 }
 
 fn evaluate(pool: &PoolPredictor, data: &Dataset) -> (Vec<CaseMetrics>, Vec<Failure>, Totals) {
-    let (mut cases, failures, _) =
-        pipeline::evaluate(data, &eval_spec(), pool, &|_| {}, &AtomicBool::new(false));
+    let (mut cases, failures, _) = pipeline::evaluate(
+        data,
+        &eval_spec(),
+        pool,
+        None,
+        &|_| {},
+        &AtomicBool::new(false),
+    );
     cases.sort_by(|a, b| a.case.cmp(&b.case));
     (cases, failures, pool.totals())
 }
@@ -541,4 +547,67 @@ fn the_pool_and_in_process_inference_give_the_same_summary() {
             "{key}"
         );
     }
+}
+
+/// `evald run --save-predictions DIR` keeps each case's label map on the case's grid: the
+/// files it writes, scored again by `evald score`, give the run's own Dice per case.
+#[test]
+fn saved_predictions_are_the_label_maps_that_were_scored() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let data = phantoms(root, 3, &[]);
+    let images = data.cases[0].input.parent().unwrap();
+    let labels = data.cases[0].label.parent().unwrap();
+    let cfg = root.join("evald.toml");
+    std::fs::write(&cfg, evald::cli::demo_config(root, images, labels)).unwrap();
+    let sub = root.join("drop/thyroid-ca/v/saved");
+    std::fs::create_dir_all(&sub).unwrap();
+    evald::phantom::write_demo_model(&sub.join("model.pt")).unwrap();
+    let preds = root.join("preds");
+    run_ok(
+        evald()
+            .arg("run")
+            .arg(&sub)
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--save-predictions")
+            .arg(&preds),
+    );
+    for c in &data.cases {
+        let saved = preds.join(format!("{}.nii.gz", c.id));
+        assert_eq!(
+            evald::volume::read_geometry(&saved).unwrap(),
+            evald::volume::read_geometry(&c.input).unwrap(),
+            "{}",
+            c.id
+        );
+    }
+    let out = root.join("rescored.json");
+    run_ok(
+        evald()
+            .args(["score", "--classes", "1,2", "--no-surface", "--labels"])
+            .arg(labels)
+            .arg("--predictions")
+            .arg(&preds)
+            .arg("--out")
+            .arg(&out),
+    );
+    let dice_by_case = |s: &serde_json::Value| {
+        let mut v: Vec<(String, f64, f64)> = s["metric_per_case"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                let r = c["reference_file"].as_str().unwrap().to_string();
+                let d = |l: &str| c["metrics"][l]["Dice"].as_f64().unwrap();
+                (r, d("1"), d("2"))
+            })
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    };
+    let run = dice_by_case(&crate::util::read_json(&sub.join("summary.json")));
+    let again = dice_by_case(&crate::util::read_json(&out));
+    assert_eq!(run.len(), 3);
+    assert_eq!(run, again);
 }

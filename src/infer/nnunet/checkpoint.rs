@@ -119,9 +119,7 @@ impl From<CheckpointError> for crate::infer::InferError {
 pub(crate) fn load_error(path: PathBuf, message: String) -> crate::infer::InferError {
     crate::infer::InferError::Load {
         path,
-        // This branch's ModelFormat has no nnU-Net variant yet; the integration that adds
-        // ModelFormat::NnUnet changes this one line.
-        format: crate::infer::ModelFormat::TorchScript,
+        format: crate::infer::ModelFormat::NnUnet,
         device: "cpu".into(),
         message,
     }

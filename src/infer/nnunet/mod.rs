@@ -14,6 +14,8 @@
 //! - [`predict`]: nnU-Net's sliding window, mirroring, fp16 accumulation and fold
 //!   ensemble over those networks: a preprocessed case's logits, nnU-Net's bit for bit;
 //! - [`export`]: logits back to labels on the input grid;
+//! - [`NnUnet`] (runtime): the folder loaded from its verified bytes, one case through all
+//!   of the above;
 //! - `npy` (tests only): NumPy arrays nnU-Net wrote, the references of the parity tests.
 
 pub mod checkpoint;
@@ -26,3 +28,21 @@ pub mod plans;
 pub mod predict;
 pub mod preprocess;
 pub mod resample;
+mod runtime;
+
+pub use runtime::NnUnet;
+
+/// The nnunetv2 release whose inference evald reproduces.
+pub const NNUNET_VERSION: &str = "2.8.1";
+
+/// What runs nnU-Net folders, for the report's provenance (its version is libtorch's).
+pub const RUNTIME_NAME: &str =
+    "nnU-Net v2 inference of nnunetv2 2.8.1, reproduced natively by evald, on libtorch";
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_runtime_name_names_the_release_reproduced() {
+        assert!(super::RUNTIME_NAME.contains(&format!("nnunetv2 {}", super::NNUNET_VERSION)));
+    }
+}

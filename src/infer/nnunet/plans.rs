@@ -762,6 +762,10 @@ fn architecture(a: &Json<'_>) -> Result<Architecture, PlansError> {
             return Err(a.unsupported(format!("arch_kwargs.{extra}")));
         }
     }
+    // Swaps norm and nonlinearity in every block; stock plans never set it.
+    if k.opt("nonlin_first").and_then(Value::as_bool) == Some(true) {
+        return Err(a.unsupported("arch_kwargs.nonlin_first = true".into()));
+    }
     let arch = Architecture {
         kind,
         n_stages,
