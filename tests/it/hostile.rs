@@ -553,8 +553,11 @@ fn a_file_still_open_for_writing_is_not_evaluated() {
 /// start.
 #[test]
 fn a_withdrawn_folder_stays_gone_and_hard_links_and_second_services_are_refused() {
+    // Three cases: the evaluation is still in flight when the folder goes (after the
+    // first), and the rest of it stays well inside the deadline when the suite's other
+    // tests load the machine (each case of the slow model took ~25 s then; six did not fit).
     let env = Env::new(Opts {
-        cases: 6,
+        cases: 3,
         ..Opts::default()
     });
     let d = Daemon::start(&env);
