@@ -189,18 +189,22 @@ fn argmax_into(chans: &[&[f16]], out: &mut [u8]) {
             mag
         }
     };
-    for (i, o) in out.iter_mut().enumerate() {
-        let mut best = 0u8;
-        let mut m = key(chans[0][i]);
-        for (ch, c) in chans.iter().enumerate().skip(1) {
-            let k = key(c[i]);
-            if k > m {
-                m = k;
-                // At most 255 channels (checked by the caller).
-                best = ch as u8;
+    let Some((first, rest)) = chans.split_first() else {
+        return;
+    };
+    // Channel by channel over all voxels (the loops vectorise), the running maximum kept.
+    let mut m: Vec<i32> = first.iter().map(|&h| key(h)).collect();
+    out.fill(0);
+    for (ch, c) in rest.iter().enumerate() {
+        // At most 255 channels (checked by the caller).
+        let label = (ch + 1) as u8;
+        for ((o, mi), &h) in out.iter_mut().zip(m.iter_mut()).zip(c.iter()) {
+            let k = key(h);
+            if k > *mi {
+                *mi = k;
+                *o = label;
             }
         }
-        *o = best;
     }
 }
 

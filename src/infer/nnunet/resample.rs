@@ -550,8 +550,12 @@ impl ZoomPlan {
         parallel: bool,
     ) {
         let (lo, hi) = nan_aware_range(img);
-        // np.clip with NaN bounds (an all-NaN input) gives NaN everywhere.
-        let store = |v: f64| store(if lo.is_nan() { lo } else { np_clip(v, lo, hi) });
+        if lo.is_nan() {
+            // np.clip with NaN bounds (an all-NaN input) gives NaN everywhere.
+            dst.iter_mut().for_each(|d| *d = store(lo));
+            return;
+        }
+        let store = |v: f64| store(np_clip(v, lo, hi));
         // _interpolation.py L845-850: all zooms 1 returns the input (skimage's zoom factors
         // are 1 / (in / out), which is exactly 1 only for in == out at these sizes).
         if self.dims == self.out {
