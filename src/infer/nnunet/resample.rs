@@ -173,29 +173,6 @@ pub fn f16_from_f64(v: f64) -> half::f16 {
     half::f16::from_bits(sign | mag)
 }
 
-/// Exact float16 -> float32 widening, inlined (`half`'s goes through a call per value to
-/// a runtime-detected F16C routine); NaNs come out quiet, as F16C makes them.
-#[inline]
-pub(crate) fn f16_to_f32(h: half::f16) -> f32 {
-    let b = u32::from(h.to_bits());
-    let sign = (b & 0x8000) << 16;
-    let e = (b >> 10) & 0x1f;
-    let m = b & 0x3ff;
-    if e == 0x1f {
-        f32::from_bits(sign | 0x7f80_0000 | if m == 0 { 0 } else { 0x40_0000 | (m << 13) })
-    } else if e != 0 {
-        f32::from_bits(sign | ((e + 112) << 23) | (m << 13))
-    } else {
-        // Zero or subnormal: m * 2^-24, exact.
-        let v = m as f32 * f32::from_bits(0x3380_0000);
-        if sign != 0 {
-            -v
-        } else {
-            v
-        }
-    }
-}
-
 /// `compute_new_shape` (`default_resampling.py` L23-29): `int(round(old_spacing /
 /// new_spacing * old_shape))` per axis, Python's round (half to even).
 ///
@@ -422,12 +399,18 @@ fn separate<T: Sample>(
     // map_coordinates(reshaped_here, coord_map, order=order_z, mode='nearest') (L185):
     // along `a` at scale * (i + 0.5) - 0.5 with scale = old / new (L176-182); the in-plane
     // coordinates are exactly the output indices (scale 1).
+    // (Only used when the axis changes; order_z is then 0 or 1.)
     let taps: [Taps; 3] = std::array::from_fn(|ax| {
         let scale = mid[ax] as f64 / new_shape[ax] as f64;
+        let order_z = if shape[a] == new_shape[a] {
+            0
+        } else {
+            r.order_z
+        };
         Taps::new(
             (0..new_shape[ax]).map(|i| scale * (i as f64 + 0.5) - 0.5),
             mid[ax],
-            r.order_z,
+            order_z,
         )
     });
     if a == 0 && (r.order_z == 0 || shape[0] == new_shape[0]) {
@@ -735,6 +718,9 @@ struct Taps {
 impl Taps {
     /// From coordinates `cc` into an axis of `len` (`NI_ZoomShift` L802-846).
     fn new(coords: impl Iterator<Item = f64>, len: usize, order: usize) -> Self {
+        // Callers pass the validated orders 0, 1 and 3; the bound only keeps the footprint
+        // within its four slots whatever happens.
+        let order = order.min(3);
         let n = order + 1;
         let t = coords
             .map(|cc| {
@@ -787,13 +773,14 @@ fn spline_weights(x: f64, order: usize, w: &mut [f64; 4]) {
     let x = x - floor(if order & 1 == 1 { x } else { x + 0.5 });
     match order {
         1 => w[0] = 1.0 - x,
-        _ => {
+        3 => {
             let y = x;
             let z = 1.0 - x;
             w[1] = (y * y * (y - 2.0) * 3.0 + 4.0) / 6.0;
             w[2] = (z * z * (z - 2.0) * 3.0 + 4.0) / 6.0;
             w[0] = z * z * z / 6.0;
         }
+        _ => return,
     }
     w[order] = 1.0;
     for i in 0..order {
@@ -813,12 +800,12 @@ fn interpolate<O: Send>(
     store: impl Fn(f64) -> O + Sync,
 ) {
     let weighted = order > 0;
-    // Footprint sizes fixed at compile time for the cases that occur (2D and 3D at orders
-    // 0, 1, 3), so the footprint loops unroll; the arithmetic is the same in every case.
+    // Footprint sizes fixed at compile time for the costly cases (2D and 3D at orders 1
+    // and 3), so the footprint loops unroll; the rest (order 0: one tap, a gather) takes
+    // the general loop. The arithmetic is the same in every case.
     match [taps[0].n, taps[1].n, taps[2].n] {
         [1, 4, 4] => interp_fixed::<1, 4, 4, _>(src, dims, taps, weighted, dst, &store),
         [1, 2, 2] => interp_fixed::<1, 2, 2, _>(src, dims, taps, weighted, dst, &store),
-        [1, 1, 1] => interp_fixed::<1, 1, 1, _>(src, dims, taps, weighted, dst, &store),
         [4, 4, 4] => interp_fixed::<4, 4, 4, _>(src, dims, taps, weighted, dst, &store),
         [2, 2, 2] => interp_fixed::<2, 2, 2, _>(src, dims, taps, weighted, dst, &store),
         _ => interp_any(src, dims, taps, weighted, dst, &store),
@@ -1003,16 +990,17 @@ mod tests {
     }
 
     #[test]
-    fn float16_widening_is_exact_for_every_value() {
-        for b in 0..=u16::MAX {
-            let h = half::f16::from_bits(b);
-            let (ours, theirs) = (f16_to_f32(h), h.to_f32());
-            if theirs.is_nan() {
-                assert!(ours.is_nan(), "{b:#06x}");
+    fn every_float16_is_its_own_cast_and_widens_exactly() {
+        let all: Vec<half::f16> = (0..=u16::MAX).map(half::f16::from_bits).collect();
+        let mut wide = vec![0.0; all.len()];
+        half::f16::widen(&all, &mut wide);
+        for (h, w) in all.iter().zip(&wide) {
+            if h.is_nan() {
+                assert!(w.is_nan());
+                assert!(f16_from_f64(*w).is_nan());
             } else {
-                assert_eq!(ours.to_bits(), theirs.to_bits(), "{b:#06x}");
-                // And back: every float16 is its own float64 -> float16 cast.
-                assert_eq!(f16_from_f64(f64::from(ours)).to_bits(), b, "{b:#06x}");
+                assert_eq!(*w, f64::from(h.to_f32()), "{h}");
+                assert_eq!(f16_from_f64(*w).to_bits(), h.to_bits(), "{h}");
             }
         }
     }
@@ -1039,6 +1027,17 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("order_z"), "{e}");
+        // order_z is not used (nor checked) when the separate axis keeps its size.
+        let ok = resample(
+            &d,
+            1,
+            s,
+            [2, 3, 3],
+            [4.0, 1.0, 1.0],
+            [4.0, 0.7, 0.7],
+            &r(3, 5),
+        );
+        assert_eq!(ok.unwrap().len(), 18);
         let e = resample(&d, 2, s, s, [1.0; 3], [1.0; 3], &r(3, 0)).unwrap_err();
         assert!(matches!(e, ResampleError::Length { .. }), "{e}");
         let e = resample(
