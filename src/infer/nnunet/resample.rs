@@ -592,14 +592,18 @@ impl ZoomPlan {
     ) {
         if !S::CHEAP_WIDEN {
             // Widen the whole image at once (SIMD) into this thread's scratch buffer,
-            // taken out while in use (so a nested call just makes its own).
+            // taken out while in use (so a nested call just makes its own) and kept only
+            // while slice-sized (a whole 3D channel is not held on to).
+            const KEEP: usize = 1 << 21;
             thread_local!(static SCRATCH: std::cell::Cell<Vec<f64>> = const { std::cell::Cell::new(Vec::new()) });
             let mut wide = SCRATCH.with(std::cell::Cell::take);
             wide.clear();
             wide.resize(img.len(), 0.0);
             S::widen(img, &mut wide);
             self.resize(&wide[..], dst, store, parallel);
-            SCRATCH.with(|c| c.set(wide));
+            if wide.capacity() <= KEEP {
+                SCRATCH.with(|c| c.set(wide));
+            }
             return;
         }
         let (lo, hi) = nan_aware_range(img);
