@@ -641,21 +641,15 @@ impl ZoomPlan {
 /// np.pad(mode='edge') by `pad[a]` on both sides of each axis, to `pd`, widened to float64.
 fn pad_edge<S: Sample>(img: &[S], dims: [usize; 3], pad: [usize; 3], pd: [usize; 3]) -> Vec<f64> {
     let src = |a: usize, i: usize| i.saturating_sub(pad[a]).min(dims[a] - 1);
-    let mut out = vec![0.0; pd.iter().product()];
-    let mut rows = out.chunks_exact_mut(pd[2]);
+    let mut out = Vec::with_capacity(pd.iter().product());
     for i0 in 0..pd[0] {
         let s0 = src(0, i0);
         for i1 in 0..pd[1] {
             let base = (s0 * dims[1] + src(1, i1)) * dims[2];
             let row = &img[base..base + dims[2]];
-            let Some(o) = rows.next() else {
-                return out;
-            };
-            let (left, rest) = o.split_at_mut(pad[2]);
-            let (mid, right) = rest.split_at_mut(dims[2]);
-            S::widen(row, mid);
-            left.fill(mid[0]);
-            right.fill(mid[dims[2] - 1]);
+            out.extend(std::iter::repeat_n(row[0].to_f64(), pad[2]));
+            out.extend(row.iter().map(|v| v.to_f64()));
+            out.extend(std::iter::repeat_n(row[dims[2] - 1].to_f64(), pad[2]));
         }
     }
     out
