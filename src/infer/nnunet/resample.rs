@@ -108,33 +108,75 @@ pub enum ResampleError {
     },
 }
 
-/// An element type nnU-Net resamples: float32 (the image) or float16 (logits). Values go
-/// to float64 and back as numpy's `astype` does.
+/// An element type nnU-Net resamples: float32 (the image), float16 (logits), or float64
+/// (the in-plane resampled stack). Values go to float64 and back as numpy's `astype` does.
 pub trait Sample: Copy + Send + Sync {
+    /// Whether one value widens in an instruction or two (else images are widened in bulk
+    /// first, which vectorises).
+    const CHEAP_WIDEN: bool = true;
     /// numpy's cast from float64 (round to nearest, ties to even, directly from float64).
     fn from_f64(v: f64) -> Self;
+    /// Exact widening.
+    fn to_f64(self) -> f64;
     /// Exact widening of `src` into `dst` (same length).
-    fn widen(src: &[Self], dst: &mut [f64]);
+    fn widen(src: &[Self], dst: &mut [f64]) {
+        dst.iter_mut().zip(src).for_each(|(d, &v)| *d = v.to_f64());
+    }
+}
+
+impl Sample for f64 {
+    fn from_f64(v: f64) -> Self {
+        v
+    }
+    fn to_f64(self) -> f64 {
+        self
+    }
 }
 
 impl Sample for f32 {
     fn from_f64(v: f64) -> Self {
         v as f32
     }
-    fn widen(src: &[Self], dst: &mut [f64]) {
-        dst.iter_mut()
-            .zip(src)
-            .for_each(|(d, &v)| *d = f64::from(v));
+    fn to_f64(self) -> f64 {
+        f64::from(self)
     }
 }
 
 impl Sample for half::f16 {
+    const CHEAP_WIDEN: bool = false;
     fn from_f64(v: f64) -> Self {
         f16_from_f64(v)
+    }
+    #[inline]
+    fn to_f64(self) -> f64 {
+        f64::from(f16_to_f32(self))
     }
     fn widen(src: &[Self], dst: &mut [f64]) {
         // Exact (every float16 is a float64); SIMD where the CPU has F16C.
         half::slice::HalfFloatSliceExt::convert_to_f64_slice(src, dst);
+    }
+}
+
+/// Exact float16 -> float32 widening, inlined (`half`'s goes through a call per value to
+/// a runtime-detected F16C routine); NaNs come out quiet, as F16C makes them.
+#[inline]
+fn f16_to_f32(h: half::f16) -> f32 {
+    let b = u32::from(h.to_bits());
+    let sign = (b & 0x8000) << 16;
+    let e = (b >> 10) & 0x1f;
+    let m = b & 0x3ff;
+    if e == 0x1f {
+        f32::from_bits(sign | 0x7f80_0000 | if m == 0 { 0 } else { 0x40_0000 | (m << 13) })
+    } else if e != 0 {
+        f32::from_bits(sign | ((e + 112) << 23) | (m << 13))
+    } else {
+        // Zero or subnormal: m * 2^-24, exact.
+        let v = m as f32 * f32::from_bits(0x3380_0000);
+        if sign != 0 {
+            -v
+        } else {
+            v
+        }
     }
 }
 
@@ -171,29 +213,6 @@ pub fn f16_from_f64(v: f64) -> half::f16 {
         }
     };
     half::f16::from_bits(sign | mag)
-}
-
-/// Exact float16 -> float32 widening, inlined (`half`'s goes through a call per value to
-/// a runtime-detected F16C routine); NaNs come out quiet, as F16C makes them.
-#[inline]
-pub(crate) fn f16_to_f32(h: half::f16) -> f32 {
-    let b = u32::from(h.to_bits());
-    let sign = (b & 0x8000) << 16;
-    let e = (b >> 10) & 0x1f;
-    let m = b & 0x3ff;
-    if e == 0x1f {
-        f32::from_bits(sign | 0x7f80_0000 | if m == 0 { 0 } else { 0x40_0000 | (m << 13) })
-    } else if e != 0 {
-        f32::from_bits(sign | ((e + 112) << 23) | (m << 13))
-    } else {
-        // Zero or subnormal: m * 2^-24, exact.
-        let v = m as f32 * f32::from_bits(0x3380_0000);
-        if sign != 0 {
-            -v
-        } else {
-            v
-        }
-    }
 }
 
 /// `compute_new_shape` (`default_resampling.py` L23-29): `int(round(old_spacing /
@@ -356,17 +375,14 @@ pub fn resample<'a, T: Sample>(
     // step (`reshaped_final[c] = ...`, L185-188, L191), without a float64 copy of it.
     let mut out = vec![T::from_f64(0.0); n_out * channels];
     let mut stack = Vec::new();
-    let mut src = vec![0.0; n_in];
     for (c, dst) in out.chunks_mut(n_out).enumerate() {
-        // data.astype(float) (L150), in parallel chunks.
-        const CHUNK: usize = 1 << 14;
-        src.par_chunks_mut(CHUNK)
-            .zip(data[c * n_in..(c + 1) * n_in].par_chunks(CHUNK))
-            .for_each(|(d, s)| T::widen(s, d));
+        let ch = &data[c * n_in..(c + 1) * n_in];
         match axis {
-            Some(a) => separate(&src, shape, new_shape, a, r, &mut stack, dst),
+            // data.astype(float) (L150) slice by slice, as each is needed.
+            Some(a) => separate(ch, shape, new_shape, a, r, &mut stack, dst),
+            // data.astype(float) (L150) as values are read (or padded, at order 3).
             None => ZoomPlan::new(shape, new_shape, [true; 3], r.order).resize(
-                &src,
+                ch,
                 dst,
                 T::from_f64,
                 true,
@@ -376,11 +392,11 @@ pub fn resample<'a, T: Sample>(
     Ok(Cow::Owned(out))
 }
 
-/// The separate-axis branch (`default_resampling.py` L154-188) of one float64 channel into
-/// `dst`; `stack` is the float64 in-plane resampled stack, reused across channels.
+/// The separate-axis branch (`default_resampling.py` L154-188) of one channel into `dst`;
+/// `stack` is the float64 in-plane resampled stack, reused across channels.
 #[allow(clippy::too_many_arguments)]
 fn separate<T: Sample>(
-    src: &[f64],
+    src: &[T],
     shape: [usize; 3],
     new_shape: [usize; 3],
     a: usize,
@@ -393,7 +409,6 @@ fn separate<T: Sample>(
         1 => (0, 2),
         _ => (0, 1),
     };
-    let strides = [shape[1] * shape[2], shape[2], 1];
     // Each slice along `a`, resized in plane (L165-170): as a 2D image, i.e. a leading
     // axis of one that is neither padded nor filtered.
     let plan = ZoomPlan::new(
@@ -402,32 +417,24 @@ fn separate<T: Sample>(
         [false, true, true],
         r.order,
     );
-    let plane_in = shape[p] * shape[q];
-    let slice = |s: usize| -> Cow<'_, [f64]> {
-        if a == 0 {
-            Cow::Borrowed(&src[s * plane_in..(s + 1) * plane_in])
-        } else {
-            let mut img = Vec::with_capacity(plane_in);
-            for i in 0..shape[p] {
-                let base = s * strides[a] + i * strides[p];
-                img.extend((0..shape[q]).map(|j| src[base + j * strides[q]]));
-            }
-            Cow::Owned(img)
-        }
-    };
-    let resize_slice = |s: usize, out: &mut [f64]| plan.resize(&slice(s), out, |v| v, false);
     let mut mid = new_shape;
     mid[a] = shape[a];
     let plane = mid[p] * mid[q];
     // map_coordinates(reshaped_here, coord_map, order=order_z, mode='nearest') (L185):
     // along `a` at scale * (i + 0.5) - 0.5 with scale = old / new (L176-182); the in-plane
-    // coordinates are exactly the output indices (scale 1).
+    // coordinates are exactly the output indices (scale 1). (Only used when the axis
+    // changes; order_z is then 0 or 1.)
     let taps: [Taps; 3] = std::array::from_fn(|ax| {
         let scale = mid[ax] as f64 / new_shape[ax] as f64;
+        let order_z = if shape[a] == new_shape[a] {
+            0
+        } else {
+            r.order_z
+        };
         Taps::new(
             (0..new_shape[ax]).map(|i| scale * (i as f64 + 0.5) - 0.5),
             mid[ax],
-            r.order_z,
+            order_z,
         )
     });
     if a == 0 && (r.order_z == 0 || shape[0] == new_shape[0]) {
@@ -448,7 +455,12 @@ fn separate<T: Sample>(
             .for_each(|(s, mut outs)| {
                 let (first, rest) = outs.split_at_mut(1);
                 let store = |v: f64| T::from_f64(if same { v } else { 0.0 + v });
-                plan.resize(&slice(s), first[0], store, false);
+                plan.resize(
+                    slice_of(src, shape, 0, s, &mut Vec::new()),
+                    first[0],
+                    store,
+                    false,
+                );
                 for out in rest {
                     out.copy_from_slice(first[0]);
                 }
@@ -462,13 +474,20 @@ fn separate<T: Sample>(
         stack
             .par_chunks_mut(plane)
             .enumerate()
-            .for_each(|(s, out)| resize_slice(s, out));
+            .for_each(|(s, out)| {
+                plan.resize(
+                    slice_of(src, shape, 0, s, &mut Vec::new()),
+                    out,
+                    |v| v,
+                    false,
+                );
+            });
     } else {
         let slices: Vec<Vec<f64>> = (0..shape[a])
             .into_par_iter()
-            .map(|s| {
+            .map_init(Vec::new, |img, s| {
                 let mut out = vec![0.0; plane];
-                resize_slice(s, &mut out);
+                plan.resize(slice_of(src, shape, a, s, img), &mut out, |v| v, false);
                 out
             })
             .collect();
@@ -489,6 +508,28 @@ fn separate<T: Sample>(
         return;
     }
     interpolate(stack, mid, &taps, r.order_z, dst, T::from_f64);
+}
+
+/// Slice `s` along axis `a` of a C-order array of `shape`, as a 2D C-order image: a plane
+/// of `src` itself when `a == 0` (no copy), else gathered into `img`.
+fn slice_of<'a, T: Copy>(
+    src: &'a [T],
+    shape: [usize; 3],
+    a: usize,
+    s: usize,
+    img: &'a mut Vec<T>,
+) -> &'a [T] {
+    let strides = [shape[1] * shape[2], shape[2], 1];
+    if a == 0 {
+        return &src[s * strides[0]..(s + 1) * strides[0]];
+    }
+    let (p, q) = if a == 1 { (0, 2) } else { (0, 1) };
+    img.clear();
+    for i in 0..shape[p] {
+        let base = s * strides[a] + i * strides[p];
+        img.extend((0..shape[q]).map(|j| src[base + j * strides[q]]));
+    }
+    img
 }
 
 /// scipy `zoom(image, in / out, order, mode='nearest', grid_mode=True)` for one geometry:
@@ -542,38 +583,63 @@ impl ZoomPlan {
     /// `dst`: `zoom`, the clip to the input's range, then `store` (the cast to the output's
     /// type). `parallel` spreads the work of one image over threads (off when images are
     /// already processed in parallel).
-    fn resize<O: Send>(
+    fn resize<S: Sample, O: Send>(
         &self,
-        img: &[f64],
+        img: &[S],
         dst: &mut [O],
         store: impl Fn(f64) -> O + Sync,
         parallel: bool,
     ) {
+        if !S::CHEAP_WIDEN {
+            // Widen the whole image at once (SIMD) into this thread's scratch buffer,
+            // taken out while in use (so a nested call just makes its own) and kept only
+            // while slice-sized (a whole 3D channel is not held on to).
+            const KEEP: usize = 1 << 21;
+            thread_local!(static SCRATCH: std::cell::Cell<Vec<f64>> = const { std::cell::Cell::new(Vec::new()) });
+            let mut wide = SCRATCH.with(std::cell::Cell::take);
+            wide.clear();
+            wide.resize(img.len(), 0.0);
+            S::widen(img, &mut wide);
+            self.resize(&wide[..], dst, store, parallel);
+            if wide.capacity() <= KEEP {
+                SCRATCH.with(|c| c.set(wide));
+            }
+            return;
+        }
         let (lo, hi) = nan_aware_range(img);
-        // np.clip with NaN bounds (an all-NaN input) gives NaN everywhere.
-        let store = |v: f64| store(if lo.is_nan() { lo } else { np_clip(v, lo, hi) });
+        if lo.is_nan() {
+            // np.clip with NaN bounds (an all-NaN input) gives NaN everywhere.
+            dst.iter_mut().for_each(|d| *d = store(lo));
+            return;
+        }
+        let store = |v: f64| store(np_clip(v, lo, hi));
         // _interpolation.py L845-850: all zooms 1 returns the input (skimage's zoom factors
         // are 1 / (in / out), which is exactly 1 only for in == out at these sizes).
         if self.dims == self.out {
-            dst.iter_mut().zip(img).for_each(|(d, &v)| *d = store(v));
+            dst.iter_mut()
+                .zip(img)
+                .for_each(|(d, &v)| *d = store(v.to_f64()));
             return;
         }
-        let pdims: [usize; 3] =
-            std::array::from_fn(|a| self.dims[a] + if self.real[a] { 2 * self.npad } else { 0 });
-        let coef: Cow<'_, [f64]> = if self.order > 1 {
+        if self.order > 1 {
+            // The prefilter runs on the padded float64 copy (_interpolation.py L859-861).
+            let pdims: [usize; 3] = std::array::from_fn(|a| {
+                self.dims[a] + if self.real[a] { 2 * self.npad } else { 0 }
+            });
             let pad = self.real.map(|r| if r { self.npad } else { 0 });
             let mut p = pad_edge(img, self.dims, pad, pdims);
             spline_filter(&mut p, pdims, parallel);
-            Cow::Owned(p)
+            interpolate(&p, pdims, &self.taps, self.order, dst, store);
         } else {
-            Cow::Borrowed(img)
-        };
-        interpolate(&coef, pdims, &self.taps, self.order, dst, store);
+            // Orders 0 and 1 read the input itself, widened as read.
+            interpolate(img, self.dims, &self.taps, self.order, dst, store);
+        }
     }
 }
 
 /// np.pad(mode='edge') by `pad[a]` on both sides of each axis, to `pd`.
-fn pad_edge(img: &[f64], dims: [usize; 3], pad: [usize; 3], pd: [usize; 3]) -> Vec<f64> {
+/// np.pad(mode='edge') by `pad[a]` on both sides of each axis, to `pd`, widened to float64.
+fn pad_edge<S: Sample>(img: &[S], dims: [usize; 3], pad: [usize; 3], pd: [usize; 3]) -> Vec<f64> {
     let src = |a: usize, i: usize| i.saturating_sub(pad[a]).min(dims[a] - 1);
     let mut out = Vec::with_capacity(pd.iter().product());
     for i0 in 0..pd[0] {
@@ -581,9 +647,9 @@ fn pad_edge(img: &[f64], dims: [usize; 3], pad: [usize; 3], pd: [usize; 3]) -> V
         for i1 in 0..pd[1] {
             let base = (s0 * dims[1] + src(1, i1)) * dims[2];
             let row = &img[base..base + dims[2]];
-            out.extend(std::iter::repeat_n(row[0], pad[2]));
-            out.extend_from_slice(row);
-            out.extend(std::iter::repeat_n(row[dims[2] - 1], pad[2]));
+            out.extend(std::iter::repeat_n(row[0].to_f64(), pad[2]));
+            out.extend(row.iter().map(|v| v.to_f64()));
+            out.extend(std::iter::repeat_n(row[dims[2] - 1].to_f64(), pad[2]));
         }
     }
     out
@@ -731,6 +797,9 @@ struct Taps {
 impl Taps {
     /// From coordinates `cc` into an axis of `len` (`NI_ZoomShift` L802-846).
     fn new(coords: impl Iterator<Item = f64>, len: usize, order: usize) -> Self {
+        // Callers pass the validated orders 0, 1 and 3; the bound only keeps the footprint
+        // within its four slots whatever happens.
+        let order = order.min(3);
         let n = order + 1;
         let t = coords
             .map(|cc| {
@@ -783,13 +852,14 @@ fn spline_weights(x: f64, order: usize, w: &mut [f64; 4]) {
     let x = x - floor(if order & 1 == 1 { x } else { x + 0.5 });
     match order {
         1 => w[0] = 1.0 - x,
-        _ => {
+        3 => {
             let y = x;
             let z = 1.0 - x;
             w[1] = (y * y * (y - 2.0) * 3.0 + 4.0) / 6.0;
             w[2] = (z * z * (z - 2.0) * 3.0 + 4.0) / 6.0;
             w[0] = z * z * z / 6.0;
         }
+        _ => return,
     }
     w[order] = 1.0;
     for i in 0..order {
@@ -800,8 +870,8 @@ fn spline_weights(x: f64, order: usize, w: &mut [f64; 4]) {
 /// The footprint sum of `NI_ZoomShift` / `NI_GeometricTransform`: per output voxel,
 /// `t = 0; for each footprint point in C order: t += c * w0 * w1 * w2` (no weights at
 /// order 0).
-fn interpolate<O: Send>(
-    src: &[f64],
+fn interpolate<S: Sample, O: Send>(
+    src: &[S],
     dims: [usize; 3],
     taps: &[Taps; 3],
     order: usize,
@@ -809,20 +879,20 @@ fn interpolate<O: Send>(
     store: impl Fn(f64) -> O + Sync,
 ) {
     let weighted = order > 0;
-    // Footprint sizes fixed at compile time for the cases that occur (2D and 3D at orders
-    // 0, 1, 3), so the footprint loops unroll; the arithmetic is the same in every case.
+    // Footprint sizes fixed at compile time for the costly cases (2D and 3D at orders 1
+    // and 3), so the footprint loops unroll; the rest (order 0: one tap, a gather) takes
+    // the general loop. The arithmetic is the same in every case.
     match [taps[0].n, taps[1].n, taps[2].n] {
-        [1, 4, 4] => interp_fixed::<1, 4, 4, _>(src, dims, taps, weighted, dst, &store),
-        [1, 2, 2] => interp_fixed::<1, 2, 2, _>(src, dims, taps, weighted, dst, &store),
-        [1, 1, 1] => interp_fixed::<1, 1, 1, _>(src, dims, taps, weighted, dst, &store),
-        [4, 4, 4] => interp_fixed::<4, 4, 4, _>(src, dims, taps, weighted, dst, &store),
-        [2, 2, 2] => interp_fixed::<2, 2, 2, _>(src, dims, taps, weighted, dst, &store),
+        [1, 4, 4] => interp_fixed::<1, 4, 4, _, _>(src, dims, taps, weighted, dst, &store),
+        [1, 2, 2] => interp_fixed::<1, 2, 2, _, _>(src, dims, taps, weighted, dst, &store),
+        [4, 4, 4] => interp_fixed::<4, 4, 4, _, _>(src, dims, taps, weighted, dst, &store),
+        [2, 2, 2] => interp_fixed::<2, 2, 2, _, _>(src, dims, taps, weighted, dst, &store),
         _ => interp_any(src, dims, taps, weighted, dst, &store),
     }
 }
 
-fn interp_fixed<const N0: usize, const N1: usize, const N2: usize, O: Send>(
-    src: &[f64],
+fn interp_fixed<const N0: usize, const N1: usize, const N2: usize, S: Sample, O: Send>(
+    src: &[S],
     dims: [usize; 3],
     taps: &[Taps; 3],
     weighted: bool,
@@ -837,7 +907,7 @@ fn interp_fixed<const N0: usize, const N1: usize, const N2: usize, O: Send>(
     let plane = |(out, (i0s, w0s)): (&mut [O], &([usize; 4], [f64; 4]))| {
         for (row, (i1s, w1s)) in out.chunks_mut(n2).zip(t1) {
             // The source rows of this output row's footprint.
-            let rows: [[&[f64]; N1]; N0] = std::array::from_fn(|f0| {
+            let rows: [[&[S]; N1]; N0] = std::array::from_fn(|f0| {
                 std::array::from_fn(|f1| {
                     let b = (i0s[f0] * dims[1] + i1s[f1]) * dims[2];
                     &src[b..b + dims[2]]
@@ -849,7 +919,7 @@ fn interp_fixed<const N0: usize, const N1: usize, const N2: usize, O: Send>(
                     for f1 in 0..N1 {
                         let r = rows[f0][f1];
                         for f2 in 0..N2 {
-                            let mut c = r[i2s[f2]];
+                            let mut c = r[i2s[f2]].to_f64();
                             if weighted {
                                 // An axis with one tap has weight exactly 1 (it is only
                                 // carried along): multiplying by it changes nothing.
@@ -881,8 +951,8 @@ fn interp_fixed<const N0: usize, const N1: usize, const N2: usize, O: Send>(
 }
 
 /// [`interp_fixed`] for any footprint sizes.
-fn interp_any<O: Send>(
-    src: &[f64],
+fn interp_any<S: Sample, O: Send>(
+    src: &[S],
     dims: [usize; 3],
     taps: &[Taps; 3],
     weighted: bool,
@@ -904,7 +974,7 @@ fn interp_any<O: Send>(
                         for f1 in 0..k1 {
                             let base = (i0s[f0] * dims[1] + i1s[f1]) * dims[2];
                             for f2 in 0..k2 {
-                                let mut c = src[base + i2s[f2]];
+                                let mut c = src[base + i2s[f2]].to_f64();
                                 if weighted {
                                     c *= w0s[f0];
                                     c *= w1s[f1];
@@ -922,7 +992,7 @@ fn interp_any<O: Send>(
 
 /// The bounds of skimage `_clip_warp_output(clip=True)` (`_warps.py` L748-777): the
 /// input's min and max, nanmin / nanmax when it holds NaN (NaN bounds when all NaN).
-fn nan_aware_range(input: &[f64]) -> (f64, f64) {
+fn nan_aware_range<S: Sample>(input: &[S]) -> (f64, f64) {
     // Comparisons with NaN are false, so NaNs are skipped, as nanmin / nanmax skip them;
     // four running bounds let the loop vectorise (min and max do not depend on order).
     let mut lo = [f64::INFINITY; 4];
@@ -930,11 +1000,13 @@ fn nan_aware_range(input: &[f64]) -> (f64, f64) {
     let mut chunks = input.chunks_exact(4);
     for c in &mut chunks {
         for k in 0..4 {
-            lo[k] = if c[k] < lo[k] { c[k] } else { lo[k] };
-            hi[k] = if c[k] > hi[k] { c[k] } else { hi[k] };
+            let v = c[k].to_f64();
+            lo[k] = if v < lo[k] { v } else { lo[k] };
+            hi[k] = if v > hi[k] { v } else { hi[k] };
         }
     }
-    for &v in chunks.remainder() {
+    for v in chunks.remainder() {
+        let v = v.to_f64();
         lo[0] = if v < lo[0] { v } else { lo[0] };
         hi[0] = if v > hi[0] { v } else { hi[0] };
     }
@@ -999,16 +1071,19 @@ mod tests {
     }
 
     #[test]
-    fn float16_widening_is_exact_for_every_value() {
-        for b in 0..=u16::MAX {
-            let h = half::f16::from_bits(b);
-            let (ours, theirs) = (f16_to_f32(h), h.to_f32());
-            if theirs.is_nan() {
-                assert!(ours.is_nan(), "{b:#06x}");
+    fn every_float16_is_its_own_cast_and_widens_exactly() {
+        let all: Vec<half::f16> = (0..=u16::MAX).map(half::f16::from_bits).collect();
+        let mut wide = vec![0.0; all.len()];
+        half::f16::widen(&all, &mut wide);
+        for (h, w) in all.iter().zip(&wide) {
+            let inline = Sample::to_f64(*h);
+            if h.is_nan() {
+                assert!(w.is_nan() && inline.is_nan());
+                assert!(f16_from_f64(*w).is_nan());
             } else {
-                assert_eq!(ours.to_bits(), theirs.to_bits(), "{b:#06x}");
-                // And back: every float16 is its own float64 -> float16 cast.
-                assert_eq!(f16_from_f64(f64::from(ours)).to_bits(), b, "{b:#06x}");
+                assert_eq!(*w, f64::from(h.to_f32()), "{h}");
+                assert_eq!(inline.to_bits(), w.to_bits(), "{h}");
+                assert_eq!(f16_from_f64(*w).to_bits(), h.to_bits(), "{h}");
             }
         }
     }
@@ -1035,6 +1110,17 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("order_z"), "{e}");
+        // order_z is not used (nor checked) when the separate axis keeps its size.
+        let ok = resample(
+            &d,
+            1,
+            s,
+            [2, 3, 3],
+            [4.0, 1.0, 1.0],
+            [4.0, 0.7, 0.7],
+            &r(3, 5),
+        );
+        assert_eq!(ok.unwrap().len(), 18);
         let e = resample(&d, 2, s, s, [1.0; 3], [1.0; 3], &r(3, 0)).unwrap_err();
         assert!(matches!(e, ResampleError::Length { .. }), "{e}");
         let e = resample(
