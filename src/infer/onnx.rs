@@ -515,13 +515,7 @@ impl Onnx {
             match self.run(&buf, &[feed, 1, ph, pw], stats) {
                 Ok(y) => {
                     let labels = to_labels(&y, &[feed, ph, pw], self.spec.output)?;
-                    for i in 0..b {
-                        for y in 0..ny {
-                            let s = &labels[(i * ph + y) * pw..(i * ph + y) * pw + nx];
-                            let o = (z0 + i) * sl + y * nx;
-                            out[o..o + nx].copy_from_slice(s);
-                        }
-                    }
+                    tiling::unpad_slices(&labels, b, [ph, pw], [ny, nx], z0, &mut out);
                     z0 += b;
                 }
                 Err(e) => {

@@ -123,6 +123,26 @@ pub fn windowed_slices(
     buf
 }
 
+/// Copy `b` padded `[ph, pw]` label slices (the model's output for slices `z0..z0 + b`)
+/// into `out`, the `[nz, ny, nx]` label volume, dropping the padding right and below.
+pub fn unpad_slices(
+    labels: &[u8],
+    b: usize,
+    [ph, pw]: [usize; 2],
+    [ny, nx]: [usize; 2],
+    z0: usize,
+    out: &mut [u8],
+) {
+    let sl = ny * nx;
+    for i in 0..b {
+        for y in 0..ny {
+            let s = &labels[(i * ph + y) * pw..(i * ph + y) * pw + nx];
+            let o = (z0 + i) * sl + y * nx;
+            out[o..o + nx].copy_from_slice(s);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -192,13 +192,7 @@ impl TorchScript {
             match self.forward(&x, stats) {
                 Ok(y) => {
                     let labels = self.output_to_labels(&y, &[b as i64, ph as i64, pw as i64])?;
-                    for i in 0..b {
-                        for y in 0..ny {
-                            let s = &labels[(i * ph + y) * pw..(i * ph + y) * pw + nx];
-                            let o = (z0 + i) * sl + y * nx;
-                            out[o..o + nx].copy_from_slice(s);
-                        }
-                    }
+                    tiling::unpad_slices(&labels, b, [ph, pw], [ny, nx], z0, &mut out);
                     z0 += b;
                 }
                 Err(e) => {
