@@ -36,6 +36,8 @@
 //! - [`layout`]: the drop folder's layout `<task>/<vendor>/<name>` and its file names;
 //! - [`dataset`]: test-set folders, case pairing (nnU-Net naming);
 //! - [`volume`]: NIfTI reading/writing with limits, grids and reorientation;
+//! - [`dicom`]: DICOM test sets (CT series, SEG, RTSTRUCT) read exactly or refused, and
+//!   imported into the NIfTI layout above (uses `volume` and `files` only);
 //! - [`files`]: opening files others control (regular files only, bounded reads) and
 //!   creating outputs others read (umask, not 0600);
 //! - [`store`]: the SQLite record of every submission and its state;
@@ -47,6 +49,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod dataset;
+pub mod dicom;
 pub mod evaluation;
 pub mod exec;
 pub mod files;
