@@ -99,7 +99,7 @@ pub fn rois(f: &DicomFile, ct: &CtSeries) -> Result<Vec<Roi>, Refusal> {
         for c in items(it, tags::CONTOUR_SEQUENCE) {
             let kind = text(c, tags::CONTOUR_GEOMETRIC_TYPE).unwrap_or_else(|| "(no type)".into());
             let data = numbers(c, tags::CONTOUR_DATA).unwrap_or_default();
-            if data.len() % 3 != 0 {
+            if !data.len().is_multiple_of(3) {
                 return Err(damaged(format!(
                     "ROI '{}': ContourData has {} numbers, not x/y/z triples",
                     roi.name,

@@ -274,7 +274,7 @@ fn header(f: &DicomFile) -> Result<Header<'_>, Refusal> {
     }
     let dim = |tag, what| -> Result<usize, Refusal> {
         match number(o, tag) {
-            Some(v) if v >= 1.0 && v <= 65535.0 && v.fract() == 0.0 => Ok(v as usize),
+            Some(v) if (1.0..=65535.0).contains(&v) && v.fract() == 0.0 => Ok(v as usize),
             _ => Err(need(what)),
         }
     };
