@@ -212,10 +212,17 @@ pub struct RawWindow {
 #[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawTask {
-    /// Images folder (`case_0000.nii.gz`).
+    /// Test-set format: `nifti` (default) or `dicom`; one per task, never mixed.
+    #[serde(default)]
+    pub format: TestSetFormat,
+    /// Images folder (`case_0000.nii.gz`); for `dicom`, the folder of case folders.
     pub images: PathBuf,
-    /// Reference labels folder (`case.nii.gz`).
+    /// Reference labels folder (`case.nii.gz`); for `dicom`, the same folder as `images`.
     pub labels: PathBuf,
+    /// `dicom` only: SEG segment label / RTSTRUCT ROI name / code (`SCHEME:VALUE`) ->
+    /// class label, or `"ignore"`.
+    #[serde(default)]
+    pub dicom_classes: BTreeMap<String, RawDicomClass>,
     /// Label value -> class name.
     pub classes: BTreeMap<String, String>,
     /// HU window applied before the model.
@@ -270,6 +277,27 @@ pub struct RawTask {
     /// folder's `predictions/<task>/<vendor>/<name>/`.
     #[serde(default)]
     pub save_predictions: bool,
+}
+
+/// What a task's test set is stored as.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TestSetFormat {
+    /// nnU-Net layout NIfTI (`<case>_0000.nii.gz`, `<case>.nii.gz`).
+    #[default]
+    Nifti,
+    /// One folder per case: a CT series and its SEG or RTSTRUCT ([`crate::dicom`]).
+    Dicom,
+}
+
+/// A `dicom_classes` value as written: a class label or `"ignore"`.
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
+#[serde(untagged)]
+pub enum RawDicomClass {
+    /// A class label of the task.
+    Label(i64),
+    /// `"ignore"` (not scored, e.g. BODY).
+    Word(String),
 }
 
 fn default_window() -> RawWindow {
@@ -424,10 +452,18 @@ pub struct MailSettings {
 pub struct TaskSettings {
     /// Task name.
     pub name: String,
+    /// The test set's format as configured (`images` / `labels` name the DICOM set until
+    /// [`crate::dicom::testset::materialise`] points them at its decoded NIfTI).
+    pub format: TestSetFormat,
     /// Images folder.
     pub images: PathBuf,
     /// Labels folder.
     pub labels: PathBuf,
+    /// `dicom` only: the class mapping of segments / ROIs.
+    pub dicom_classes: Option<crate::dicom::import::ClassMap>,
+    /// `dicom` only, after materialising: cases refused, each scored as a failure.
+    #[serde(skip)]
+    pub dicom_refused: Vec<crate::dicom::import::RefusedCase>,
     /// What to compute.
     pub eval: EvalSpec,
     /// HU window.
@@ -767,6 +803,57 @@ impl RawSettings {
     }
 }
 
+/// A DICOM task's class mapping: `images` and `labels` name one folder (each case folder
+/// holds CT and reference), every value is one of the task's classes or `"ignore"`.
+fn dicom_class_map(
+    t: &RawTask,
+    key: &dyn Fn(&str) -> String,
+    p: &mut Vec<Problem>,
+) -> Option<crate::dicom::import::ClassMap> {
+    use crate::dicom::import::{ClassMap, Target};
+    if t.images != t.labels {
+        p.push(Problem {
+            key: key("labels"),
+            message: format!(
+                "format = \"dicom\": images and labels name the same folder of case folders \
+                 (each holds its CT series and its SEG or RTSTRUCT); got {} and {}",
+                t.images.display(),
+                t.labels.display()
+            ),
+        });
+    }
+    if t.dicom_classes.is_empty() {
+        p.push(Problem {
+            key: key("dicom_classes"),
+            message: "format = \"dicom\" needs the mapping of SEG segment labels / RTSTRUCT ROI \
+                      names to classes, e.g. dicom_classes = { liver = 1, BODY = \"ignore\" }"
+                .into(),
+        });
+    }
+    let mut map = ClassMap::default();
+    for (k, v) in &t.dicom_classes {
+        let target = match v {
+            RawDicomClass::Word(w) if w.eq_ignore_ascii_case("ignore") => Some(Target::Ignore),
+            RawDicomClass::Label(l) => u8::try_from(*l)
+                .ok()
+                .filter(|l| t.classes.contains_key(&l.to_string()))
+                .map(Target::Class),
+            RawDicomClass::Word(_) => None,
+        };
+        match target {
+            Some(target) => map.insert(k, target),
+            None => p.push(Problem {
+                key: key("dicom_classes"),
+                message: format!(
+                    "'{k}': the value is one of the task's class labels ({}) or \"ignore\"",
+                    t.classes.keys().cloned().collect::<Vec<_>>().join(", ")
+                ),
+            }),
+        }
+    }
+    Some(map)
+}
+
 fn validate_task(name: &str, t: &RawTask, p: &mut Vec<Problem>) -> Option<TaskSettings> {
     let before = p.len();
     let key = |k: &str| format!("tasks.{name}.{k}");
@@ -788,7 +875,19 @@ fn validate_task(name: &str, t: &RawTask, p: &mut Vec<Problem>) -> Option<TaskSe
             });
         }
     }
-    if t.images.is_dir() && t.labels.is_dir() {
+    let dicom_classes = match t.format {
+        TestSetFormat::Dicom => dicom_class_map(t, &key, p),
+        TestSetFormat::Nifti => {
+            if !t.dicom_classes.is_empty() {
+                p.push(Problem {
+                    key: key("dicom_classes"),
+                    message: "only for format = \"dicom\"".into(),
+                });
+            }
+            None
+        }
+    };
+    if t.format == TestSetFormat::Nifti && t.images.is_dir() && t.labels.is_dir() {
         match crate::dataset::pair_cases(&t.images, &t.labels) {
             Ok(d) if d.cases.is_empty() => p.push(Problem {
                 key: key("images"),
@@ -915,8 +1014,11 @@ fn validate_task(name: &str, t: &RawTask, p: &mut Vec<Problem>) -> Option<TaskSe
     };
     Some(TaskSettings {
         name: name.to_string(),
+        format: t.format,
         images: t.images.clone(),
         labels: t.labels.clone(),
+        dicom_classes,
+        dicom_refused: Vec::new(),
         eval,
         window,
         input,

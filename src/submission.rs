@@ -325,13 +325,24 @@ pub fn evaluate(
         tracing::warn!(task = task.name, "{p}");
     }
     let started = crate::evaluation::timestamp_now();
-    let (cases, failures, times) = pipeline::evaluate(
+    let (cases, mut failures, times) = pipeline::evaluate(
         &data,
         &task.eval,
         backend,
         ctx.save_predictions.as_deref(),
         on_progress,
         cancel,
+    );
+    // A DICOM case evald cannot read exactly is the test set's problem, named per case.
+    failures.extend(
+        task.dicom_refused
+            .iter()
+            .map(|r| crate::evaluation::Failure {
+                case: r.case.clone(),
+                stage: crate::evaluation::Stage::Reference,
+                reason: crate::dicom::testset::refusal_text(r),
+                attempts: 1,
+            }),
     );
     let meta = RunMeta {
         task: task.name.clone(),

@@ -2,6 +2,7 @@
 //! `evald requeue ID`. All read the same configuration file as the service and the store
 //! in its `state_dir`; none needs the service to be running.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
@@ -89,8 +90,9 @@ pub enum ConfigCheck {
 /// # Errors
 /// None today beyond printing; problems are [`ConfigCheck::Problems`], not errors.
 pub fn check_config(path: &Path) -> Result<ConfigCheck> {
+    let mut notes = BTreeMap::new();
     let checked = config_problems(path).and_then(|s| {
-        let p = test_set_problems(&s);
+        let p = test_set_problems(&s, &mut notes);
         if p.is_empty() {
             Ok(s)
         } else {
@@ -134,10 +136,16 @@ pub fn check_config(path: &Path) -> Result<ConfigCheck> {
                 ),
             }
             for (name, t) in &s.tasks {
-                let cases =
-                    crate::dataset::pair_cases(&t.images, &t.labels).map_or(0, |d| d.cases.len());
+                let cases = match notes.remove(name) {
+                    Some(note) => note,
+                    None => format!(
+                        "{} case(s)",
+                        crate::dataset::pair_cases(&t.images, &t.labels)
+                            .map_or(0, |d| d.cases.len())
+                    ),
+                };
                 println!(
-                    "  task {name}: {cases} case(s), classes {}, mail to {}",
+                    "  task {name}: {cases}, classes {}, mail to {}",
                     t.eval
                         .classes
                         .iter()
@@ -166,10 +174,53 @@ pub fn check_config(path: &Path) -> Result<ConfigCheck> {
 /// Every task's test set, opened as the evaluation will: each reference label and image
 /// header must be readable (a broken reference is the evaluation team's to fix, and is
 /// better found here than blamed on a vendor's model).
-fn test_set_problems(s: &Settings) -> Vec<Problem> {
+///
+/// A DICOM task's set is read case by case (decoded, nothing written): a segment / ROI the
+/// mapping lacks is a problem; the counts and each refused case go into `notes` (a refused
+/// case is scored as a failure, it does not stop the service).
+fn test_set_problems(s: &Settings, notes: &mut BTreeMap<String, String>) -> Vec<Problem> {
     const LISTED: usize = 10;
     let mut out = Vec::new();
     for (name, t) in &s.tasks {
+        if t.format == config::TestSetFormat::Dicom {
+            match crate::dicom::import::inspect(&t.labels, t.dicom_classes.as_ref()) {
+                Ok(ins) => {
+                    let mut note = format!(
+                        "DICOM, {} case folder(s), {} series, {} read, {} refused",
+                        ins.cases,
+                        ins.series,
+                        ins.accepted,
+                        ins.refused.len()
+                    );
+                    for e in &ins.refused {
+                        if e.refusal.reason() == crate::dicom::Reason::Unmapped {
+                            out.push(Problem {
+                                key: format!("tasks.{name}.dicom_classes"),
+                                message: e.to_string(),
+                            });
+                        } else {
+                            note.push_str(&format!("\n    refused: {e}"));
+                        }
+                    }
+                    if ins.cases == 0 {
+                        out.push(Problem {
+                            key: format!("tasks.{name}.labels"),
+                            message: format!(
+                                "{}: no case folders (one folder per case: its CT series and \
+                                 its SEG or RTSTRUCT)",
+                                t.labels.display()
+                            ),
+                        });
+                    }
+                    notes.insert(name.clone(), note);
+                }
+                Err(e) => out.push(Problem {
+                    key: format!("tasks.{name}.labels"),
+                    message: e.to_string(),
+                }),
+            }
+            continue;
+        }
         let data = match crate::dataset::pair_cases(&t.images, &t.labels) {
             Ok(d) => d,
             Err(e) => {

@@ -208,6 +208,16 @@ fn evaluate(
             ),
         ));
     };
+    // A DICOM test set: decoded once into its NIfTI view (cache hits after the first).
+    let ready = match crate::dicom::testset::materialise(task, &settings.daemon.state_dir) {
+        Ok(r) => r,
+        // The team's mapping is incomplete: not the vendor's problem, not transient.
+        Err(e @ crate::dicom::testset::TestSetError::Unmapped { .. }) => {
+            return Outcome::Failed(e.to_string())
+        }
+        Err(e) => return Outcome::Retry(e.to_string()),
+    };
+    let task = &ready.task;
     // The folder may have changed since it was queued: validate again.
     let prepared = match submission::prepare(&sub.path, task) {
         Ok(p) => p,

@@ -14,7 +14,9 @@
 //!   even-odd rule: nested contours are holes);
 //! - [`import`]: a folder of case folders -> an nnU-Net-layout NIfTI test set plus a JSON
 //!   of sources, class mapping and refusals; the content-addressed cache under the state
-//!   folder.
+//!   folder;
+//! - [`testset`]: a task with `format = "dicom"` made ready for evaluation through that
+//!   cache (its NIfTI view under the state folder, refusals as per-case failures).
 //!
 //! Conventions are those of the fixture set's `expected.json` (`tests/data/dicom`): voxel
 //! (i, j, k) = (DICOM column, DICOM row, slice sorted by IPP . (row_dir x col_dir)), HU =
@@ -30,6 +32,7 @@ pub mod import;
 pub mod rtstruct;
 pub mod seg;
 pub mod series;
+pub mod testset;
 
 use std::path::PathBuf;
 
@@ -206,7 +209,7 @@ pub enum Refusal {
         voxels: u64,
     },
     /// Segments / ROIs the task's class mapping does not name.
-    #[error("the reference has segment(s)/ROI(s) that the task's class mapping does not name: {}; add them to the mapping (class name, or \"ignore\")", names.join(", "))]
+    #[error("the reference has segment(s)/ROI(s) that the task's class mapping does not name: {}; add them to the task's dicom_classes (a class label, or \"ignore\")", names.join(", "))]
     Unmapped {
         /// Label / name (code) of each.
         names: Vec<String>,

@@ -36,6 +36,7 @@ pub fn conventions(eval: &Evaluation) -> Value {
         "patient_level": {"positive_class": eval.spec.positive_class, "min_positive_mm3": eval.spec.min_positive_mm3},
         "aggregation": "mean over cases excluding null; std with n-1; 95% percentile bootstrap CI of the mean, 2000 resamples, fixed seed; foreground_mean = plain mean of the per-class means (nnU-Net), keys every class has; statistics.foreground = statistics over cases of each case's mean over classes (null classes excluded)",
         "unlisted_labels": "labels not in the task's classes count as background in the confusion matrix",
+        "rtstruct_rasterisation": crate::dicom::RTSTRUCT_RULE,
     })
 }
 
