@@ -4,6 +4,7 @@
 mod cli;
 mod conformance;
 mod daemon;
+mod dicom;
 mod hostile;
 mod infer;
 mod infer_peer;
