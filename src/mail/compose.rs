@@ -1207,6 +1207,7 @@ mod tests {
                 patient: None,
             },
             failures: Vec::new(),
+            cases: None,
         };
         let p = Previous::from_results("v1", &r);
         assert_eq!(p.mean(1, Metric::Dice), 0.5);
