@@ -18,8 +18,15 @@
 
 use std::f64::consts::PI;
 
+/// Whether `v` is a positive number (NaN is not).
+fn positive(v: f64) -> bool {
+    v > 0.0
+}
+
 /// Lanczos coefficients, g = 7, n = 9 (P. Godfrey), as used by many libraries.
 const LANCZOS_G: f64 = 7.0;
+// Kept digit for digit as published, so they can be checked against the source.
+#[allow(clippy::excessive_precision)]
 const LANCZOS: [f64; 9] = [
     0.999_999_999_999_809_93,
     676.520_368_121_885_1,
@@ -168,7 +175,7 @@ fn beta_cf(a: f64, b: f64, x: f64) -> f64 {
 /// The regularized incomplete beta function I_x(a, b) for a, b > 0 and x in [0, 1]
 /// (scipy.special.betainc); NaN outside that domain.
 pub fn beta_inc(a: f64, b: f64, x: f64) -> f64 {
-    if !(a > 0.0 && b > 0.0) || !(0.0..=1.0).contains(&x) {
+    if !positive(a) || !positive(b) || !(0.0..=1.0).contains(&x) {
         return f64::NAN;
     }
     if x == 0.0 {
@@ -197,7 +204,7 @@ pub fn beta_inc_c(a: f64, b: f64, x: f64) -> f64 {
 /// The x in [0, 1] with I_x(a, b) = p (scipy.stats.beta.ppf(p, a, b)); NaN outside the
 /// domain.
 pub fn beta_inc_inv(a: f64, b: f64, p: f64) -> f64 {
-    if !(a > 0.0 && b > 0.0) || !(0.0..=1.0).contains(&p) {
+    if !positive(a) || !positive(b) || !(0.0..=1.0).contains(&p) {
         return f64::NAN;
     }
     // Compare a small target with the small tail (I or 1 - I), never with 1 minus it:
@@ -212,7 +219,7 @@ pub fn beta_inc_inv(a: f64, b: f64, p: f64) -> f64 {
 /// The x in [0, 1] with 1 - I_x(a, b) = q (scipy.stats.beta.isf(q, a, b)); NaN outside
 /// the domain.
 pub fn beta_inc_inv_c(a: f64, b: f64, q: f64) -> f64 {
-    if !(a > 0.0 && b > 0.0) || !(0.0..=1.0).contains(&q) {
+    if !positive(a) || !positive(b) || !(0.0..=1.0).contains(&q) {
         return f64::NAN;
     }
     if q <= 0.5 {
