@@ -1,6 +1,6 @@
 //! The command line: raw arguments (clap) -> validated settings -> the library.
 //!
-//! Commands (contract in DESIGN.md): `score`, `run`, `demo`, `serve`, `check-config`,
+//! Commands (the contract is the README's command table): `score`, `run`, `demo`, `serve`, `check-config`,
 //! `status`, `requeue`, and the internal `worker`. Errors are `anyhow` here only; the
 //! library's typed errors carry the context (file, case, key).
 

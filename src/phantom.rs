@@ -2,7 +2,7 @@
 //! and a small TorchScript "vendor model" traced in Rust that segments them: everything
 //! `evald demo`, the tests and the benchmarks need, with no data or Python.
 //!
-//! The anatomy (mm, centred on the volume) follows `shared/bench/gen_phantoms.py` in
+//! The anatomy (mm, centred on the volume) follows `shared/bench/gen_phantoms.py` (copied into `bench/`) in
 //! spirit: a body ellipse with a fat rim, trachea, vertebra, two thyroid lobes and
 //! hypodense nodules inside them, Gaussian noise. Intensities are chosen so that a
 //! smoothed-threshold model separates the classes imperfectly at the borders, which gives

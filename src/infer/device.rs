@@ -39,6 +39,20 @@ pub fn libtorch_dir() -> Option<PathBuf> {
         .and_then(|p| PathBuf::from(p).parent().map(PathBuf::from))
 }
 
+/// libtorch version string (`2.11.0`), from the library in use.
+pub fn libtorch_version() -> String {
+    // libtorch does not export its version through tch; the wheel's version.py sits beside
+    // the lib folder we link against.
+    let lib = libtorch_dir();
+    lib.and_then(|d| std::fs::read_to_string(d.parent()?.join("version.py")).ok())
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("__version__ = "))
+                .map(|v| v.trim_matches(|c| c == '\'' || c == '"').to_string())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
 /// Load libtorch's CUDA backend (once) and return the number of CUDA devices.
 ///
 /// # Errors
@@ -132,13 +146,10 @@ pub fn describe() -> String {
     match cuda_devices() {
         Ok(n) => format!(
             "libtorch {}: {n} CUDA device(s), cuDNN {}",
-            super::torchscript::libtorch_version(),
+            libtorch_version(),
             tch::utils::version_cudnn()
         ),
-        Err(why) => format!(
-            "libtorch {}: CPU only ({why})",
-            super::torchscript::libtorch_version()
-        ),
+        Err(why) => format!("libtorch {}: CPU only ({why})", libtorch_version()),
     }
 }
 

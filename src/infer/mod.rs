@@ -451,8 +451,8 @@ impl ModelFormat {
     /// The version of the library that runs it, for the report's provenance.
     pub fn runtime_version(self) -> String {
         match self {
-            ModelFormat::TorchScript => torchscript::libtorch_version(),
-            ModelFormat::NnUnet => torchscript::libtorch_version(),
+            ModelFormat::TorchScript => device::libtorch_version(),
+            ModelFormat::NnUnet => device::libtorch_version(),
             ModelFormat::Onnx => onnx::version(),
         }
     }

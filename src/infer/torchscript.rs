@@ -319,20 +319,6 @@ impl TorchScript {
     }
 }
 
-/// libtorch version string (`2.11.0`), from the library in use.
-pub fn libtorch_version() -> String {
-    // libtorch does not export its version through tch; the wheel's version.py sits beside
-    // the lib folder we link against.
-    let lib = device::libtorch_dir();
-    lib.and_then(|d| std::fs::read_to_string(d.parent()?.join("version.py")).ok())
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("__version__ = "))
-                .map(|v| v.trim_matches(|c| c == '\'' || c == '"').to_string())
-        })
-        .unwrap_or_else(|| "unknown".into())
-}
-
 /// Predict a whole volume with sliding windows; returns labels in NIfTI order.
 fn predict_3d(
     model: &TorchScript,

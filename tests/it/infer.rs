@@ -26,7 +26,8 @@ fn spec(input: InputKind, output: OutputKind) -> InferSpec {
 }
 
 /// The Python-traced 3D U-Net gives the output statistics Python torch 2.11 gave for the
-/// same deterministic input (shared/bench/README.md).
+/// same deterministic input (the numbers and the script that made the model:
+/// tests/data/PROVENANCE.md, `models/unet3d_random.pt`).
 #[test]
 fn python_traced_unet3d_matches_python_numbers() {
     let m = tch::CModule::load(data("models/unet3d_random.pt")).unwrap();

@@ -638,15 +638,17 @@ impl Network {
         r.map_err(NetworkError::torch("transposed convolution"))
     }
 
-    /// LeakyReLU as `nn.LeakyReLU(negative_slope)`: libtorch's own kernel for the default
-    /// slope (the only one tch exposes), `x > 0 ? x : x * slope` otherwise, which is that
-    /// kernel's formula in float32; ReLU for slope 0.
-    fn nonlin(&self, x: &Tensor) -> Result<Tensor> {
+    /// LeakyReLU as `nn.LeakyReLU(negative_slope, inplace=True)`: libtorch's own kernel for
+    /// the default slope (the only one tch exposes), `x > 0 ? x : x * slope` otherwise, which
+    /// is that kernel's formula in float32; ReLU for slope 0. In place, as nnU-Net's modules
+    /// do: `x` is always a tensor the caller has just made (a norm's or a sum's output), and
+    /// writing over it saves one allocation and one pass over memory per block.
+    fn nonlin(&self, mut x: Tensor) -> Result<Tensor> {
         let torch = NetworkError::torch("leaky ReLU");
         if self.negative_slope == 0.0 {
-            x.f_relu().map_err(torch)
+            x.f_relu_().map_err(torch)
         } else if self.negative_slope == 0.01 {
-            x.f_leaky_relu().map_err(torch)
+            x.f_leaky_relu_().map_err(torch)
         } else {
             let neg = x.f_mul_scalar(self.negative_slope).map_err(&torch)?;
             let pos = x.f_gt(0.0).map_err(&torch)?;
@@ -671,7 +673,7 @@ impl Network {
             )
             .map_err(NetworkError::torch("instance norm"))?;
         if b.nonlin {
-            self.nonlin(&h)
+            self.nonlin(h)
         } else {
             Ok(h)
         }
@@ -695,7 +697,7 @@ impl Network {
         let h = self.block(&r.conv1, x)?;
         let h = self.block(&r.conv2, &h)?;
         let h = h.f_add(&skip).map_err(torch)?;
-        self.nonlin(&h)
+        self.nonlin(h)
     }
 }
 

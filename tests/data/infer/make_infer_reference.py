@@ -28,7 +28,7 @@ What it writes (all arrays little-endian float32, C order, described in referenc
 - monai_default.f32 [2, Z, Y, X]: MONAI's sliding_window_inference(mode="gaussian",
   sigma_scale=0.125) with its own importance map.
 
-evald's conventions, reproduced from src/infer/mod.rs and src/infer/sliding.rs:
+evald's conventions, reproduced from src/infer/mod.rs and src/infer/sliding.rs (now src/infer/tiling.rs):
 
 - HU window: v -> clip((v - (level - width/2)) / width, 0, 1), in float32, level 40, width 400.
 - NIfTI data [x, y, z] (x fastest) is a C-order [z, y, x] array: a 2D slice is [H=Y, W=X],
