@@ -150,6 +150,155 @@ impl Side {
     }
 }
 
+/// Why a `summary.json` cannot be one side of a comparison.
+#[derive(Debug, thiserror::Error)]
+pub enum SummaryError {
+    /// A field the comparison needs is missing or has the wrong type.
+    #[error("summary.json: {what} is missing or malformed")]
+    Field {
+        /// The field (a JSON path).
+        what: String,
+    },
+    /// A metric name that this evald does not know.
+    #[error("summary.json: case {case}: unknown metric '{key}'")]
+    Metric {
+        /// Case id.
+        case: String,
+        /// The key.
+        key: String,
+    },
+}
+
+fn field(what: &str) -> SummaryError {
+    SummaryError::Field { what: what.into() }
+}
+
+/// The case id of a `metric_per_case` entry: its `case` (written since schema 3's
+/// summary.json), else the reference file's name without `.nii.gz`/`.nii`.
+fn case_id(entry: &serde_json::Value) -> Option<String> {
+    if let Some(c) = entry["case"].as_str() {
+        return Some(c.to_string());
+    }
+    let f = entry["reference_file"].as_str()?;
+    let name = std::path::Path::new(f).file_name()?.to_str()?;
+    let id = name
+        .strip_suffix(".nii.gz")
+        .or_else(|| name.strip_suffix(".nii"))
+        .unwrap_or(name);
+    Some(id.to_string())
+}
+
+impl Side {
+    /// The side of an evaluation as its `summary.json` (the parsed document) tells it:
+    /// per-case values from `metric_per_case`, the test-set hash from `evald.run`, the
+    /// patient-level calls and the failures from `evald`.
+    ///
+    /// # Errors
+    /// [`SummaryError`] when a field the comparison needs is missing or malformed.
+    pub fn from_summary(
+        doc: &serde_json::Value,
+        name: impl Into<String>,
+    ) -> Result<Side, SummaryError> {
+        use serde_json::Value;
+        let ev = &doc["evald"];
+        let testset_hash = ev["run"]["dataset_hash"]
+            .as_str()
+            .ok_or_else(|| field("evald.run.dataset_hash"))?
+            .to_string();
+        let mut classes: Vec<(u8, String)> = ev["classes"]
+            .as_object()
+            .ok_or_else(|| field("evald.classes"))?
+            .iter()
+            .map(|(l, n)| Some((l.parse::<u8>().ok()?, n.as_str()?.to_string())))
+            .collect::<Option<_>>()
+            .ok_or_else(|| field("evald.classes"))?;
+        classes.sort_by_key(|c| c.0);
+        let pl = &ev["patient_level"];
+        let (patient, calls) = if pl.is_null() {
+            (None, BTreeMap::new())
+        } else {
+            let pc = pl["positive_class"]
+                .as_u64()
+                .and_then(|v| u8::try_from(v).ok())
+                .ok_or_else(|| field("evald.patient_level.positive_class"))?;
+            let mm3 = pl["min_positive_mm3"]
+                .as_f64()
+                .ok_or_else(|| field("evald.patient_level.min_positive_mm3"))?;
+            let calls: BTreeMap<String, (bool, bool)> = pl["calls"]
+                .as_array()
+                .ok_or_else(|| field("evald.patient_level.calls"))?
+                .iter()
+                .map(|c| {
+                    Some((
+                        c["case"].as_str()?.to_string(),
+                        (c["reference"].as_bool()?, c["prediction"].as_bool()?),
+                    ))
+                })
+                .collect::<Option<_>>()
+                .ok_or_else(|| field("evald.patient_level.calls"))?;
+            (Some((pc, mm3)), calls)
+        };
+        let mut cases = Vec::new();
+        for entry in doc["metric_per_case"]
+            .as_array()
+            .ok_or_else(|| field("metric_per_case"))?
+        {
+            let case = case_id(entry).ok_or_else(|| field("metric_per_case[].case"))?;
+            let mut by_class = BTreeMap::new();
+            for (l, m) in entry["metrics"]
+                .as_object()
+                .ok_or_else(|| field("metric_per_case[].metrics"))?
+            {
+                let label = l
+                    .parse::<u8>()
+                    .map_err(|_| field("metric_per_case[].metrics label"))?;
+                let mut values = BTreeMap::new();
+                for (k, v) in m
+                    .as_object()
+                    .ok_or_else(|| field("metric_per_case[].metrics"))?
+                {
+                    let metric = Metric::parse(k).ok_or_else(|| SummaryError::Metric {
+                        case: case.clone(),
+                        key: k.clone(),
+                    })?;
+                    let x = match v {
+                        Value::Null => f64::NAN,
+                        v => v
+                            .as_f64()
+                            .ok_or_else(|| field("metric_per_case[].metrics value"))?,
+                    };
+                    values.insert(metric, x);
+                }
+                by_class.insert(label, values);
+            }
+            cases.push(CaseValues {
+                patient: calls.get(&case).copied(),
+                case,
+                classes: by_class,
+            });
+        }
+        let failures = ev["failures"]
+            .as_array()
+            .ok_or_else(|| field("evald.failures"))?
+            .iter()
+            .map(|f| {
+                let case = f["case"].as_str()?.to_string();
+                let stage: Stage = serde_json::from_value(f["stage"].clone()).ok()?;
+                Some((case, stage))
+            })
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| field("evald.failures"))?;
+        Ok(Side {
+            name: name.into(),
+            testset_hash,
+            classes,
+            patient,
+            cases,
+            failures,
+        })
+    }
+}
+
 /// A case failed in at least one of the two evaluations.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct FailedCase {

@@ -146,6 +146,7 @@ pub fn to_json(eval: &Evaluation) -> Value {
             metrics.insert(m.label.to_string(), Value::Object(d));
         }
         per_case.push(json!({
+            "case": cm.case,
             "prediction_file": cm.prediction_file,
             "reference_file": cm.reference_file,
             "metrics": metrics,
