@@ -22,7 +22,9 @@
 //! - [`pipeline`]: predict and score cases concurrently, on any execution backend;
 //! - [`evaluation`]: the result of an evaluation as every output sees it, and
 //!   `summary.json`;
-//! - [`metrics`]: every number in METRICS.md, case by case and aggregated.
+//! - [`metrics`]: every number in METRICS.md, case by case and aggregated;
+//! - [`stats`]: inferential statistics on plain numbers (paired bootstrap, Wilcoxon,
+//!   McNemar, Clopper-Pearson), each matching a named peer; imports nothing of evald's.
 //!
 //! Execution (knows nothing of submissions, reports or mail).
 //! - [`backend`]: which execution backend runs an evaluation (today the local pool);
@@ -65,6 +67,7 @@ pub mod plot;
 pub mod pool;
 pub mod report;
 pub mod sandbox;
+pub mod stats;
 pub mod store;
 pub mod submission;
 pub mod volume;

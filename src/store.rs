@@ -5,7 +5,8 @@
 //! task, vendor, model sha256, state, attempts, progress, outcome, timestamps),
 //! `submission_events` (every state change, for audit and `evald status`) and, since
 //! schema version 2, the results of each reported evaluation: `submission_results` and
-//! `submission_failures` (see [`StoredResults`]). The mail outbox lives in the same file in
+//! `submission_failures` (see [`StoredResults`]); since version 3, every scored case's
+//! metric values, `submission_cases`, for paired comparisons. The mail outbox lives in the same file in
 //! its own tables, owned (schema and counts) by [`crate`]'s mail module; this module never
 //! looks at them.
 //!
@@ -15,7 +16,11 @@
 //! JSON document with its own format number, because their shape follows the metric set
 //! (it grows with METRICS.md; a table per statistic would need a migration per metric) and
 //! they are always read whole; failed cases are rows of their own (case, stage, reason,
-//! attempts) because a list view filters and counts them. The results are written in the
+//! attempts) because a list view filters and counts them. Per-case values (version 3) are
+//! one row per case with a JSON document of its metrics per class and its patient-level
+//! call ([`CaseValues`], format [`CASE_VALUES_FORMAT`]), for the same reason as the
+//! statistics; `submission_results.case_values_format` says they were kept (NULL: reported
+//! by a version-2 evald, which kept none, so no paired comparison). The results are written in the
 //! same transaction that marks the submission `reported`, so a reported submission always
 //! has them (rows reported by a version-1 store have none: [`Store::results`] is `None`).
 //!
@@ -34,6 +39,7 @@ use std::collections::BTreeMap;
 
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row};
 
+use crate::evaluation::compare::{CaseValues, Side};
 use crate::evaluation::{Evaluation, Failure};
 use crate::metrics::aggregate::{Metric, Stats};
 
@@ -42,9 +48,11 @@ pub const DB_FILE: &str = "evald.db";
 /// Component name of this module's tables in `evald_schema`.
 pub const COMPONENT: &str = "submissions";
 /// Schema version this build writes.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 /// Format of the JSON in `submission_results.statistics` ([`Statistics`]).
 pub const STATISTICS_FORMAT: i64 = 1;
+/// Format of the JSON in `submission_cases.metrics` ([`CaseValues`]).
+pub const CASE_VALUES_FORMAT: i64 = 1;
 /// How long a writer waits for another process (e.g. `evald requeue`) to release the lock.
 const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -465,6 +473,9 @@ pub struct EvaluationResults {
     pub statistics: Statistics,
     /// Failed cases, by case id.
     pub failures: Vec<Failure>,
+    /// Every scored case's metric values, by case id; `None` when the evaluation was
+    /// reported by an evald that kept none (store version 2).
+    pub cases: Option<Vec<CaseValues>>,
 }
 
 impl EvaluationResults {
@@ -511,7 +522,30 @@ impl EvaluationResults {
                 }),
             },
             failures: eval.failures.clone(),
+            cases: Some(crate::evaluation::compare::case_values(eval)),
         }
+    }
+
+    /// This evaluation as one side of a paired comparison, named `name`; `None` when its
+    /// per-case values were not kept.
+    pub fn side(&self, name: impl Into<String>) -> Option<Side> {
+        let st = &self.statistics;
+        Some(Side {
+            name: name.into(),
+            testset_hash: self.testset_hash.clone(),
+            classes: st
+                .classes
+                .iter()
+                .map(|c| (c.label, c.name.clone()))
+                .collect(),
+            patient: st.patient.map(|p| (p.positive_class, p.min_positive_mm3)),
+            cases: self.cases.clone()?,
+            failures: self
+                .failures
+                .iter()
+                .map(|f| (f.case.clone(), f.stage))
+                .collect(),
+        })
     }
 
     /// Mean of `key` for class `label` over the scored cases (NaN when undefined or not
@@ -628,9 +662,21 @@ CREATE TABLE submission_failures (
 );
 ";
 
+/// Version 2 -> 3: every scored case's metric values (see the module documentation).
+/// Existing results keep `case_values_format` NULL: their cases were not kept.
+const SCHEMA_V3: &str = "
+ALTER TABLE submission_results ADD COLUMN case_values_format INTEGER;
+CREATE TABLE submission_cases (
+    submission INTEGER NOT NULL REFERENCES submissions(id),
+    case_id    TEXT NOT NULL,
+    metrics    TEXT NOT NULL,
+    PRIMARY KEY (submission, case_id)
+);
+";
+
 /// The migration from each version to the next: `MIGRATIONS[v - 1]` takes version `v` to
 /// `v + 1`, in the transaction that records the new version.
-const MIGRATIONS: [&str; 1] = [SCHEMA_V2];
+const MIGRATIONS: [&str; 2] = [SCHEMA_V2, SCHEMA_V3];
 
 const COLUMNS: &str =
     "id, path, task, vendor, name, fingerprint, model_sha256, model_bytes, state, \
@@ -1377,6 +1423,21 @@ impl Store {
                 reason: format!("cannot encode the statistics: {e}"),
             })?;
         let r = &o.results;
+        let case_json = r
+            .cases
+            .as_ref()
+            .map(|cases| {
+                cases
+                    .iter()
+                    .map(|c| Ok((c.case.as_str(), serde_json::to_string(c)?)))
+                    .collect::<Result<Vec<_>, serde_json::Error>>()
+            })
+            .transpose()
+            .map_err(|e| StoreError::Results {
+                path: self.path.clone(),
+                id,
+                reason: format!("cannot encode the per-case values: {e}"),
+            })?;
         let at = t.clone();
         self.transition_with(
             id,
@@ -1416,6 +1477,21 @@ impl Store {
                 )?;
                 for f in &r.failures {
                     ins.execute(params![id, f.case, f.stage.as_str(), f.reason, f.attempts])?;
+                }
+                tx.execute("DELETE FROM submission_cases WHERE submission = ?1", [id])?;
+                if let Some(cases) = &case_json {
+                    tx.execute(
+                        "UPDATE submission_results SET case_values_format = ?2 \
+                         WHERE submission = ?1",
+                        params![id, CASE_VALUES_FORMAT],
+                    )?;
+                    let mut ins = tx.prepare_cached(
+                        "INSERT INTO submission_cases (submission, case_id, metrics) \
+                         VALUES (?1, ?2, ?3)",
+                    )?;
+                    for (case, json) in cases {
+                        ins.execute(params![id, case, json])?;
+                    }
                 }
                 Ok(())
             },
@@ -1517,6 +1593,7 @@ impl Store {
                 })
             })
             .collect::<Result<Vec<_>, StoreError>>()?;
+        let cases = self.case_values(id)?;
         Ok(Some(StoredResults {
             submission: id,
             queue_seq: seq,
@@ -1530,8 +1607,62 @@ impl Store {
                 evald_version: version,
                 statistics,
                 failures,
+                cases,
             },
         }))
+    }
+
+    /// The per-case values kept for submission `id`'s results (`None`: not kept).
+    fn case_values(&self, id: i64) -> Result<Option<Vec<CaseValues>>, StoreError> {
+        if self.schema < 3 {
+            return Ok(None);
+        }
+        let what = "reading per-case values";
+        let format: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT case_values_format FROM submission_results WHERE submission = ?1",
+                [id],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(self.sql(what))?
+            .flatten();
+        let Some(format) = format else {
+            return Ok(None);
+        };
+        let bad = |reason: String| StoreError::Results {
+            path: self.path.clone(),
+            id,
+            reason,
+        };
+        if format != CASE_VALUES_FORMAT {
+            return Err(bad(format!(
+                "per-case values format {format}, this evald reads {CASE_VALUES_FORMAT} \
+                 (written by a newer evald?)"
+            )));
+        }
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT case_id, metrics FROM submission_cases WHERE submission = ?1 \
+                 ORDER BY case_id",
+            )
+            .map_err(self.sql(what))?;
+        let rows = stmt
+            .query_map([id], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+            })
+            .map_err(self.sql(what))?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(self.sql(what))?;
+        rows.into_iter()
+            .map(|(case, json)| {
+                serde_json::from_str::<CaseValues>(&json)
+                    .map_err(|e| bad(format!("case {case}: unreadable values: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some)
     }
 
     /// The vendor's previous reported submission of the same task, with its results: the
@@ -1917,6 +2048,14 @@ mod tests {
                 reason: "took too long".into(),
                 attempts: 2,
             }],
+            cases: Some(vec![CaseValues {
+                case: "c1".into(),
+                classes: BTreeMap::from([(
+                    1,
+                    BTreeMap::from([(Metric::Dice, dice), (Metric::Hd95, f64::NAN)]),
+                )]),
+                patient: Some((true, true)),
+            }]),
         }
     }
 
@@ -2083,6 +2222,61 @@ mod tests {
         );
         let b = report(&mut s, "/d/t/v/b", "v", 0.5, "set");
         assert!(s.results(b).unwrap().is_some());
+        assert_eq!(s.integrity_check().unwrap(), "ok");
+    }
+
+    #[test]
+    fn a_version_2_file_migrates_in_place_keeping_its_results_without_case_values() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let c = Connection::open(dir.path().join(DB_FILE)).unwrap();
+            c.execute_batch(SCHEMA_V1).unwrap();
+            c.execute_batch(SCHEMA_V2).unwrap();
+            let stats = serde_json::to_string(&results(0.7, "set").statistics).unwrap();
+            c.execute_batch(
+                "CREATE TABLE evald_schema (component TEXT PRIMARY KEY, version INTEGER NOT NULL);
+                 INSERT INTO evald_schema VALUES ('submissions', 2);
+                 INSERT INTO submissions (path, task, vendor, name, fingerprint, state,
+                     created_at, updated_at, headline)
+                 VALUES ('/d/t/v/a', 't', 'v', 'a', 'fp', 'mailed', 'x', 'x', 'Dice 0.7');",
+            )
+            .unwrap();
+            c.execute(
+                "INSERT INTO submission_results (submission, reported_at, testset_hash, \
+                 cases_scored, cases_failed, evald_version, statistics_format, statistics) \
+                 VALUES (1, '2026-01-01T00:00:00.000Z', 'set', 3, 0, '0.1.0', 1, ?1)",
+                [stats],
+            )
+            .unwrap();
+        }
+        // Read-only on version 2: its results, no case values, nothing changed.
+        let ro = Store::open_read_only(dir.path()).unwrap().unwrap();
+        let r = ro.results(1).unwrap().unwrap();
+        assert_eq!(
+            (r.results.mean(1, Metric::Dice), r.results.cases.is_none()),
+            (0.7, true)
+        );
+        drop(ro);
+        let mut s = Store::open(dir.path()).unwrap();
+        let r = s.results(1).unwrap().expect("kept through the migration");
+        assert_eq!(r.results.mean(1, Metric::Dice), 0.7);
+        assert!(
+            r.results.cases.is_none(),
+            "reported before case values were kept"
+        );
+        assert!(r.results.side("a").is_none(), "so no paired comparison");
+        // A new evaluation keeps its case values, and is paired against nothing older.
+        let b = report(&mut s, "/d/t/v/b", "v", 0.8, "set");
+        let got = s.results(b).unwrap().unwrap();
+        assert!(
+            same(&got.results, &results(0.8, "set")),
+            "{:?}",
+            got.results
+        );
+        assert_eq!(got.results.side("b").unwrap().cases.len(), 1);
+        let (p, pr) = s.previous_results(b).unwrap().unwrap();
+        assert_eq!(p.id, 1);
+        assert!(pr.results.side(&p.name).is_none());
         assert_eq!(s.integrity_check().unwrap(), "ok");
     }
 

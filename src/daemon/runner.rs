@@ -337,6 +337,28 @@ fn evaluate(
     }
     // The results are computed: a full disk or a failing share must not throw them away.
     // Retry the writing here, with the evaluation kept in memory.
+    // The paired comparison with the vendor's previous submission, before any output is
+    // written, so that summary.json, the report and the email say the same.
+    let mut eval = eval;
+    let id = sub.id;
+    match shared.store.call_blocking(move |s| s.previous_results(id)) {
+        Ok(Some((p, r))) => {
+            let this = crate::evaluation::compare::Side::of(&eval, sub.name.clone());
+            eval.comparison = Some(match r.results.side(p.name.clone()) {
+                Some(before) => crate::evaluation::compare::compare(&before, &this),
+                None => crate::evaluation::compare::Against::Unpaired {
+                    against: p.name.clone(),
+                    reason: format!(
+                        "not compared as paired: {} was reported by an evald that kept no \
+                         per-case values",
+                        p.name
+                    ),
+                },
+            });
+        }
+        Ok(None) => {}
+        Err(e) => tracing::warn!(id, "no comparison with the previous submission: {e}"),
+    }
     let mut written = submission::write_outputs(&eval, &prepared.dir);
     let mut wait = settings.daemon.retry_backoff;
     for attempt in 1..=OUTPUT_RETRIES {

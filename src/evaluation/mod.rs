@@ -1,7 +1,9 @@
 //! The result of one evaluation, as every output (summary.json, report, email, store)
 //! sees it: scored cases, failed cases, aggregates and what produced them; [`summary`]
-//! writes it as `summary.json` (nnU-Net keys, strict JSON).
+//! writes it as `summary.json` (nnU-Net keys, strict JSON); [`compare`] pairs it with
+//! another evaluation of the same test-set content.
 
+pub mod compare;
 pub mod summary;
 
 use std::path::PathBuf;
@@ -132,6 +134,10 @@ pub struct Evaluation {
     pub summary: Summary,
     /// Provenance and timings.
     pub meta: RunMeta,
+    /// The paired comparison with the vendor's previous submission (or why there is
+    /// none), when there is one: set before the outputs are written, so that
+    /// `summary.json`, the report and the email say the same.
+    pub comparison: Option<compare::Against>,
 }
 
 impl Evaluation {
@@ -151,6 +157,7 @@ impl Evaluation {
             failures,
             summary,
             meta,
+            comparison: None,
         }
     }
 

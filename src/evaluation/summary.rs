@@ -1,7 +1,8 @@
 //! `summary.json`: nnU-Net's structure and key names (`metric_per_case`, `mean`,
 //! `foreground_mean`), extended with every METRICS.md metric in the same per-label dicts and
 //! an `evald` block (conventions, statistics, lesions, patient level, confusion, failures,
-//! provenance). Undefined values are `null` (strict JSON), never a bare `NaN`.
+//! provenance, and the paired `comparison` with the vendor's previous submission). Undefined
+//! values are `null` (strict JSON), never a bare `NaN`.
 
 use std::io::Write;
 use std::path::Path;
@@ -80,6 +81,57 @@ fn stats_json(
     Value::Object(m)
 }
 
+/// The `evald.comparison` block: `null` without a previous submission; `{"against",
+/// "paired": false, "reason"}` when it cannot be paired; otherwise the paired changes per
+/// class and metric (`n`, `undefined`, means, `mean_difference`, `ci95`, `wilcoxon`), the
+/// patient-level change and the cases failed in either.
+pub fn comparison_json(against: Option<&super::compare::Against>) -> Value {
+    use super::compare::Against;
+    let Some(a) = against else {
+        return Value::Null;
+    };
+    let c = match a {
+        Against::Unpaired { against, reason } => {
+            return json!({"against": against, "paired": false, "reason": reason});
+        }
+        Against::Paired(c) => c,
+    };
+    let mut metrics = Map::new();
+    for m in &c.metrics {
+        let w = m.wilcoxon.map(|w| {
+            json!({"p": w.p.map_or(Value::Null, num), "method": w.method, "n": w.n,
+                   "zeros": w.zeros, "r_plus": w.r_plus, "r_minus": w.r_minus})
+        });
+        let entry = metrics
+            .entry(m.label.to_string())
+            .or_insert_with(|| Value::Object(Map::new()));
+        if let Value::Object(o) = entry {
+            o.insert(
+                m.metric.key().to_string(),
+                json!({"n": m.n, "undefined": m.undefined,
+                       "mean_before": num(m.mean_before), "mean_after": num(m.mean_after),
+                       "mean_difference": num(m.mean_difference),
+                       "ci95": m.ci95.map(|(l, h)| json!([num(l), num(h)])),
+                       "wilcoxon": w}),
+            );
+        }
+    }
+    let patient = c.patient.as_ref().map(|p| {
+        json!({"positive_class": p.positive_class, "positives": p.positives, "negatives": p.negatives,
+               "sensitivity_before": num(p.sensitivity_before), "sensitivity_after": num(p.sensitivity_after),
+               "sensitivity_discordant": {"right_only_before": p.sensitivity_discordant.0, "right_only_after": p.sensitivity_discordant.1},
+               "sensitivity_mcnemar_p": num(p.sensitivity_p),
+               "specificity_before": num(p.specificity_before), "specificity_after": num(p.specificity_after),
+               "specificity_discordant": {"right_only_before": p.specificity_discordant.0, "right_only_after": p.specificity_discordant.1},
+               "specificity_mcnemar_p": num(p.specificity_p),
+               "reference_disagrees": p.reference_disagrees})
+    });
+    json!({"against": c.before, "paired": true, "testset_hash": c.testset_hash,
+           "methods": super::compare::METHODS, "paired_cases": c.paired_cases,
+           "failed_in_either": c.failed, "scored_in_one_only": c.scored_in_one_only,
+           "metrics": metrics, "patient_level": patient})
+}
+
 /// Build the whole document.
 pub fn to_json(eval: &Evaluation) -> Value {
     let mut per_case = Vec::new();
@@ -95,6 +147,7 @@ pub fn to_json(eval: &Evaluation) -> Value {
             metrics.insert(m.label.to_string(), Value::Object(d));
         }
         per_case.push(json!({
+            "case": cm.case,
             "prediction_file": cm.prediction_file,
             "reference_file": cm.reference_file,
             "metrics": metrics,
@@ -206,6 +259,7 @@ pub fn to_json(eval: &Evaluation) -> Value {
             "confusion_matrix": {"labels": labels, "rows_are": "reference", "matrix": matrix},
             "reoriented": reoriented,
             "unevaluated_labels": unevaluated,
+            "comparison": comparison_json(eval.comparison.as_ref()),
             "run": eval.meta,
         }
     })

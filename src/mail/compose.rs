@@ -120,6 +120,52 @@ impl Previous {
     }
 }
 
+/// The paired comparison's lines (text; the HTML shows the same lines): a heading, one
+/// line per class and metric ("nodule Dice +0.021 (95% CI +0.008 to +0.034), p = 0.003,
+/// 300 paired cases"), the patient-level change with McNemar's p, the cases failed in
+/// either; or the sentence saying why it is not paired. Empty without a comparison.
+fn paired_lines(eval: &Evaluation) -> Vec<String> {
+    use crate::evaluation::compare::{change_line, p_text, Against};
+    let mut out = Vec::new();
+    match &eval.comparison {
+        None => {}
+        Some(Against::Unpaired { reason, .. }) => {
+            out.push(format!("Paired comparison: {reason}."));
+            out.push(String::new());
+        }
+        Some(Against::Paired(c)) => {
+            out.push(format!(
+                "Paired comparison with {} ({} cases scored in both; bootstrap 95% CI, Wilcoxon signed-rank p):",
+                c.before, c.paired_cases
+            ));
+            for m in &c.metrics {
+                out.push(format!("  {}", change_line(m)));
+            }
+            if let Some(p) = &c.patient {
+                out.push(format!(
+                    "  patient sensitivity {} -> {} (McNemar exact {}), specificity {} -> {} (McNemar exact {})",
+                    f(p.sensitivity_before, 3),
+                    f(p.sensitivity_after, 3),
+                    p_text(Some(p.sensitivity_p)),
+                    f(p.specificity_before, 3),
+                    f(p.specificity_after, 3),
+                    p_text(Some(p.specificity_p))
+                ));
+            }
+            if !c.failed.is_empty() {
+                let names: Vec<&str> = c.failed.iter().map(|x| x.case.as_str()).collect();
+                out.push(format!(
+                    "  not paired, failed in either ({}): {}",
+                    names.len(),
+                    names.join(", ")
+                ));
+            }
+            out.push(String::new());
+        }
+    }
+    out
+}
+
 /// The sentence shown instead of the change when the previous submission was scored on
 /// other test-set bytes.
 fn not_comparable(prev: &Previous, eval: &Evaluation) -> String {
@@ -561,6 +607,9 @@ fn text_body(
         );
         let _ = writeln!(t);
     }
+    for line in paired_lines(eval) {
+        let _ = writeln!(t, "{line}");
+    }
     if eval.failures.is_empty() {
         let _ = writeln!(t, "No case failed.");
     } else {
@@ -892,6 +941,15 @@ fn html_body(
         }
     }
 
+    let paired = paired_lines(eval);
+    if !paired.is_empty() {
+        let _ = writeln!(h, "<p style=\"margin:8px 0 0;\">");
+        for line in paired.iter().filter(|l| !l.is_empty()) {
+            let _ = writeln!(h, "{}<br/>", escape(line.trim_start()));
+        }
+        let _ = writeln!(h, "</p>");
+    }
+
     // Failures.
     let _ = writeln!(h, "<h2 style=\"{H2}\">Failures</h2>");
     if eval.failures.is_empty() {
@@ -1207,6 +1265,7 @@ mod tests {
                 patient: None,
             },
             failures: Vec::new(),
+            cases: None,
         };
         let p = Previous::from_results("v1", &r);
         assert_eq!(p.mean(1, Metric::Dice), 0.5);

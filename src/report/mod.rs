@@ -32,6 +32,10 @@ use rust_xlsxwriter::{DocProperties, Workbook, Worksheet, XlsxError};
 
 use crate::evaluation::Evaluation;
 
+/// The sheet added after [`SHEETS`] when the evaluation has a comparison with the
+/// vendor's previous submission (the numbers of `summary.json`'s `evald.comparison`).
+pub const COMPARE_SHEET: &str = "Compare";
+
 /// Sheet names, in workbook order.
 pub const SHEETS: [&str; 8] = [
     "Summary",
@@ -255,12 +259,94 @@ pub fn build(eval: &Evaluation) -> Result<Workbook, XlsxError> {
     let mut ws = named(SHEETS[7])?;
     sheets::run(&mut ws, eval, &st)?;
     wb.push_worksheet(ws);
+
+    if let Some(against) = &eval.comparison {
+        let mut ws = named(COMPARE_SHEET)?;
+        sheets::compare(&mut ws, against, &st)?;
+        wb.push_worksheet(ws);
+    }
     Ok(wb)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The Compare sheet's numbers are summary.json's `evald.comparison` numbers, read back
+    /// from the written file.
+    #[test]
+    fn the_compare_sheet_says_what_summary_json_says() {
+        use std::collections::BTreeMap;
+
+        use calamine::{Data, Reader};
+
+        use crate::evaluation::compare::{compare, CaseValues, Side};
+        use crate::metrics::aggregate::Metric;
+
+        let side = |name: &str, dice: &[f64]| Side {
+            name: name.into(),
+            testset_hash: "h".into(),
+            classes: vec![(1, "nodule".into())],
+            patient: Some((1, 10.0)),
+            cases: dice
+                .iter()
+                .enumerate()
+                .map(|(i, &d)| CaseValues {
+                    case: format!("c{i}"),
+                    classes: BTreeMap::from([(
+                        1,
+                        BTreeMap::from([(Metric::Dice, d), (Metric::IoU, d / (2.0 - d))]),
+                    )]),
+                    patient: Some((i % 2 == 0, i % 3 == 0)),
+                })
+                .collect(),
+            failures: vec![],
+        };
+        let before = side("v1", &[0.5, 0.61, 0.7, 0.82, 0.4, 0.9]);
+        let after = side("v2", &[0.55, 0.6, 0.78, 0.83, 0.52, 0.91]);
+        let spec = crate::metrics::EvalSpec::for_classes(&[(1, "nodule")]);
+        let mut eval = Evaluation::new(spec, vec![], vec![], Default::default());
+        eval.comparison = Some(compare(&before, &after));
+        let want = crate::evaluation::summary::comparison_json(eval.comparison.as_ref());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.xlsx");
+        write(&eval, &path).unwrap();
+        let mut wb: calamine::Xlsx<_> = calamine::open_workbook(&path).unwrap();
+        assert!(wb.sheet_names().contains(&COMPARE_SHEET.to_string()));
+        let range = wb.worksheet_range(COMPARE_SHEET).unwrap();
+        let f = |c: &Data| match c {
+            Data::Float(x) => *x,
+            other => panic!("not a number: {other:?}"),
+        };
+        let mut seen = 0;
+        for row in range.rows() {
+            let (Some(Data::String(class)), Some(Data::String(metric))) = (row.first(), row.get(1))
+            else {
+                continue;
+            };
+            if class != "nodule" {
+                continue;
+            }
+            let m = &want["metrics"]["1"][metric.as_str()];
+            assert_eq!(f(&row[2]), m["n"].as_f64().unwrap());
+            assert_eq!(f(&row[4]), m["mean_before"].as_f64().unwrap());
+            assert_eq!(f(&row[5]), m["mean_after"].as_f64().unwrap());
+            assert_eq!(f(&row[6]), m["mean_difference"].as_f64().unwrap());
+            assert_eq!(f(&row[7]), m["ci95"][0].as_f64().unwrap());
+            assert_eq!(f(&row[8]), m["ci95"][1].as_f64().unwrap());
+            assert_eq!(f(&row[9]), m["wilcoxon"]["p"].as_f64().unwrap());
+            seen += 1;
+        }
+        assert_eq!(seen, 2, "Dice and IoU rows");
+        let sens = range
+            .rows()
+            .find(|r| r.first() == Some(&Data::String("sensitivity".into())))
+            .expect("patient-level rows");
+        let p = &want["patient_level"];
+        assert_eq!(f(&sens[2]), p["sensitivity_before"].as_f64().unwrap());
+        assert_eq!(f(&sens[3]), p["sensitivity_after"].as_f64().unwrap());
+        assert_eq!(f(&sens[6]), p["sensitivity_mcnemar_p"].as_f64().unwrap());
+    }
 
     #[test]
     fn history_names_are_sortable_and_distinct() {

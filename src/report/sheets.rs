@@ -720,3 +720,153 @@ fn stats_row(
     }
     Ok(())
 }
+
+/// The Compare sheet: the paired comparison with the previous submission, the numbers of
+/// `summary.json`'s `evald.comparison` (one row per class and metric; the patient level;
+/// the cases failed in either). Written only when there is a comparison.
+pub(crate) fn compare(
+    ws: &mut Worksheet,
+    against: &crate::evaluation::compare::Against,
+    st: &Styles,
+) -> Result<(), XlsxError> {
+    use crate::evaluation::compare::{Against, METHODS};
+    ws.set_column_width(0, 16)?;
+    ws.set_column_width(1, 10)?;
+    ws.write_string_with_format(0, 0, "Paired comparison", &st.title)?;
+    let c = match against {
+        Against::Unpaired { against, reason } => {
+            ws.write_string(2, 0, format!("against {against}"))?;
+            ws.write_string_with_format(3, 0, reason, &st.note)?;
+            return Ok(());
+        }
+        Against::Paired(c) => c,
+    };
+    let rows: Vec<(&str, String)> = vec![
+        ("this submission", c.after.clone()),
+        ("against", c.before.clone()),
+        ("test set content hash", c.testset_hash.clone()),
+        ("paired cases", c.paired_cases.to_string()),
+    ];
+    let mut r = key_values(ws, 2, &rows, st)?;
+    ws.write_string_with_format(r, 0, METHODS, &st.note)?;
+    r += 2;
+    header(
+        ws,
+        r,
+        0,
+        &[
+            "class",
+            "metric",
+            "n",
+            "undefined",
+            "mean before",
+            "mean after",
+            "mean difference",
+            "CI95 low",
+            "CI95 high",
+            "Wilcoxon p",
+            "Wilcoxon method",
+        ],
+        st,
+    )?;
+    let table = r;
+    for m in &c.metrics {
+        r += 1;
+        let fmt = if m.metric.is_distance() {
+            &st.mm
+        } else {
+            &st.frac
+        };
+        ws.write_string(r, 0, &m.class)?;
+        ws.write_string(r, 1, m.metric.key())?;
+        ws.write_number_with_format(r, 2, m.n as f64, &st.int)?;
+        ws.write_number_with_format(r, 3, m.undefined as f64, &st.int)?;
+        num(ws, r, 4, Some(m.mean_before), fmt)?;
+        num(ws, r, 5, Some(m.mean_after), fmt)?;
+        num(ws, r, 6, Some(m.mean_difference), fmt)?;
+        num(ws, r, 7, m.ci95.map(|c| c.0), fmt)?;
+        num(ws, r, 8, m.ci95.map(|c| c.1), fmt)?;
+        num(ws, r, 9, m.wilcoxon.and_then(|w| w.p), &st.frac)?;
+        if let Some(w) = m.wilcoxon {
+            let method = match w.method {
+                crate::stats::WilcoxonMethod::Exact => "exact",
+                crate::stats::WilcoxonMethod::Permutation => "permutation",
+                crate::stats::WilcoxonMethod::Asymptotic => "asymptotic",
+            };
+            ws.write_string(r, 10, method)?;
+        }
+    }
+    if r > table {
+        ws.autofilter(table, 0, r, 10)?;
+    }
+    if let Some(p) = &c.patient {
+        r += 2;
+        ws.write_string_with_format(r, 0, "Patient level", &st.subtitle)?;
+        r += 1;
+        header(
+            ws,
+            r,
+            0,
+            &[
+                "",
+                "patients",
+                "before",
+                "after",
+                "right only before",
+                "right only after",
+                "McNemar exact p",
+            ],
+            st,
+        )?;
+        let lines = [
+            (
+                "sensitivity",
+                p.positives,
+                p.sensitivity_before,
+                p.sensitivity_after,
+                p.sensitivity_discordant,
+                p.sensitivity_p,
+            ),
+            (
+                "specificity",
+                p.negatives,
+                p.specificity_before,
+                p.specificity_after,
+                p.specificity_discordant,
+                p.specificity_p,
+            ),
+        ];
+        for (name, n, b, a, d, pv) in lines {
+            r += 1;
+            ws.write_string(r, 0, name)?;
+            ws.write_number_with_format(r, 1, n as f64, &st.int)?;
+            num(ws, r, 2, Some(b), &st.pct)?;
+            num(ws, r, 3, Some(a), &st.pct)?;
+            ws.write_number_with_format(r, 4, d.0 as f64, &st.int)?;
+            ws.write_number_with_format(r, 5, d.1 as f64, &st.int)?;
+            num(ws, r, 6, Some(pv), &st.frac)?;
+        }
+    }
+    r += 2;
+    ws.write_string_with_format(r, 0, "Cases failed in either (not paired)", &st.subtitle)?;
+    r += 1;
+    header(ws, r, 0, &["case", "before", "after"], st)?;
+    if c.failed.is_empty() {
+        ws.write_string_with_format(r + 1, 0, "None.", &st.note)?;
+    }
+    for f in &c.failed {
+        r += 1;
+        ws.write_string(r, 0, &f.case)?;
+        ws.write_string(
+            r,
+            1,
+            f.before.map_or("scored", crate::evaluation::Stage::as_str),
+        )?;
+        ws.write_string(
+            r,
+            2,
+            f.after.map_or("scored", crate::evaluation::Stage::as_str),
+        )?;
+    }
+    Ok(())
+}

@@ -1231,7 +1231,7 @@ fn a_queued_email_goes_at_once_and_the_next_one_compares_with_the_stored_results
 
 /// A state database written by the schema-1 release (tests/data/store, see its
 /// PROVENANCE.md) opens with this build: every row and state is kept, the results tables
-/// are added, and `evald status` reads it.
+/// are added (version 2's, and version 3's per-case values), and `evald status` reads it.
 #[test]
 fn a_version_1_store_migrates_in_place() {
     let env = Env::new(Opts::default());
@@ -1318,7 +1318,11 @@ fn a_version_1_store_migrates_in_place() {
         version(evald::store::COMPONENT),
         Some(evald::store::SCHEMA_VERSION)
     );
-    for table in ["submission_results", "submission_failures"] {
+    for table in [
+        "submission_results",
+        "submission_failures",
+        "submission_cases",
+    ] {
         let n: i64 = c
             .query_row(
                 "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = ?1",

@@ -2,6 +2,7 @@
 //! binary or the library on real data copied into `tests/data` (see its PROVENANCE.md).
 
 mod cli;
+mod compare;
 mod conformance;
 mod daemon;
 mod dicom;
