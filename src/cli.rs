@@ -520,7 +520,7 @@ pub fn run_submission(a: RunArgs) -> Result<Evaluation> {
     let settings = config::load(&a.config)?;
     let task = resolve_task(&settings, &a.submission, a.task.as_deref())?;
     // A DICOM test set is decoded (or taken from the cache) into its NIfTI view first.
-    let ready = crate::dicom::testset::materialise(task, &settings.daemon.state_dir)?;
+    let ready = crate::testset::materialise(task, &settings.daemon.state_dir)?;
     let task = &ready.task;
     let sub = submission::prepare(&a.submission, task)?;
     let mut ctx = submission::RunContext::of(&settings);

@@ -40,6 +40,8 @@
 //! - [`volume`]: NIfTI reading/writing with limits, grids and reorientation;
 //! - [`dicom`]: DICOM test sets (CT series, SEG, RTSTRUCT) read exactly or refused, and
 //!   imported into the NIfTI layout above (uses `volume` and `files` only);
+//! - [`testset`]: a task's test set made ready for evaluation: a `format = "dicom"` task
+//!   imported through the decoded-case cache into its NIfTI view (config + dicom, above both);
 //! - [`files`]: opening files others control (regular files only, bounded reads) and
 //!   creating outputs others read (umask, not 0600);
 //! - [`store`]: the SQLite record of every submission and its state;
@@ -70,6 +72,7 @@ pub mod sandbox;
 pub mod stats;
 pub mod store;
 pub mod submission;
+pub mod testset;
 pub mod volume;
 pub mod watch;
 pub mod worker;

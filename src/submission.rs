@@ -340,7 +340,7 @@ pub fn evaluate(
             .map(|r| crate::evaluation::Failure {
                 case: r.case.clone(),
                 stage: crate::evaluation::Stage::Reference,
-                reason: crate::dicom::testset::refusal_text(r),
+                reason: crate::testset::refusal_text(r),
                 attempts: 1,
             }),
     );

@@ -209,10 +209,10 @@ fn evaluate(
         ));
     };
     // A DICOM test set: decoded once into its NIfTI view (cache hits after the first).
-    let ready = match crate::dicom::testset::materialise(task, &settings.daemon.state_dir) {
+    let ready = match crate::testset::materialise(task, &settings.daemon.state_dir) {
         Ok(r) => r,
         // The team's mapping is incomplete: not the vendor's problem, not transient.
-        Err(e @ crate::dicom::testset::TestSetError::Unmapped { .. }) => {
+        Err(e @ crate::testset::TestSetError::Unmapped { .. }) => {
             return Outcome::Failed(e.to_string())
         }
         Err(e) => return Outcome::Retry(e.to_string()),

@@ -14,9 +14,8 @@
 //!   even-odd rule: nested contours are holes);
 //! - [`import`]: a folder of case folders -> an nnU-Net-layout NIfTI test set plus a JSON
 //!   of sources, class mapping and refusals; the content-addressed cache under the state
-//!   folder;
-//! - [`testset`]: a task with `format = "dicom"` made ready for evaluation through that
-//!   cache (its NIfTI view under the state folder, refusals as per-case failures).
+//!   folder (a task with `format = "dicom"` is made ready through it by
+//!   [`crate::testset`], which knows the configuration; this module does not).
 //!
 //! Conventions are those of the fixture set's `expected.json` (`tests/data/dicom`): voxel
 //! (i, j, k) = (DICOM column, DICOM row, slice sorted by IPP . (row_dir x col_dir)), HU =
@@ -32,7 +31,6 @@ pub mod import;
 pub mod rtstruct;
 pub mod seg;
 pub mod series;
-pub mod testset;
 
 use std::path::PathBuf;
 

@@ -1,15 +1,15 @@
 //! A task whose test set is DICOM (`format = "dicom"`), turned into the NIfTI test set the
 //! rest of evald already scores: at evaluation start each case folder is imported (or
-//! taken from the content-addressed cache, [`super::import`]) into
+//! taken from the content-addressed cache, [`crate::dicom::import`]) into
 //! `<state_dir>/dicom/<task>/{imagesTs,labelsTs}`, on the CT's own grid and affine, and
 //! the task's `images` / `labels` point there. The hot path and the workers' sandbox stay
 //! as they are; refused cases become per-case failures of the evaluation.
 
 use std::path::{Path, PathBuf};
 
-use super::import::{self, ImportError, RefusedCase};
-use super::Reason;
 use crate::config::{TaskSettings, TestSetFormat};
+use crate::dicom::import::{self, ImportError, RefusedCase};
+use crate::dicom::Reason;
 
 /// Folder (under the state dir) of the decoded-case cache shared by all tasks.
 pub const CACHE_DIR: &str = "dicom-cache";
