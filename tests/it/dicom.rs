@@ -101,7 +101,6 @@ fn truth_labels(dir: &Path) -> PathBuf {
 }
 
 #[test]
-#[ignore = "written and lint-clean, not yet run to completion on this machine (see the branch report): run with --ignored"]
 fn a_dicom_task_scores_like_its_truth_nifti_refuses_the_tilted_case_and_decodes_once() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
@@ -181,7 +180,6 @@ fn a_dicom_task_scores_like_its_truth_nifti_refuses_the_tilted_case_and_decodes_
 }
 
 #[test]
-#[ignore = "written and lint-clean, not yet run to completion on this machine (see the branch report): run with --ignored"]
 fn an_unmapped_segment_is_a_config_error_naming_the_key_and_the_segment() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
@@ -214,7 +212,6 @@ fn an_unmapped_segment_is_a_config_error_naming_the_key_and_the_segment() {
 }
 
 #[test]
-#[ignore = "written and lint-clean, not yet run to completion on this machine (see the branch report): run with --ignored"]
 fn check_config_counts_a_dicom_set_and_lists_its_refusals() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
