@@ -768,36 +768,65 @@ mod tests {
                     .unwrap();
             let shape: Vec<i64> = pre.shape.iter().map(|&d| d as i64).collect();
             let x = Tensor::from_slice(&pre.to_f32()).reshape(shape.as_slice());
-            let want = npy::read(&root().join(format!(
-                "tinyct/reference/{run}/intermediates/{case}_logits_f16.npy.gz"
-            )))
-            .unwrap();
+            // nnUNetPredictor's logits from the fixture's machine, and from every other CPU
+            // it was run on (`<case>_logits_f16.<cpu>.npy.gz`, make_cpu_reference.py):
+            // libtorch's convolution kernels depend on the CPU's instruction set, so nnU-Net
+            // itself, same libtorch, gives a few logits 1 fp16 ulp apart on an AMD EPYC
+            // (20 of 356832 for TinyCT_006). evald must equal one of them bit for bit.
+            let dir = root().join(format!("tinyct/reference/{run}/intermediates"));
+            let mut refs: Vec<PathBuf> = std::fs::read_dir(&dir)
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .filter(|p| {
+                    let n = p.file_name().unwrap().to_string_lossy().into_owned();
+                    n.starts_with(&format!("{case}_logits_f16.")) && n.ends_with(".npy.gz")
+                })
+                .collect();
+            refs.sort();
+            assert!(
+                !refs.is_empty(),
+                "no reference logits for {case} in {}",
+                dir.display()
+            );
             let y = predictor.logits(&x).unwrap();
             assert_eq!(y.kind(), Kind::Half);
-            assert_eq!(
-                y.size(),
-                want.shape.iter().map(|&d| d as i64).collect::<Vec<_>>()
-            );
             let got: Vec<u16> = Vec::<half::f16>::try_from(y.flatten(0, -1))
                 .unwrap()
                 .iter()
                 .map(|h| h.to_bits())
                 .collect();
-            let want_bits = want.to_f16_bits();
-            let differ = got.iter().zip(&want_bits).filter(|(a, b)| a != b).count();
-            let max = got
-                .iter()
-                .zip(&want_bits)
-                .map(|(&a, &b)| {
-                    (half::f16::from_bits(a).to_f32() - half::f16::from_bits(b).to_f32()).abs()
-                })
-                .fold(0.0f32, f32::max);
-            assert_eq!(
-                differ,
-                0,
-                "{run} {case}: {differ} of {} logits differ ({:.4} % equal), max |diff| {max}",
-                got.len(),
-                100.0 * (1.0 - differ as f64 / got.len() as f64)
+            let mut misses = Vec::new();
+            for path in &refs {
+                let want = npy::read(path).unwrap();
+                assert_eq!(
+                    y.size(),
+                    want.shape.iter().map(|&d| d as i64).collect::<Vec<_>>()
+                );
+                let want_bits = want.to_f16_bits();
+                let differ = got.iter().zip(&want_bits).filter(|(a, b)| a != b).count();
+                if differ == 0 {
+                    misses.clear();
+                    break;
+                }
+                let max = got
+                    .iter()
+                    .zip(&want_bits)
+                    .map(|(&a, &b)| {
+                        (half::f16::from_bits(a).to_f32() - half::f16::from_bits(b).to_f32()).abs()
+                    })
+                    .fold(0.0f32, f32::max);
+                misses.push(format!(
+                    "{}: {differ} of {} logits differ ({:.4} % equal), max |diff| {max}",
+                    path.file_name().unwrap().to_string_lossy(),
+                    got.len(),
+                    100.0 * (1.0 - differ as f64 / got.len() as f64)
+                ));
+            }
+            assert!(
+                misses.is_empty(),
+                "{run} {case}: equal to no nnU-Net reference (a CPU not seen yet? run \
+                 tests/data/nnunet/make_cpu_reference.py and compare):\n{}",
+                misses.join("\n")
             );
         }
     }
