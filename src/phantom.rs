@@ -37,22 +37,22 @@ pub mod hu {
 /// Noise standard deviation inside the body (HU).
 pub const NOISE_HU: f32 = 12.0;
 
-/// Deterministic RNG (SplitMix64) with uniform and normal draws.
+/// Deterministic RNG ([`crate::stats::rng::SplitMix64`], the bootstrap's generator) with
+/// uniform and normal draws. The seed is mixed first so that the phantoms stay those of
+/// earlier releases.
 #[derive(Debug, Clone)]
-pub struct Rng(u64);
+pub struct Rng(crate::stats::rng::SplitMix64);
 
 impl Rng {
     /// Seeded generator.
     pub fn new(seed: u64) -> Self {
-        Rng(seed ^ 0x9E37_79B9_7F4A_7C15)
+        Rng(crate::stats::rng::SplitMix64::new(
+            seed ^ 0x9E37_79B9_7F4A_7C15,
+        ))
     }
     /// Next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
     /// Uniform in [lo, hi).
     pub fn uniform(&mut self, lo: f64, hi: f64) -> f64 {
