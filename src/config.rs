@@ -453,7 +453,7 @@ pub struct TaskSettings {
     /// Task name.
     pub name: String,
     /// The test set's format as configured (`images` / `labels` name the DICOM set until
-    /// [`crate::testset::materialise`] points them at its decoded NIfTI).
+    /// `testset::materialise` points them at its decoded NIfTI).
     pub format: TestSetFormat,
     /// Images folder.
     pub images: PathBuf,

@@ -15,7 +15,7 @@
 //! - [`import`]: a folder of case folders -> an nnU-Net-layout NIfTI test set plus a JSON
 //!   of sources, class mapping and refusals; the content-addressed cache under the state
 //!   folder (a task with `format = "dicom"` is made ready through it by
-//!   [`crate::testset`], which knows the configuration; this module does not).
+//!   the top-level `testset` module, which knows the configuration; this module does not).
 //!
 //! Conventions are those of the fixture set's `expected.json` (`tests/data/dicom`): voxel
 //! (i, j, k) = (DICOM column, DICOM row, slice sorted by IPP . (row_dir x col_dir)), HU =
